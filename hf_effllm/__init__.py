@@ -1,1 +1,37 @@
-"""hf-effllm."""
+"""hf-effllm: efficiency methods for stock Hugging Face models, through the stack's own extension points.
+
+``import hf_effllm`` registers every method with transformers and PEFT; importing again, reloading, or importing
+in worker processes is harmless.
+
+Example:
+    >>> import hf_effllm
+    >>> model, tok = hf_effllm.load_model(), hf_effllm.load_tokenizer()  # doctest: +SKIP
+    >>> hf_effllm.perplexity(model, hf_effllm.corpus_text("eval"), tokenizer=tok).perplexity  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .compat import cache_kwargs, output_cache
+from .data import calibration_batches, corpus_books, corpus_text, load_model, load_tokenizer, split_books
+from .errors import HfEffllmError
+from .evaluation import PerplexityResult, perplexity
+from .registration import register_all
+
+register_all()
+
+__all__ = [
+    "HfEffllmError",
+    "PerplexityResult",
+    "__version__",
+    "cache_kwargs",
+    "calibration_batches",
+    "corpus_books",
+    "corpus_text",
+    "load_model",
+    "load_tokenizer",
+    "output_cache",
+    "perplexity",
+    "split_books",
+]

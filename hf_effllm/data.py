@@ -86,7 +86,9 @@ def embedded_model_dir() -> Path:
     gguf = embedded_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    config = AutoConfig.for_model(**{k: v for k, v in gguf_model.config.to_dict().items() if k != "quantization_config"})
+    config = AutoConfig.for_model(
+        **{k: v for k, v in gguf_model.config.to_dict().items() if k != "quantization_config"}
+    )
     config.name_or_path = EMBEDDED_MODEL_HUB_ID
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict(), strict=True)
@@ -128,7 +130,9 @@ def _resolve_model_source(model: str | os.PathLike | None) -> tuple[str, dict[st
 
 def _load_error(model: str | os.PathLike | None, exc: Exception) -> HfEffllmError:
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    why = "the Hub is offline (HF_HUB_OFFLINE is set)" if offline else "the Hub could not be reached or has no such repo"
+    why = (
+        "the Hub is offline (HF_HUB_OFFLINE is set)" if offline else "the Hub could not be reached or has no such repo"
+    )
     return HfEffllmError(
         f"model={str(model)!r} could not be loaded: it is not a local folder and {why} ({type(exc).__name__}). "
         "Give a local folder written by save_pretrained, a .gguf file, or omit --model for the embedded "
@@ -165,7 +169,7 @@ def load_model(
     source, extra = _resolve_model_source(model)
     try:
         loaded = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **extra, **kwargs)
-    except (OSError, EnvironmentError) as e:
+    except OSError as e:
         raise _load_error(model, e) from e
     except ValueError as e:
         if "does not recognize this architecture" in str(e) or "Unrecognized configuration class" in str(e):
@@ -183,7 +187,7 @@ def load_tokenizer(model: str | os.PathLike | None = None):
     source, extra = _resolve_model_source(model)
     try:
         return AutoTokenizer.from_pretrained(source, **extra)
-    except (OSError, EnvironmentError) as e:
+    except OSError as e:
         raise _load_error(model, e) from e
 
 

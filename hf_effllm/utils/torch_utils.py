@@ -46,6 +46,4 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, *, arg_
     try:
         return _DTYPES[str(dtype).lower()]
     except KeyError:
-        raise HfEffllmError(
-            f"{arg_name}={dtype!r} is not a known dtype; use one of {sorted(set(_DTYPES))}."
-        ) from None
+        raise HfEffllmError(f"{arg_name}={dtype!r} is not a known dtype; use one of {sorted(set(_DTYPES))}.") from None

@@ -1,0 +1,30 @@
+import json
+
+from hf_effllm.benchmarking import BenchmarkRun, environment_info, markdown_table, time_ms
+
+
+def test_time_ms_cpu_median_is_positive():
+    ms = time_ms(lambda: sum(range(1000)), warmup=1, rep=5, device="cpu")
+    assert 0 < ms < 100
+
+
+def test_markdown_table():
+    table = markdown_table([{"a": 1, "b": 2.5}, {"a": 3, "c": "x"}])
+    assert table.splitlines()[0] == "| a | b | c |"
+    assert table.splitlines()[2] == "| 1 | 2.500 |  |"
+
+
+def test_run_writes_json_and_md(tmp_path):
+    run = BenchmarkRun("probe", "what it measures", results_dir=tmp_path)
+    run.meta["shape"] = "tiny"
+    run.add(op="x", ms=1.25, ratio=2.0)
+    js, md = run.write()
+    payload = json.loads(js.read_text())
+    assert payload["rows"] == [{"op": "x", "ms": 1.25, "ratio": 2.0}]
+    assert payload["device"]["type"] in ("cpu", "cuda") and payload["versions"]["torch"]
+    assert "| op | ms | ratio |" in md.read_text() and "shape: tiny" in md.read_text()
+
+
+def test_environment_info_has_date_and_versions():
+    env = environment_info()
+    assert env["date"].endswith("Z") and env["versions"]["transformers"]

@@ -1,0 +1,36 @@
+import pytest
+import torch
+
+from hf_effllm.errors import HfEffllmError
+from hf_effllm.testing import MOE_TYPES, TINY_MODEL_TYPES, tiny_model
+
+
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+def test_tiny_model_runs(model_type):
+    model = tiny_model(model_type)
+    assert model.config.model_type == model_type
+    if model_type == "llava":
+        ids = torch.randint(0, 250, (1, 24))
+        ids[0, :16] = model.config.image_token_index
+        out = model(input_ids=ids, pixel_values=torch.randn(1, 3, 32, 32))
+    else:
+        out = model(input_ids=torch.randint(0, 256, (2, 12)))
+    assert out.logits.shape[-1] == 256 and torch.isfinite(out.logits).all()
+    assert sum(p.numel() for p in model.parameters()) < 400_000
+
+
+def test_tiny_model_is_deterministic_and_overridable():
+    a, b = tiny_model("qwen3", seed=1), tiny_model("qwen3", seed=1)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    assert tiny_model("llama", num_hidden_layers=3).config.num_hidden_layers == 3
+
+
+def test_moe_models_have_experts():
+    for t in MOE_TYPES:
+        names = [n for n, _ in tiny_model(t).named_modules()]
+        assert any("expert" in n for n in names), t
+
+
+def test_unknown_type():
+    with pytest.raises(HfEffllmError, match="model_type='gpt5'"):
+        tiny_model("gpt5")
