@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .errors import HfEffllmError
 
@@ -27,7 +27,8 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Add --model, --device, --dtype, --context-length and --batch-size to a sub-command's parser."""
     p.add_argument("--model", default=None, help="local folder, .gguf file or Hub id (default: embedded SmolLM2-135M)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
     p.add_argument(
@@ -37,13 +38,35 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=1, help="windows per forward pass (default 1)")
 
 
+CommandFn = Callable[[argparse.Namespace], int]
+_EXTRA_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], CommandFn]] = {}
+
+
+def register_command(
+    name: str, help: str, configure: Callable[[argparse.ArgumentParser], None], run: CommandFn
+) -> None:
+    """Add a sub-command (a method sub-package's, e.g. ``quantize``); registering the same name again replaces it.
+
+    Args:
+        name: the sub-command name.
+        help: one line for ``hf-effllm --help``.
+        configure: adds the sub-command's arguments to its parser (use :func:`add_model_args` for the common ones).
+        run: takes the parsed arguments and returns the exit status; raises ``HfEffllmError`` for bad input.
+    """
+    if name in {"quickstart", "eval", "push"}:
+        raise ValueError(f"name={name!r} is a built-in command.")
+    _EXTRA_COMMANDS[name] = (help, configure, run)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import hf_effllm  # noqa: F401  (registers every method, and with it their sub-commands)
+
     parser = argparse.ArgumentParser(prog="hf-effllm", description="Efficiency methods for Hugging Face models.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     q = sub.add_parser("quickstart", help="run every method on a model and write a Hub-ready results folder")
-    _add_model_args(q)
+    add_model_args(q)
     q.add_argument("--output", default="quickstart_output", help="output folder (default: quickstart_output)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     q.add_argument("--eval-tokens", type=_positive_int, default=16384, help="held-out tokens to score (default 16384)")
@@ -51,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     e = sub.add_parser("eval", help="perplexity of a model on the held-out corpus text")
-    _add_model_args(e)
+    add_model_args(e)
     e.add_argument("--eval-tokens", type=_positive_int, default=None, help="score only the first N tokens")
     e.add_argument("--stride", type=_positive_int, default=None, help="window step (default: context length)")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -62,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo-id", required=True, help="Hub repo id, user/name")
     p.add_argument("--private", action="store_true", help="create the repo as private")
     p.add_argument("--dry-run", action="store_true", help="validate the folder and card only; no network")
+    for name, (help_text, configure, _) in _EXTRA_COMMANDS.items():
+        configure(sub.add_parser(name, help=help_text))
     return parser
 
 
@@ -123,8 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hf-effllm`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    run = COMMANDS.get(args.command) or _EXTRA_COMMANDS[args.command][2]
     try:
-        return COMMANDS[args.command](args)
+        return run(args)
     except KeyboardInterrupt:
         print("hf-effllm: interrupted", file=sys.stderr)
         return 130
