@@ -24,6 +24,7 @@ Results go to ``$HF_EFFLLM_RESULTS_DIR`` (default ``benchmarks/results``) as ``a
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import subprocess
 import sys
@@ -32,7 +33,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if (
+    importlib.util.find_spec("hf_effllm") is None
+):  # not installed (see benchmarks/device_prepare.sh): use the source tree
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
