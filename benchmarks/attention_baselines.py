@@ -469,25 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         paths = run.write(COLUMNS)
         print("wrote", *paths)
 
-    short = [
-        {
-            k: r.get(k)
-            for k in (
-                "section",
-                "backend",
-                "batch",
-                "seq",
-                "gqa",
-                "ms",
-                "tflops",
-                "tbps",
-                "ms_vs_flash",
-                "best",
-                "rel_err",
-            )
-        }  # fmt: skip
-        for r in run.rows
-    ]
+    short = [{k: r.get(k) for k in COLUMNS[: COLUMNS.index("rel_err") + 1]} for r in run.rows]
     print()
     print(markdown_table(short))
     for k, v in run.meta.items():
