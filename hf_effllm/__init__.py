@@ -17,12 +17,15 @@ from .compat import cache_kwargs, output_cache
 from .data import calibration_batches, corpus_books, corpus_text, load_model, load_tokenizer, split_books
 from .errors import HfEffllmError
 from .evaluation import PerplexityResult, perplexity
+from .optim import Muon, MuonConfig
 from .registration import register_all
 
 register_all()
 
 __all__ = [
     "HfEffllmError",
+    "Muon",
+    "MuonConfig",
     "PerplexityResult",
     "__version__",
     "cache_kwargs",

@@ -39,3 +39,41 @@ def output_cache(output: Any) -> Any:
     if CACHE_KWARG == "cache":
         return output.get("cache") if hasattr(output, "get") else output.cache
     return output.past_key_values
+
+
+def add_optimizer_name(value: str) -> Any:
+    """Make ``TrainingArguments(optim=value)`` validate: add ``value`` to transformers' ``OptimizerNames`` enum.
+
+    ``TrainingArguments.__post_init__`` converts ``optim`` with ``OptimizerNames(optim)``, a closed enum, and the
+    Trainer's optimizer handler registry (``trainer_optimizer._OPTIMIZER_HANDLERS``, identical in 5.17 and 5.24)
+    is keyed by its members; there is no public way to add a name. This adds a real member (``list()``,
+    ``OptimizerNames(value)``, ``OptimizerNames.<VALUE>`` and pickling all work), once: calling it again, or with
+    a value transformers already has, returns the existing member. Tested in ``tests/muon/test_muon_trainer.py``.
+
+    Args:
+        value: the optimizer name, e.g. "muon".
+
+    Returns:
+        The ``OptimizerNames`` member.
+    """
+    from transformers.training_args import OptimizerNames
+
+    existing = OptimizerNames._value2member_map_.get(value)
+    if existing is not None:
+        return existing
+    if TRANSFORMERS_VERSION < MIN_TRANSFORMERS:
+        raise RuntimeError(f"transformers {TRANSFORMERS_VERSION} is older than {MIN_TRANSFORMERS}.")
+    name = value.upper()
+    member = str.__new__(OptimizerNames, value)
+    member._name_ = name
+    member._value_ = value
+    member.__objclass__ = OptimizerNames
+    if hasattr(OptimizerNames, "_sort_order_") or any(
+        hasattr(m, "_sort_order_") for m in OptimizerNames._member_map_.values()
+    ):
+        member._sort_order_ = len(OptimizerNames._member_names_)  # Python >= 3.12
+    type.__setattr__(OptimizerNames, name, member)
+    OptimizerNames._member_map_[name] = member
+    OptimizerNames._value2member_map_[value] = member
+    OptimizerNames._member_names_.append(name)
+    return member

@@ -14,7 +14,10 @@ from typing import Any
 from .errors import HfEffllmError
 
 # Method sub-packages whose import registers them; each appears once its issue lands.
-METHOD_MODULES: tuple[str, ...] = ()
+METHOD_MODULES: tuple[str, ...] = (
+    "hf_effllm.optim",
+    "hf_effllm.train",
+)
 
 
 def _same_origin(existing: Any, new: Any) -> bool:
