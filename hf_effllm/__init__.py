@@ -13,19 +13,33 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .attention import seer
+from .attention.seer import SeerAttentionConfig, apply_seer_attention
+from .cache import million
+from .cache.million import MillionCache, MillionConfig
 from .compat import cache_kwargs, output_cache
 from .data import calibration_batches, corpus_books, corpus_text, load_model, load_tokenizer, split_books
 from .errors import HfEffllmError
 from .evaluation import PerplexityResult, perplexity
 from .optim import Muon, MuonConfig
+from .quant.spqr import SpQRConfig, SpQRLinear, quantize_spqr
 from .registration import register_all
 
 register_all()
 
 __all__ = [
-    "HfEffllmError",
     "Muon",
     "MuonConfig",
+    "MillionCache",
+    "MillionConfig",
+    "million",
+    "SeerAttentionConfig",
+    "apply_seer_attention",
+    "seer",
+    "SpQRConfig",
+    "SpQRLinear",
+    "quantize_spqr",
+    "HfEffllmError",
     "PerplexityResult",
     "__version__",
     "cache_kwargs",

@@ -164,4 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main: method packages register their sub-commands on `hf_effllm.cli`, which is a
+    # different module object from this `__main__`.
+    from hf_effllm.cli import main as _main
+
+    sys.exit(_main())

@@ -163,8 +163,10 @@ def run_quickstart(options: QuickstartOptions) -> list[dict[str, Any]]:
             print(f"[hf-effllm] stage {name}", flush=True)
             for row in _STAGES[name][1](ctx):
                 base = ctx.baseline.get("perplexity")
-                if base and "perplexity" in row:
-                    row["vs_dense_pct"] = round(100.0 * (row["perplexity"] / base - 1.0), 2)
+                # Relative to the baseline only when scored on the same tokens; stages that use another protocol
+                # report their own same-protocol dense reference.
+                if base and "perplexity" in row and row.get("num_tokens") == ctx.baseline.get("num_tokens"):
+                    row.setdefault("vs_dense_pct", round(100.0 * (row["perplexity"] / base - 1.0), 2))
                 rows.append({"stage": name, **row})
         env = environment_info()
         table_cols = ["stage", "variant", "perplexity", "vs_dense_pct", "num_tokens", "seconds"]

@@ -17,6 +17,9 @@ from .errors import HfEffllmError
 METHOD_MODULES: tuple[str, ...] = (
     "hf_effllm.optim",
     "hf_effllm.train",
+    "hf_effllm.quant.spqr",
+    "hf_effllm.attention.seer",
+    "hf_effllm.cache.million",
 )
 
 

@@ -53,6 +53,13 @@ def test_missing_model_path_one_line_error(capsys):
     assert "Traceback" not in err
 
 
+def test_method_subcommands_reachable_through_python_m():
+    code, out, _ = run_cli("--help")
+    assert code == 0
+    for command in ("quickstart", "eval", "push", "train", "quantize"):
+        assert command in out
+
+
 def test_debug_shows_traceback():
     with pytest.raises(Exception, match="no such file"):
         main(["--debug", "eval", "--model", "/no/such/model"])
@@ -109,6 +116,8 @@ def test_eval_and_quickstart_on_tiny_model_then_push_dry_run(tiny_dir, tmp_path)
         "--no-progress",
         "--device",
         "cpu",
+        "--stages",
+        "baseline",
     )
     assert code == 0, err
     assert "| baseline | dense (baseline) |" in out
@@ -127,7 +136,16 @@ def test_eval_and_quickstart_on_tiny_model_then_push_dry_run(tiny_dir, tmp_path)
 def test_quickstart_embedded_default(tmp_path):
     target = tmp_path / "qs"
     code, out, err = run_cli(
-        "quickstart", "--output", str(target), "--eval-tokens", "2048", "--context-length", "1024", "--no-progress"
+        "quickstart",
+        "--output",
+        str(target),
+        "--eval-tokens",
+        "2048",
+        "--context-length",
+        "1024",
+        "--no-progress",
+        "--stages",
+        "baseline",
     )
     assert code == 0, err
     rows = json.loads((target / "results.json").read_text())["rows"]

@@ -1,0 +1,235 @@
+"""MILLION speed: decode attention over PQ codes vs bf16 sdpa decode, prompt encoding, end-to-end generate.
+
+Sections (all in one run, baseline measured alongside):
+
+1. correctness first: the Triton kernel against the PyTorch reference on small odd shapes (fp16 and bf16 on the
+   GPU; fp32 under the interpreter with ``--quick``); timings of a failing kernel are flagged;
+2. decode attention, Llama-3-8B attention shape (32 query / 8 KV heads, head_dim 128): one query token over N
+   cached tokens (N = 8k/32k/128k, batch 1 and 16): MILLION kernel (codes of N tokens + a 128-token bf16 window)
+   at 4 bits (M=64) and 2 bits (M=32), vs ``sdpa`` over bf16 K/V of N+128 tokens (``enable_gqa``); bytes read
+   (codes vs bf16 K/V) and the achieved TB/s are reported;
+3. prompt encoding: ``pq_encode`` of a 32k-token prompt's K and V for one layer (time-to-first-token overhead per
+   layer) against one layer's sdpa prefill attention on the same prompt;
+4. end-to-end ``generate`` on a Llama-3-8B-shaped random-weight model (bf16) with a 32k prompt: time to first
+   token and time per output token with ``DynamicCache`` vs ``MillionCache`` (``attn_implementation="million"``),
+   and the cache memory of each.
+
+Usage (from the repo root)::
+
+    python benchmarks/million_speed.py                 # full run on a GPU
+    python benchmarks/million_speed.py --skip-e2e      # kernel sections only
+    python benchmarks/million_speed.py --quick         # tiny shapes on the CPU (interpreter): a smoke check
+
+Results: ``benchmarks/results/million_speed.{json,md}`` (``million_speed_quick.*`` with ``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+
+if importlib.util.find_spec("hf_effllm") is None:  # not installed: use the source tree
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if not __import__("torch").cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from hf_effllm.kernels.million import ideal_bytes, million_attention, million_attention_reference, pq_encode  # noqa: E402
+
+from hf_effllm.benchmarking import BenchmarkRun, markdown_table, time_ms  # noqa: E402
+
+HQ, HKV, D, K, WINDOW = 32, 8, 128, 256, 128
+
+
+def _inputs(b, hq, hkv, n, r, d, m, k, dtype, dev, seed=0):
+    g = torch.Generator(device=dev).manual_seed(seed)
+    q = torch.randn(b, hq, 1, d, device=dev, generator=g).to(dtype)
+    ck = torch.randint(0, k, (b, hkv, n, m), device=dev, generator=g, dtype=torch.uint8)
+    cv = torch.randint(0, k, (b, hkv, n, m), device=dev, generator=g, dtype=torch.uint8)
+    cbk = torch.randn(1, m, k, d // m, device=dev, generator=g).to(dtype)
+    cbv = torch.randn(1, m, k, d // m, device=dev, generator=g).to(dtype)
+    rk = torch.randn(b, hkv, r, d, device=dev, generator=g).to(dtype)
+    rv = torch.randn(b, hkv, r, d, device=dev, generator=g).to(dtype)
+    return q, ck, cv, cbk, cbv, rk, rv
+
+
+def check(run, dev, quick) -> bool:
+    ok_all = True
+    dtypes = [torch.float32] if dev.type == "cpu" else [torch.float16, torch.bfloat16]
+    shapes = [(1, 4, 2, 45, 7, 16, 8, 16), (2, 6, 2, 77, 13, 32, 8, 32)]
+    if not quick:
+        shapes.append((2, HQ, HKV, 5000, WINDOW, D, 64, K))
+    for dtype in dtypes:
+        for b, hq, hkv, n, r, d, m, k in shapes:
+            q, ck, cv, cbk, cbv, rk, rv = _inputs(b, hq, hkv, n, r, d, m, k, dtype, dev, seed=n)
+            cm = torch.rand(b, n, device=dev) > 0.1
+            ref = million_attention_reference(q, ck, cv, cbk, cbv, rk, rv, scale=d**-0.5, code_mask=cm, path="lut")
+            out = million_attention(q, ck, cv, cbk, cbv, rk, rv, scale=d**-0.5, code_mask=cm, use_kernel=True)
+            err = float((out.float() - ref.float()).norm() / ref.float().norm())
+            ok = err < (1e-4 if dtype == torch.float32 else 2e-2)
+            ok_all &= ok
+            run.add(section="check", variant=f"kernel vs reference {str(dtype)[6:]}", batch=b, tokens=n, rel_err=err,
+                    ok=ok, note=f"Hq={hq} Hkv={hkv} D={d} M={m} K={k} window={r}")  # fmt: skip
+            print(f"  check {str(dtype)[6:]:8s} B={b} N={n} D={d} M={m}: rel_err {err:.2e} {'OK' if ok else 'FAIL'}")
+    return ok_all
+
+
+def bench_decode(run, dev, quick, ok):
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    hq, hkv, d = (HQ, HKV, D) if not quick else (8, 2, 32)
+    ns = [8192, 32768, 131072] if not quick else [256, 1024]
+    batches = [1, 16] if not quick else [1, 2]
+    k = K if not quick else 32
+    for b in batches:
+        for n in ns:
+            g = torch.Generator(device=dev).manual_seed(n + b)
+            q = torch.randn(b, hq, 1, d, device=dev, generator=g).to(dtype)
+            kk = torch.randn(b, hkv, n + WINDOW, d, device=dev, generator=g).to(dtype)
+            vv = torch.randn_like(kk)
+            base = time_ms(
+                lambda q=q, kk=kk, vv=vv: F.scaled_dot_product_attention(q, kk, vv, enable_gqa=True), warmup=25, rep=100
+            )
+            dense_bytes = 2 * kk.numel() * kk.element_size()
+            run.add(section="decode", variant="sdpa bf16 (baseline)", batch=b, tokens=n, ms=base,
+                    tbps=dense_bytes / base / 1e9, bytes=dense_bytes, speedup=1.0)  # fmt: skip
+            print(f"  decode B={b:2d} N={n:6d} sdpa {base:.4f} ms")
+            del kk, vv
+            for bits, m in ((4, d // 2), (2, d // 4)):
+                _, ck, cv, cbk, cbv, rk, rv = _inputs(b, hq, hkv, n, WINDOW, d, m, k, dtype, dev, seed=n)
+                best = None
+                for bn, warps in [(32, 4), (64, 4), (32, 8), (16, 4)] if not quick else [(16, 4)]:
+
+                    def fn(bn=bn, w=warps, t=(q, ck, cv, cbk, cbv, rk, rv)):
+                        return million_attention(*t, scale=d**-0.5, block_n=bn, num_warps=w, use_kernel=True)
+
+                    try:
+                        ms = time_ms(fn, warmup=25 if not quick else 1, rep=100 if not quick else 1)
+                    except Exception as e:  # a launch config the compiler refuses must not stop the run
+                        print(f"    block_n={bn} warps={warps}: {type(e).__name__}")
+                        continue
+                    if best is None or ms < best[0]:
+                        best = (ms, bn, warps)
+                ib = ideal_bytes(b, hkv, n, d, m)
+                moved = ib["code_bytes"] + 2 * rk.numel() * rk.element_size()
+                ms, bn, warps = best
+                run.add(section="decode", variant=f"MILLION {bits}-bit (M={m})", batch=b, tokens=n, ms=ms,
+                        tbps=moved / ms / 1e9, bytes=moved, speedup=base / ms,
+                        note=f"block_n={bn} warps={warps}" + ("" if ok else "; FAILED correctness"))  # fmt: skip
+                print(f"    {bits}-bit: {ms:.4f} ms  x{base / ms:.2f} vs sdpa  ({moved / ms / 1e9:.2f} TB/s)")
+                del ck, cv, rk, rv
+
+
+def bench_encode(run, dev, quick):
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    n = 32768 if not quick else 512
+    hq, hkv, d, k = (HQ, HKV, D, K) if not quick else (8, 2, 32, 32)
+    x = torch.randn(1, hkv, n, d, device=dev, dtype=dtype)
+    q = torch.randn(1, hq, n, d, device=dev, dtype=dtype)
+    prefill = time_ms(lambda: F.scaled_dot_product_attention(q, x, x, is_causal=True, enable_gqa=True),
+                      warmup=5, rep=20)  # fmt: skip
+    run.add(section="encode", variant="sdpa causal prefill, one layer (reference)", batch=1, tokens=n, ms=prefill)
+    for bits, m in ((4, d // 2), (2, d // 4)):
+        cb = torch.randn(1, m, k, d // m, device=dev, dtype=dtype)
+        ms = time_ms(lambda cb=cb: (pq_encode(x, cb), pq_encode(x, cb)), warmup=5, rep=20)
+        run.add(section="encode", variant=f"pq_encode K+V {bits}-bit, one layer", batch=1, tokens=n, ms=ms,
+                note=f"{ms / prefill:.2f}x one layer's prefill attention")  # fmt: skip
+        print(f"  encode {bits}-bit N={n}: {ms:.3f} ms (prefill attention {prefill:.3f} ms)")
+
+
+def bench_e2e(run, dev, quick, prompt_len, new_tokens, layers):
+    from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
+
+    import hf_effllm
+    from hf_effllm.cache.million.codebooks import MillionCodebooks, ModelSignature
+
+    if quick:
+        cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
+                          num_key_value_heads=2, head_dim=32, vocab_size=1000, max_position_embeddings=4096)  # fmt: skip
+        dtype = torch.float32
+    else:
+        cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=32,
+                          num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=131072,
+                          rope_theta=500000.0)  # fmt: skip
+        dtype = torch.bfloat16
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+    sig = ModelSignature.from_config(model.config)
+    d = sig.head_dim
+    books = MillionCodebooks(hf_effllm.MillionConfig(num_subspaces=d // 2), sig,
+                             torch.randn(sig.num_layers, 1, d // 2, 256, 2), torch.randn(sig.num_layers, 1, d // 2, 256, 2))  # fmt: skip
+    ids = torch.randint(0, cfg.vocab_size, (1, prompt_len), device=dev)
+
+    def gen(make_cache, n_new):
+        cache = make_cache()
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        model.generate(input_ids=ids, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                       **hf_effllm.cache_kwargs(cache))  # fmt: skip
+        sync()
+        return time.perf_counter() - t0, cache
+
+    rows = {}
+    for name, impl, make in (("DynamicCache (sdpa)", "sdpa", lambda: DynamicCache(config=model.config)),
+                             ("MillionCache 4-bit (million)", "million", lambda: hf_effllm.MillionCache(model.config, books))):  # fmt: skip
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            gen(make, 2)  # warm-up (compilation, allocator)
+            ttft, _ = gen(make, 1)
+            total, cache = gen(make, new_tokens)
+        tpot = (total - ttft) / (new_tokens - 1)
+        mem = cache.nbytes if hasattr(cache, "nbytes") else sum(
+            lay.keys.numel() * lay.keys.element_size() * 2 for lay in cache.layers)  # fmt: skip
+        rows[name] = (ttft, tpot, mem)
+        run.add(section="e2e", variant=name, batch=1, tokens=prompt_len, ttft_s=ttft, ms_per_token=tpot * 1e3,
+                cache_mib=mem / 2**20, note=f"{layers if not quick else 2} layers, {new_tokens} new tokens")  # fmt: skip
+        print(f"  e2e {name}: TTFT {ttft:.3f} s, {tpot * 1e3:.2f} ms/token, cache {mem / 2**20:.1f} MiB")
+    (t0, p0, m0), (t1, p1, m1) = rows.values()
+    run.meta["e2e speedup per token (Dynamic/Million)"] = round(p0 / p1, 3)
+    run.meta["e2e TTFT ratio (Million/Dynamic)"] = round(t1 / t0, 3)
+    run.meta["e2e cache memory ratio (Dynamic/Million)"] = round(m0 / max(1, m1), 2)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny shapes on the CPU (interpreter)")
+    p.add_argument("--skip-e2e", action="store_true", help="kernel sections only")
+    p.add_argument("--prompt", type=int, default=32768, help="end-to-end prompt length (default 32768)")
+    p.add_argument("--new-tokens", type=int, default=32, help="end-to-end generated tokens (default 32)")
+    p.add_argument("--layers", type=int, default=32, help="end-to-end model layers (default 32, Llama-3-8B)")
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args(argv)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    quick = args.quick or dev.type == "cpu"
+    run = BenchmarkRun("million_speed_quick" if quick else "million_speed",
+                       "MILLION decode attention (Triton, codes + 128-token window) vs bf16 sdpa decode, prompt "
+                       "encoding, end-to-end generate. speedup = sdpa ms / MILLION ms in the same run; bytes = HBM "
+                       "bytes a step must read (codes + window for MILLION, K+V for sdpa).")  # fmt: skip
+    print("[1/4] correctness")
+    ok = check(run, dev, quick)
+    run.meta["correctness"] = "passed" if ok else "FAILED"
+    print("[2/4] decode attention")
+    bench_decode(run, dev, quick, ok)
+    print("[3/4] prompt encoding")
+    bench_encode(run, dev, quick)
+    if not args.skip_e2e:
+        print("[4/4] end-to-end generate")
+        bench_e2e(run, dev, quick, args.prompt if not quick else 256, args.new_tokens if not quick else 4, args.layers)
+    cols = ["section", "variant", "batch", "tokens", "ms", "speedup", "tbps", "bytes", "ttft_s", "ms_per_token",
+            "cache_mib", "rel_err", "ok", "note"]  # fmt: skip
+    if not args.no_write:
+        print("wrote", *run.write(cols))
+    print(markdown_table(run.rows, cols))
+    for k, v in run.meta.items():
+        print(f"- {k}: {v}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""SpQR kernel speed: fused dequantize + matrix-vector / matrix product vs bf16 ``torch.matmul``, same run.
+
+For each weight shape (in -> out: 4096 -> 11008, 11008 -> 4096, 4096 -> 4096, Llama-7B MLP/attention) a random
+Gaussian weight with 1% heavy-tailed entries is SpQR-quantized (3-bit codes, 16x16 bi-level groups, act-order,
+outliers; identity Hessian, since speed does not depend on calibration). Then, for batch 1 and 16:
+
+1. correctness first: the Triton path against the PyTorch reference (dequantize in fp32, matmul), relative error;
+2. timing (``do_bench`` median): bf16 ``x @ W^T`` with the dense weight, the SpQR fused kernel at its default
+   launch settings, a small sweep of launch settings (rows per program x split-K) whose best entry is reported,
+   and the dequantize-then-matmul prefill path;
+3. end to end: greedy decode tokens/s of the embedded SmolLM2-135M, bf16 vs SpQR (3-bit, quick calibration).
+
+Usage (repo root)::
+
+    python benchmarks/spqr_speed.py            # GPU (H200): full shapes, ~3 min
+    python benchmarks/spqr_speed.py --quick    # CPU smoke check: tiny shapes, Triton interpreter, tiny model
+
+Results: ``benchmarks/results/spqr_speed.{json,md}`` (``spqr_speed_quick.*`` with ``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+if importlib.util.find_spec("hf_effllm") is None:  # not installed: use the source tree
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+if "--quick" in sys.argv:
+    import torch as _t
+
+    if not _t.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first kernel import
+
+import torch  # noqa: E402
+from hf_effllm.kernels.spqr import (  # noqa: E402
+    spqr_dequantize_triton,
+    spqr_gemv_triton,
+    spqr_matmul_reference,
+)
+
+from hf_effllm import SpQRConfig, SpQRLinear  # noqa: E402
+from hf_effllm.benchmarking import BenchmarkRun, markdown_table, time_ms  # noqa: E402
+from hf_effllm.quant.spqr import spqr_quantize_matrix  # noqa: E402
+
+FULL_SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096)]
+QUICK_SHAPES = [(96, 160), (160, 96)]
+SWEEP = [(bo, sk) for bo in (16, 32, 64) for sk in (1, 2, 4, 8)]
+
+
+def make_layer(inp: int, out: int, device: torch.device, threshold: float) -> SpQRLinear:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    w = torch.randn(out, inp, generator=g) * 0.02
+    w[torch.rand(w.shape, generator=g) < 0.01] *= 6
+    w = w.to(device)
+    cfg = SpQRConfig(bits=3, group_size=16, stats_bits=3, stats_group_size=16, outlier_threshold=threshold)
+    res = spqr_quantize_matrix(w, None, cfg)
+    return SpQRLinear.from_packed(res.tensors, cfg, in_features=inp, bias=None)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def measure(layer: SpQRLinear, x: torch.Tensor, dev: torch.device, quick: bool) -> dict[str, Any]:
+    """Correctness, then bf16 matmul vs the fused kernel (default launch and a sweep) vs dequantize + matmul."""
+    act = x.dtype
+    t, meta = layer.packed_tensors(), layer.packed_meta()
+    w_dense = layer.dequantize().to(act)  # the same weight, dense, for the baseline
+    ref = spqr_matmul_reference(x.float(), t, **meta)
+    err = rel_err(spqr_gemv_triton(x, t, **meta), ref)
+    reps = dict(warmup=2, rep=5) if quick else dict(warmup=25, rep=100)
+    base_ms = time_ms(lambda: torch.matmul(x, w_dense.T), device=dev, **reps)
+    fused_ms = time_ms(lambda: spqr_gemv_triton(x, t, **meta), device=dev, **reps)
+    best = (fused_ms, "default")
+    if not quick:
+        for bo, sk in SWEEP:
+            ms = time_ms(lambda bo=bo, sk=sk: spqr_gemv_triton(x, t, block_out=bo, split_k=sk, **meta), device=dev)
+            best = min(best, (ms, f"BO={bo},split_k={sk}"))
+    deq_ms = time_ms(lambda: torch.matmul(x, spqr_dequantize_triton(t, dtype=act, **meta).T), device=dev, **reps)
+    return dict(
+        rel_err=err,
+        ok=err < (2e-2 if act != torch.float32 else 1e-4),
+        bf16_ms=base_ms,
+        spqr_ms=fused_ms,
+        speedup=base_ms / fused_ms,
+        best_ms=best[0],
+        best_speedup=base_ms / best[0],
+        best_launch=best[1],
+        dequant_matmul_ms=deq_ms,
+        weight_gbps_spqr=(layer.avg_bits * layer.in_features * layer.out_features / 8) / (best[0] * 1e6),
+    )
+
+
+def kernel_rows(run: BenchmarkRun, dev: torch.device, quick: bool, threshold: float) -> None:
+    act = torch.float32 if quick and dev.type == "cpu" else torch.bfloat16
+    for inp, out in QUICK_SHAPES if quick else FULL_SHAPES:
+        layer = make_layer(inp, out, dev, threshold)
+        for batch in (1, 16):
+            x = torch.randn(batch, inp, device=dev).to(act)
+            row = run.add(
+                shape=f"{inp}->{out}",
+                batch=batch,
+                dtype=str(act).replace("torch.", ""),
+                avg_bits=round(layer.avg_bits, 3),
+                outlier_pct=round(100 * layer.nnz / (inp * out), 2),
+                **measure(layer, x, dev, quick),
+            )
+            print(markdown_table([row]).splitlines()[-1], flush=True)
+
+
+def decode_rows(run: BenchmarkRun, dev: torch.device, quick: bool, new_tokens: int) -> None:
+    import copy
+
+    import hf_effllm
+    from hf_effllm.testing import tiny_model
+
+    if quick:
+        model = tiny_model("llama").to(dev)
+        calib = torch.randint(0, 256, (4, 64))
+        dtype = torch.float32
+    else:
+        model = hf_effllm.load_model(dtype="bfloat16", device=dev)
+        tok = hf_effllm.load_tokenizer()
+        dtype = torch.bfloat16
+        calib = None
+    qmodel = copy.deepcopy(model)
+    cfg = SpQRConfig(bits=3, nsamples=4 if quick else 32, seqlen=64 if quick else 512)
+    t0 = time.perf_counter()
+    if quick:
+        hf_effllm.quantize_spqr(qmodel, cfg, calibration_ids=calib)
+    else:
+        hf_effllm.quantize_spqr(qmodel, cfg, tokenizer=tok)
+    quant_s = time.perf_counter() - t0
+    prompt = torch.randint(0, model.config.vocab_size, (1, 16), device=dev)
+    for name, m in (("bf16" if not quick else "fp32", model), ("spqr-3bit", qmodel)):
+        kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        m.generate(prompt, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        m.generate(prompt, **kw)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        s = time.perf_counter() - t0
+        run.add(
+            shape="decode SmolLM2-135M" if not quick else "decode tiny llama",
+            batch=1,
+            dtype=str(dtype).replace("torch.", ""),
+            avg_bits=cfg.avg_bits if name.startswith("spqr") else None,
+            tokens_per_s=new_tokens / s,
+            note=f"{name}; quantize {quant_s:.1f} s" if name.startswith("spqr") else name,
+        )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
+    p.add_argument("--outlier-threshold", type=float, default=0.2, help="SpQR outlier threshold (default 0.2)")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated in the decode test")
+    p.add_argument("--skip-decode", action="store_true", help="only the kernel shapes")
+    args = p.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type != "cuda" and not args.quick:
+        raise SystemExit("spqr_speed.py needs a CUDA GPU; use --quick for the CPU smoke check.")
+    run = BenchmarkRun(
+        "spqr_speed_quick" if args.quick else "spqr_speed",
+        "SpQR 3-bit (16x16 bi-level groups, act-order, 16-bit outliers) fused dequantize+matvec/matmul Triton kernel "
+        "vs bf16 torch.matmul on the same dense weight; speedup = bf16 time / SpQR time (>1 is faster). best_* is "
+        "the fastest launch setting of a small sweep; dequant_matmul_ms is the prefill path (dequantize + matmul).",
+    )
+    run.meta["outlier_threshold"] = args.outlier_threshold
+    kernel_rows(run, dev, args.quick, args.outlier_threshold)
+    if not args.skip_decode:
+        decode_rows(run, dev, args.quick, 8 if args.quick else args.new_tokens)
+    json_path, md_path = run.write()
+    print(md_path.read_text())
+
+
+if __name__ == "__main__":
+    main()

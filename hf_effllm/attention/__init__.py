@@ -1,0 +1,1 @@
+"""Attention methods of hf-effllm (each sub-package registers its attention function on import)."""

@@ -1,0 +1,134 @@
+"""``SeerAttentionConfig``: gate architecture and sparsity selection of SeerAttention."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from ...errors import HfEffllmError
+
+POOLING_CHOICES: tuple[str, ...] = ("avg", "max", "min")
+BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
+# Fields that define the gate's parameters; the others only steer inference and may change after training.
+ARCHITECTURE_FIELDS: tuple[str, ...] = ("block_size", "q_pooling", "k_pooling", "gate_hidden_size", "rope_theta")
+
+
+@dataclass
+class SeerAttentionConfig:
+    """Configuration of SeerAttention (Gao et al. 2024, "SeerAttention: learning intrinsic sparse attention").
+
+    Give ``threshold`` *or* ``nz_ratio``; with neither, ``nz_ratio=0.5`` (half of the causal blocks kept).
+
+    Example:
+        >>> cfg = SeerAttentionConfig(nz_ratio=0.1)  # keep 10% of the causal 64x64 blocks: 90% sparsity
+        >>> cfg.block_size
+        64
+    """
+
+    block_size: int = field(default=64, metadata={"help": "Tile size of the attention map (16, 32, 64 or 128)."})
+    q_pooling: list[str] = field(
+        default_factory=lambda: ["avg"], metadata={"help": "Pooling of pre-RoPE Q per block: any of avg/max/min."}
+    )
+    k_pooling: list[str] = field(
+        default_factory=lambda: ["max", "min", "avg"],
+        metadata={"help": "Pooling of pre-RoPE K per block, concatenated: any of avg/max/min."},
+    )
+    gate_hidden_size: int = field(default=128, metadata={"help": "Width of the gate's Q/K projections (even)."})
+    threshold: float | None = field(
+        default=None, metadata={"help": "Keep blocks whose gate probability is >= threshold (0 < t <= 1)."}
+    )
+    nz_ratio: float | None = field(
+        default=None, metadata={"help": "Fraction of causal blocks kept per block row, top-k (0 < r <= 1)."}
+    )
+    last_block_dense: bool = field(
+        default=True, metadata={"help": "Always keep the diagonal block of each block row (the local context)."}
+    )
+    dense_layers: list[int] = field(default_factory=list, metadata={"help": "Layer indices that stay dense."})
+    min_seq_len: int = field(default=0, metadata={"help": "Prefills shorter than this many tokens stay dense."})
+    rope_theta: float | None = field(
+        default=None, metadata={"help": "RoPE base of the gate (block positions); None: the model's rope_theta."}
+    )
+    backend: str = field(
+        default="auto", metadata={"help": "auto (Triton on CUDA, PyTorch elsewhere), triton or torch."}
+    )
+    fixed_pattern: str | None = field(
+        default=None,
+        metadata={
+            "help": "None: blocks chosen by the learned gate. 'sink_local': a predefined baseline at the same "
+            "density per row (first block + the most recent blocks), the gate is not used."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("q_pooling", "k_pooling"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = [value]
+            value = list(value)
+            if not value or any(v not in POOLING_CHOICES for v in value) or len(set(value)) != len(value):
+                raise HfEffllmError(
+                    f"{name}={getattr(self, name)!r} is invalid; use a non-empty list of distinct values from "
+                    f"{list(POOLING_CHOICES)}."
+                )
+            setattr(self, name, value)
+        if not isinstance(self.block_size, int) or self.block_size not in (16, 32, 64, 128):
+            raise HfEffllmError(
+                f"block_size={self.block_size!r} is not supported by the kernels; use 16, 32, 64 or 128 (paper: 64)."
+            )
+        if not isinstance(self.gate_hidden_size, int) or self.gate_hidden_size < 2 or self.gate_hidden_size % 2:
+            raise HfEffllmError(f"gate_hidden_size={self.gate_hidden_size!r} must be an even integer >= 2 (RoPE).")
+        if self.threshold is not None and self.nz_ratio is not None:
+            raise HfEffllmError(
+                f"threshold={self.threshold} and nz_ratio={self.nz_ratio} are both set; give only one of them."
+            )
+        if self.threshold is None and self.nz_ratio is None:
+            self.nz_ratio = 0.5
+        if self.threshold is not None and not (
+            isinstance(self.threshold, (int, float)) and 0.0 < self.threshold <= 1.0
+        ):
+            raise HfEffllmError(f"threshold={self.threshold!r} is out of range; use 0 < threshold <= 1.")
+        if self.nz_ratio is not None and not (isinstance(self.nz_ratio, (int, float)) and 0.0 < self.nz_ratio <= 1.0):
+            raise HfEffllmError(f"nz_ratio={self.nz_ratio!r} is out of range; use 0 < nz_ratio <= 1 (1.0 = dense).")
+        layers = list(self.dense_layers)
+        if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers):
+            raise HfEffllmError(f"dense_layers={self.dense_layers!r} must be a list of layer indices >= 0.")
+        self.dense_layers = sorted(set(layers))
+        if not isinstance(self.min_seq_len, int) or self.min_seq_len < 0:
+            raise HfEffllmError(f"min_seq_len={self.min_seq_len!r} must be an integer >= 0.")
+        if self.rope_theta is not None and not (
+            isinstance(self.rope_theta, (int, float)) and math.isfinite(self.rope_theta) and self.rope_theta > 0
+        ):
+            raise HfEffllmError(f"rope_theta={self.rope_theta!r} must be a positive number (or None).")
+        if self.fixed_pattern not in (None, "sink_local"):
+            raise HfEffllmError(f"fixed_pattern={self.fixed_pattern!r} is unknown; use None or 'sink_local'.")
+        if self.fixed_pattern is not None and self.nz_ratio is None:
+            raise HfEffllmError(f"fixed_pattern={self.fixed_pattern!r} needs nz_ratio (the density), not threshold.")
+        if self.backend not in BACKENDS:
+            raise HfEffllmError(f"backend={self.backend!r} is unknown; use one of {list(BACKENDS)}.")
+
+    @property
+    def target_sparsity(self) -> float | None:
+        """``1 - nz_ratio`` when selecting by ratio (None with a threshold)."""
+        return None if self.nz_ratio is None else 1.0 - self.nz_ratio
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict of all fields."""
+        return asdict(self)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SeerAttentionConfig:
+        """Build from :meth:`to_dict` output; unknown keys are an error naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise HfEffllmError(f"SeerAttentionConfig got unknown field(s) {unknown}; known: {sorted(known)}.")
+        return cls(**data)
+
+    def architecture(self) -> dict[str, Any]:
+        """The fields that shape the gate parameters (must match between saved gates and a config)."""
+        return {k: getattr(self, k) for k in ARCHITECTURE_FIELDS}

@@ -1,0 +1,1 @@
+"""KV caches of hf-effllm (one sub-package per method)."""

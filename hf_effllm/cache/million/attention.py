@@ -1,0 +1,141 @@
+"""The ``"million"`` attention function: attention over PQ codes + the exact residual window, log-sum-exp merged.
+
+How it reaches the codes (the one trick, kept here). In transformers 5.x an attention module calls
+``cache.update(key, value, layer_idx, ...)`` and then the function registered in ``AttentionInterface`` under
+``config._attn_implementation`` with what ``update`` returned; the function never receives the cache. A
+:class:`~hf_effllm.MillionCache` layer, when the model runs with ``attn_implementation="million"``, returns only
+the full-precision part (recent window + new tokens) and leaves a *pending* record of its codes in a thread-local
+slot; this function takes that record, checks that it belongs to the calling module's ``layer_idx`` and that the
+key tensor it got is the very tensor ``update`` returned (anything else raises: no silent garbage), and computes
+attention over codes + window. Without a pending record (a ``DynamicCache``, no cache, or a fresh prompt with no
+codes yet) it is exactly ``sdpa``, so prefill stays exact and fast. Works the same on transformers 5.17 and 5.24
+(``update`` gets different extra arguments there, which the layer ignores).
+
+Example:
+    >>> model.set_attn_implementation("million")  # doctest: +SKIP
+    >>> out = model.generate(ids, **cache_kwargs(MillionCache(model.config, codebooks)))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ...errors import HfEffllmError
+from ...kernels.million import million_attention, million_attention_reference
+
+ATTENTION_NAME = "million"
+_PENDING = threading.local()
+
+
+@dataclass
+class PendingCodes:
+    """What one cache layer leaves for the attention call that follows its ``update``."""
+
+    layer_idx: int
+    key: torch.Tensor  # the exact tensor returned by update (window + new tokens)
+    codes_k: torch.Tensor  # (B, Hkv, N, M) uint8, tokens older than the window
+    codes_v: torch.Tensor
+    codebook_k: torch.Tensor  # (G, M, K, DSUB) in the model dtype
+    codebook_v: torch.Tensor
+    use_kernel: bool
+
+
+def set_pending(state: PendingCodes | None) -> None:
+    _PENDING.state = state
+
+
+def take_pending(module: Any, key: torch.Tensor) -> PendingCodes | None:
+    """The pending codes of the calling layer, or None when no MILLION layer is in play for it."""
+    state: PendingCodes | None = getattr(_PENDING, "state", None)
+    if state is None:
+        return None
+    _PENDING.state = None
+    if state.layer_idx != getattr(module, "layer_idx", None):
+        return None  # left over from an interrupted forward of another layer
+    if state.key is not key:
+        raise HfEffllmError(
+            f"layer {state.layer_idx}: the key tensor given to the 'million' attention function is not the one "
+            "MillionCache.update returned (this model transforms keys between the cache and attention); use "
+            "attn_implementation='sdpa' with MillionCache (it then returns the decoded cache) for this model."
+        )
+    return state
+
+
+def _allowed(mask: torch.Tensor) -> torch.Tensor:
+    """Boolean 'may attend' from a boolean or additive float mask."""
+    if mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2
+
+
+def split_mask(
+    attention_mask: torch.Tensor | None, batch: int, q_len: int, n_codes: int, r_len: int, device: torch.device
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Split a 4-D attention mask over ``n_codes + r_len`` keys into a code mask ``(B, N)`` and a window mask
+    ``(B, Lq, R)``. With no mask the window is causal, bottom-right aligned (the queries are its last tokens)."""
+    if attention_mask is None:
+        if q_len == 1:
+            return None, None
+        i = torch.arange(q_len, device=device)[:, None] + (r_len - q_len)
+        j = torch.arange(r_len, device=device)[None, :]
+        return None, (j <= i)[None].expand(batch, -1, -1)
+    allowed = _allowed(attention_mask)
+    if allowed.dim() != 4 or allowed.shape[-1] != n_codes + r_len:
+        raise HfEffllmError(
+            f"attention mask of shape {tuple(attention_mask.shape)} does not cover {n_codes} coded + {r_len} "
+            "window tokens."
+        )
+    allowed = allowed[:, 0].expand(batch, q_len, -1)
+    code_mask = allowed[:, -1, :n_codes]  # padding only: coded tokens precede every query
+    res_mask = allowed[:, :, n_codes:]
+    return (None if bool(code_mask.all()) else code_mask.contiguous()), res_mask.contiguous()
+
+
+def million_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention function registered as ``"million"`` (signature of transformers' attention interface).
+
+    Args:
+        module: the attention module (its ``layer_idx`` identifies the cache layer).
+        query: ``(B, Hq, Lq, D)``.
+        key, value: what the cache's ``update`` returned: the full-precision window + new tokens
+            ``(B, Hkv, R, D)`` when codes are pending, else the whole K/V.
+        attention_mask: the ``sdpa``-style mask built for ``n_codes + R`` keys, or None.
+        dropout, scaling, is_causal: as for ``sdpa``.
+
+    Returns:
+        ``(attn_output (B, Lq, Hq, D), None)``.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    state = take_pending(module, key)
+    n_codes = 0 if state is None else state.codes_k.shape[2]
+    if n_codes == 0:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    if dropout and module.training:
+        raise HfEffllmError("the 'million' attention function is for inference; dropout > 0 is not supported.")
+    b, _, lq, d = query.shape
+    scale = scaling if scaling is not None else d**-0.5
+    code_mask, res_mask = split_mask(attention_mask, b, lq, n_codes, key.shape[2], query.device)
+    args = (query, state.codes_k, state.codes_v, state.codebook_k, state.codebook_v, key, value)
+    gq = query.shape[1] // key.shape[1]
+    if state.use_kernel and gq * lq <= 128:
+        out = million_attention(*args, scale=scale, code_mask=code_mask, res_mask=res_mask)  # reference if it can't
+    else:
+        out = million_attention_reference(*args, scale=scale, code_mask=code_mask, res_mask=res_mask, path="decoded")
+    return out.transpose(1, 2).contiguous(), None

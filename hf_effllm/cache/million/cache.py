@@ -1,0 +1,349 @@
+"""``MillionCache``: a transformers ``Cache`` whose layers keep old tokens as PQ codes and recent ones exact.
+
+Each :class:`MillionLayer` holds
+
+* ``codes_k``/``codes_v``: ``uint8`` ``(B, Hkv, capacity, M)`` buffers (grown by doubling; the first ``n_codes``
+  tokens are valid), encoded with the layer's codebooks in one batched call per flush (no per-token loop);
+* ``keys``/``values``: the full-precision window of the most recent tokens, ``residual_length`` of them (up to
+  ``residual_length // 8`` more between flushes, so decode encodes in blocks instead of one token at a time).
+
+With ``attn_implementation="million"`` the ``update`` call returns only the window (plus the new tokens) and the
+``"million"`` attention function (see :mod:`.attention`) combines it with attention over the codes. With any other
+attention implementation ``update`` returns the decoded cache (codes rebuilt from centroids + window), so the cache
+works everywhere, at the cost of rebuilding K/V every step (a warning says so once).
+
+Example:
+    >>> model.set_attn_implementation("million")  # doctest: +SKIP
+    >>> cache = MillionCache(model.config, codebooks)  # doctest: +SKIP
+    >>> out = model.generate(ids, max_new_tokens=64, **hf_effllm.cache_kwargs(cache))  # doctest: +SKIP
+    >>> cache.nbytes, cache.get_seq_length()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ...errors import HfEffllmError
+from ...kernels.million import pq_decode_reference, pq_encode
+from .attention import ATTENTION_NAME, PendingCodes, set_pending
+from .codebooks import MillionCodebooks, ModelSignature
+
+
+class MillionLayer(CacheLayerMixin):
+    """One attention layer of a :class:`MillionCache` (PQ codes for old tokens, exact recent window).
+
+    Args:
+        codebook_k, codebook_v: ``(G, M, K, DSUB)`` float codebooks of this layer.
+        residual_length: recent tokens kept in full precision.
+        layer_idx: the layer's index (matched against the attention module's ``layer_idx``).
+        owner: the :class:`MillionCache`, asked which attention implementation the model runs.
+    """
+
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(
+        self,
+        codebook_k: torch.Tensor,
+        codebook_v: torch.Tensor,
+        *,
+        residual_length: int,
+        layer_idx: int,
+        owner: MillionCache | None = None,
+    ) -> None:
+        super().__init__()
+        self._cb_src = (codebook_k, codebook_v)
+        self.residual_length = residual_length
+        self.flush_block = residual_length // 8
+        self.layer_idx = layer_idx
+        self.owner = owner
+        self.n_codes = 0
+        self.codes_k: torch.Tensor | None = None
+        self.codes_v: torch.Tensor | None = None
+        self.codebook_k: torch.Tensor | None = None
+        self.codebook_v: torch.Tensor | None = None
+
+    # -- CacheLayerMixin -------------------------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, d = key_states.shape
+        g, m, _, dsub = self._cb_src[0].shape
+        if m * dsub != d or g not in (1, h):
+            raise HfEffllmError(
+                f"layer {self.layer_idx}: codebooks for head_dim {m * dsub} and {g} head group(s) cannot encode keys "
+                f"with head_dim {d} and {h} KV heads; train codebooks for this model."
+            )
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.batch_size, self.num_heads, self.head_dim, self.num_subspaces = b, h, d, m
+        self.codebook_k = self._cb_src[0].to(self.device, self.dtype).contiguous()
+        self.codebook_v = self._cb_src[1].to(self.device, self.dtype).contiguous()
+        self.keys = key_states.new_empty(b, h, 0, d)
+        self.values = value_states.new_empty(b, h, 0, d)
+        self.codes_k = torch.empty(b, h, 0, m, dtype=torch.uint8, device=self.device)
+        self.codes_v = torch.empty_like(self.codes_k)
+        self.n_codes = 0
+        self.is_initialized = True
+
+    def _check_batch(self, key_states: torch.Tensor) -> None:
+        b, h, _, d = key_states.shape
+        if b != self.batch_size:
+            raise HfEffllmError(
+                f"this MillionCache holds batch size {self.batch_size} but got key states of batch size {b}; "
+                "use a new cache (or cache.reset()) for a different batch."
+            )
+        if (h, d) != (self.num_heads, self.head_dim):
+            raise HfEffllmError(
+                f"layer {self.layer_idx} holds {self.num_heads} KV heads of size {self.head_dim}, got {h} x {d}."
+            )
+
+    def _grow(self, needed: int) -> None:
+        cap = self.codes_k.shape[2]
+        if needed <= cap:
+            return
+        new_cap = max(needed, 2 * cap, 256)
+        for name in ("codes_k", "codes_v"):
+            old = getattr(self, name)
+            buf = torch.empty(*old.shape[:2], new_cap, old.shape[3], dtype=torch.uint8, device=old.device)
+            buf[:, :, : self.n_codes] = old[:, :, : self.n_codes]
+            setattr(self, name, buf)
+
+    def _flush(self, window_k: torch.Tensor, window_v: torch.Tensor) -> None:
+        """Encode the tokens of the window beyond ``residual_length`` (oldest first) and keep the rest exact."""
+        r = window_k.shape[2]
+        limit = self.residual_length + self.flush_block
+        if r <= limit:
+            self.keys, self.values = window_k, window_v
+            return
+        move = r - self.residual_length
+        self._grow(self.n_codes + move)
+        dst = slice(self.n_codes, self.n_codes + move)
+        kernel = None if self.owner is None or self.owner.kernel_enabled(self.device) else False
+        pq_encode(window_k[:, :, :move], self.codebook_k, out=self.codes_k[:, :, dst], use_kernel=kernel)
+        pq_encode(window_v[:, :, :move], self.codebook_v, out=self.codes_v[:, :, dst], use_kernel=kernel)
+        self.n_codes += move
+        # a copy, so the (possibly long) prompt tensor is not kept alive by a view
+        self.keys = window_k[:, :, move:].clone()
+        self.values = window_v[:, :, move:].clone()
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the new tokens; return what the attention function needs (see the module docstring)."""
+        set_pending(None)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._check_batch(key_states)
+        n_before = self.n_codes
+        codes_k, codes_v = self.codes_k[:, :, :n_before], self.codes_v[:, :, :n_before]
+        window_k = torch.cat([self.keys, key_states], dim=-2)
+        window_v = torch.cat([self.values, value_states], dim=-2)
+        self._flush(window_k, window_v)
+        if self.owner is not None and self.owner.uses_million_attention:
+            set_pending(
+                PendingCodes(
+                    layer_idx=self.layer_idx,
+                    key=window_k,
+                    codes_k=codes_k,
+                    codes_v=codes_v,
+                    codebook_k=self.codebook_k,
+                    codebook_v=self.codebook_v,
+                    use_kernel=self.owner.kernel_enabled(self.device),
+                )
+            )
+            return window_k, window_v
+        if n_before == 0:
+            return window_k, window_v
+        if self.owner is not None and not self.owner._warned_decoded:
+            self.owner._warned_decoded = True  # once per cache
+            warnings.warn(
+                "MillionCache is used with an attention implementation other than 'million', so it rebuilds the "
+                "full K/V from the codes every step (correct but slow); call model.set_attn_implementation("
+                "'million') to attend over the codes directly.",
+                stacklevel=3,
+            )
+        dk = pq_decode_reference(codes_k, self.codebook_k)
+        dv = pq_decode_reference(codes_v, self.codebook_v)
+        return torch.cat([dk, window_k], dim=-2), torch.cat([dv, window_v], dim=-2)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return self.n_codes + self.keys.shape[-2]
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.codes_k = self.codes_v = None
+        self.n_codes = 0
+        self.is_initialized = False
+        for name in ("batch_size",):
+            self.__dict__.pop(name, None)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last ``-tokens_to_remove`` tokens (a positive value is the length to keep, as in 5.17).
+
+        Tokens that remain keep their representation: exact if in the window, codes if already encoded.
+        """
+        if not self.is_initialized:
+            return
+        total = self.get_seq_length()
+        keep = tokens_to_remove if tokens_to_remove > 0 else total + tokens_to_remove
+        keep = max(0, min(total, keep))
+        if keep >= total:
+            return
+        if keep >= self.n_codes:
+            r = keep - self.n_codes
+            self.keys, self.values = self.keys[:, :, :r], self.values[:, :, :r]
+        else:
+            self.n_codes = keep
+            self.keys, self.values = self.keys[:, :, :0], self.values[:, :, :0]
+
+    def _index_batch(self, fn) -> None:
+        self.keys, self.values = fn(self.keys), fn(self.values)
+        self.codes_k = fn(self.codes_k[:, :, : self.n_codes])
+        self.codes_v = fn(self.codes_v[:, :, : self.n_codes])
+        self.batch_size = self.keys.shape[0]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            idx = beam_idx.to(self.device)
+            self._index_batch(lambda t: t.index_select(0, idx))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._index_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._index_batch(lambda t: t[indices])
+
+    def offload(self) -> None:  # the codes are the small part; offloading is not supported
+        return None
+
+    def prefetch(self) -> None:
+        return None
+
+    # -- memory ----------------------------------------------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the cached state: valid codes plus the full-precision window."""
+        if not self.is_initialized:
+            return 0
+        codes = 2 * self.batch_size * self.num_heads * self.n_codes * self.num_subspaces
+        window = (self.keys.numel() + self.values.numel()) * self.keys.element_size()
+        return codes + window
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Bytes held, including spare code capacity and the codebooks."""
+        if not self.is_initialized:
+            return 0
+        t = (self.codes_k, self.codes_v, self.keys, self.values, self.codebook_k, self.codebook_v)
+        return sum(x.numel() * x.element_size() for x in t)
+
+
+class MillionCache(Cache):
+    """A KV cache that stores tokens older than a recent window as product-quantization codes (MILLION).
+
+    Pass it as ``past_key_values`` (``cache`` on newer transformers; :func:`hf_effllm.cache_kwargs` picks the name)
+    to ``forward`` or ``generate``. Run the model with ``attn_implementation="million"`` so attention reads the
+    codes directly (any other implementation still works, through decoded K/V).
+
+    Args:
+        config: the model's config (``model.config``); checked against the codebooks.
+        codebooks: :class:`~hf_effllm.million.MillionCodebooks` trained for this model.
+        residual_length: recent tokens kept exact (default: the codebooks' config).
+        use_kernel: use the Triton decode kernel: ``None`` (default) on CUDA only, ``True`` also under
+            ``TRITON_INTERPRET=1`` on the CPU, ``False`` never (PyTorch path).
+
+    Raises:
+        HfEffllmError: codebooks trained for another model, or a model with sliding-window / linear-attention
+            layers.
+
+    Example:
+        >>> cache = MillionCache(model.config, codebooks)  # doctest: +SKIP
+        >>> model(input_ids=ids, **hf_effllm.cache_kwargs(cache))  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        codebooks: MillionCodebooks,
+        *,
+        residual_length: int | None = None,
+        use_kernel: bool | None = None,
+    ) -> None:
+        if not isinstance(codebooks, MillionCodebooks):
+            raise HfEffllmError(
+                f"codebooks must be MillionCodebooks (from hf_effllm.million.train_codebooks or "
+                f"MillionCodebooks.from_pretrained); got {type(codebooks).__name__}."
+            )
+        codebooks.check_compatible(config)
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        layer_types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+        other = sorted(set(layer_types) - {"full_attention"})
+        if other:
+            raise HfEffllmError(
+                f"MillionCache supports full-attention layers only; this model also has {other} layers."
+            )
+        rl = codebooks.config.residual_length if residual_length is None else residual_length
+        if not isinstance(rl, int) or rl < 0:
+            raise HfEffllmError(f"residual_length={rl!r} must be an integer >= 0.")
+        self.model_config = text
+        self.codebooks = codebooks
+        self.residual_length = rl
+        self.use_kernel = use_kernel
+        self.signature = ModelSignature.from_config(config)
+        self._warned_decoded = False
+        layers = [
+            MillionLayer(*codebooks.layer(i), residual_length=rl, layer_idx=i, owner=self)
+            for i in range(text.num_hidden_layers)
+        ]
+        super().__init__(layers=layers)
+
+    @property
+    def uses_million_attention(self) -> bool:
+        """Whether the model currently runs the ``"million"`` attention function."""
+        return getattr(self.model_config, "_attn_implementation", None) == ATTENTION_NAME
+
+    def kernel_enabled(self, device: torch.device) -> bool:
+        from ...kernels.million import kernel_available
+
+        if self.use_kernel is False:
+            return False
+        if self.use_kernel is None:
+            return device.type == "cuda" and kernel_available(device)
+        return kernel_available(device)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the cached state (codes + full-precision window), all layers."""
+        return sum(layer.nbytes for layer in self.layers)
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Bytes allocated (spare code capacity and per-layer codebook copies included), all layers."""
+        return sum(layer.allocated_bytes for layer in self.layers)
+
+    def memory_report(self) -> dict[str, int | float]:
+        """Cached bytes vs what a bf16/fp16 ``DynamicCache`` would hold for the same tokens."""
+        first = self.layers[0]
+        if not first.is_initialized:
+            return {"tokens": 0, "nbytes": 0, "dense_16bit_bytes": 0, "ratio": 0.0}
+        tokens = self.get_seq_length()
+        dense = 2 * 2 * first.batch_size * first.num_heads * first.head_dim * tokens * len(self.layers)
+        return {
+            "tokens": tokens,
+            "nbytes": self.nbytes,
+            "dense_16bit_bytes": dense,
+            "ratio": dense / max(1, self.nbytes),
+            "allocated_bytes": self.allocated_bytes,
+        }

@@ -1,0 +1,1 @@
+"""Weight quantization methods (one sub-package per method)."""

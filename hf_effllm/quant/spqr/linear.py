@@ -1,0 +1,186 @@
+"""``SpQRLinear``: the runtime module of a SpQR-quantized ``nn.Linear`` (inference only).
+
+Its buffers are the packed tensors of ``hf_effllm.quant.spqr.format`` (so ``state_dict``/``save_pretrained`` write
+exactly the packed format). On CUDA the forward runs the Triton kernels of ``hf_effllm.kernels.spqr``; elsewhere it
+dequantizes and multiplies in PyTorch.
+
+Example:
+    >>> layer = SpQRLinear.from_linear(torch.nn.Linear(64, 32), SpQRConfig(bits=4))
+    >>> layer(torch.randn(2, 64)).shape
+    torch.Size([2, 32])
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...errors import HfEffllmError
+from .config import SpQRConfig
+from .format import expected_shapes, stored_bits, validate_packed
+
+
+class SpQRLinear(nn.Module):
+    """A linear layer whose weight is stored in the packed SpQR format.
+
+    Args:
+        in_features: input features.
+        out_features: output features.
+        bias: whether the layer has a bias (kept in float).
+        bits, group_size, stats_bits, stats_group_size: format parameters (from :class:`SpQRConfig`).
+        nnz: number of outliers (sizes the CSR buffers).
+        permuted: whether a column permutation is stored.
+        device: device of the (empty) buffers.
+        dtype: dtype of the bias.
+
+    Attributes:
+        cache_weight: CPU path only: keep the dequantized weight after the first forward (float memory, faster
+            repeated evaluation; default ``False``).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool,
+        bits: int,
+        group_size: int,
+        stats_bits: int,
+        stats_group_size: int,
+        nnz: int,
+        permuted: bool,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.stats_bits, self.stats_group_size = (
+            bits,
+            group_size,
+            stats_bits,
+            stats_group_size,
+        )
+        self.nnz, self.permuted = nnz, permuted
+        shapes = expected_shapes(
+            out_features=out_features,
+            in_features=in_features,
+            nnz=nnz,
+            bits=bits,
+            group_size=group_size,
+            stats_bits=stats_bits,
+            stats_group_size=stats_group_size,
+            permuted=permuted,
+        )
+        for name, (shape, dt) in shapes.items():
+            self.register_buffer(name, torch.zeros(shape, dtype=dt, device=device))
+        if not permuted:
+            self.register_buffer("perm", None)
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) if bias else None
+        )
+        self._max_row_nnz: int | None = None
+        self.cache_weight = False  # CPU path only: keep the dequantized weight after the first forward
+        self._weight_cache: torch.Tensor | None = None
+
+    @classmethod
+    def from_packed(
+        cls, tensors: dict[str, torch.Tensor], config: SpQRConfig, *, in_features: int, bias: torch.Tensor | None
+    ) -> SpQRLinear:
+        """Build from the packed tensors of :func:`hf_effllm.quant.spqr.engine.spqr_quantize_matrix`."""
+        qw = tensors["qweight"]
+        layer = cls(
+            in_features,
+            tensors["outlier_row_ptr"].shape[0] - 1,
+            bias=bias is not None,
+            bits=config.bits,
+            group_size=config.group_size,
+            stats_bits=config.stats_bits,
+            stats_group_size=config.stats_group_size,
+            nnz=tensors["outlier_values"].numel(),
+            permuted=tensors.get("perm") is not None,
+            device=qw.device,
+            dtype=bias.dtype if bias is not None else None,
+        )
+        for name, value in tensors.items():
+            getattr(layer, name).copy_(value)
+        if bias is not None:
+            layer.bias.data.copy_(bias.detach())
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: SpQRConfig, hessian: torch.Tensor | None = None) -> SpQRLinear:
+        """Quantize one ``nn.Linear`` (identity Hessian = round-to-nearest with bi-level statistics if ``None``)."""
+        from .engine import spqr_quantize_matrix
+
+        res = spqr_quantize_matrix(linear.weight, hessian, config)
+        return cls.from_packed(res.tensors, config, in_features=linear.in_features, bias=linear.bias)
+
+    def packed_tensors(self) -> dict[str, torch.Tensor]:
+        """The packed buffers by name (``perm`` only when permuted)."""
+        names = expected_shapes(
+            out_features=self.out_features,
+            in_features=self.in_features,
+            nnz=self.nnz,
+            bits=self.bits,
+            group_size=self.group_size,
+            stats_bits=self.stats_bits,
+            stats_group_size=self.stats_group_size,
+            permuted=self.permuted,
+        )
+        return {k: getattr(self, k) for k in names}
+
+    def packed_meta(self) -> dict[str, Any]:
+        """Format parameters for the functions of ``hf_effllm.kernels.spqr``."""
+        return dict(
+            in_features=self.in_features,
+            bits=self.bits,
+            group_size=self.group_size,
+            stats_bits=self.stats_bits,
+            stats_group_size=self.stats_group_size,
+        )
+
+    @property
+    def avg_bits(self) -> float:
+        """Stored bits per weight of this layer (codes + statistics + outliers + permutation; bias excluded)."""
+        return stored_bits(self.packed_tensors()) / (self.in_features * self.out_features)
+
+    def validate(self, name: str, config: SpQRConfig) -> None:
+        """Check the buffers against this layer's record in ``config.layers`` (raises naming the bad tensor)."""
+        record = (config.layers or {}).get(name)
+        if record is None:
+            raise HfEffllmError(f"quantization_config.layers has no record for {name!r}.")
+        validate_packed(name, self.packed_tensors(), record, config)
+        ptr = self.outlier_row_ptr
+        self._max_row_nnz = int((ptr[1:] - ptr[:-1]).max().item()) if self.out_features else 0
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight (out, in) in the original column order."""
+        from .format import dequantize_weight
+
+        w = dequantize_weight(self.packed_tensors(), **{k: v for k, v in self.packed_meta().items()})
+        return w if self.perm is None else w[:, torch.argsort(self.perm.long())]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ...kernels.spqr import spqr_matmul
+
+        if self._max_row_nnz is None:
+            ptr = self.outlier_row_ptr
+            self._max_row_nnz = int((ptr[1:] - ptr[:-1]).max().item()) if self.out_features else 0
+        if self.cache_weight and not x.is_cuda:
+            if self._weight_cache is None or self._weight_cache.dtype != x.dtype:
+                self._weight_cache = self.dequantize().to(x.dtype)
+            return nn.functional.linear(x, self._weight_cache, self.bias)
+        with torch.no_grad():
+            return spqr_matmul(
+                x, self.packed_tensors(), bias=self.bias, max_row_nnz=self._max_row_nnz, **self.packed_meta()
+            )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, stats_bits={self.stats_bits}, stats_group_size={self.stats_group_size}, "
+            f"outliers={self.nnz}, permuted={self.permuted}, bias={self.bias is not None}"
+        )

@@ -1,0 +1,164 @@
+"""The transformers integration: ``SpQRHfQuantizer`` and :func:`quantize_spqr` for models already in memory.
+
+* ``from_pretrained(float_checkpoint, quantization_config=SpQRConfig(...))``: loads the float weights, then
+  calibrates and quantizes layer by layer (``_process_model_after_weight_loading``).
+* ``save_pretrained(dir)``: the ``SpQRLinear`` buffers are the packed format; config.json carries the config with
+  the per-layer records.
+* ``from_pretrained(dir)``: the records rebuild the ``SpQRLinear`` modules before the weights are read; after
+  loading every layer's tensors are checked against its record (no recalibration).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.quantizers.base import HfQuantizer
+
+from ...errors import HfEffllmError
+from .config import METHOD_NAME, SpQRConfig
+from .engine import calibrate_and_quantize, record_results
+from .linear import SpQRLinear
+
+
+def _mark_quantized(model: nn.Module, config: SpQRConfig) -> None:
+    model.config.quantization_config = config
+    model.is_quantized = True
+    model.quantization_method = METHOD_NAME
+    model.hf_quantizer = SpQRHfQuantizer(config, pre_quantized=True)
+
+
+def _replace_with_packed(model: nn.Module, results: dict[str, Any], config: SpQRConfig) -> None:
+    for name, res in results.items():
+        lin = model.get_submodule(name)
+        model.set_submodule(
+            name, SpQRLinear.from_packed(res.tensors, config, in_features=lin.in_features, bias=lin.bias)
+        )
+
+
+@torch.no_grad()
+def quantize_spqr(
+    model: nn.Module,
+    config: SpQRConfig | None = None,
+    *,
+    tokenizer: Any = None,
+    calibration_ids: torch.Tensor | None = None,
+    progress: bool = False,
+) -> nn.Module:
+    """Calibrate and quantize a model in memory with SpQR; its decoder-layer ``nn.Linear`` modules become
+    ``SpQRLinear`` (in place), and ``config`` records the per-layer and total average bits.
+
+    Args:
+        model: a transformers causal LM (any dtype/device; calibration runs where the model is).
+        config: the :class:`SpQRConfig` (default ``SpQRConfig()``); it is filled in and attached to ``model.config``.
+        tokenizer: tokenizer for the calibration text (default: ``config.tokenizer`` or the model's own).
+        calibration_ids: ready-made (nsamples, seqlen) token ids; then ``dataset``/``tokenizer`` are not used.
+        progress: print one line per decoder layer.
+
+    Returns:
+        The same model, quantized; ``model.save_pretrained(dir)`` writes the packed checkpoint.
+
+    Example:
+        >>> import hf_effllm
+        >>> model = hf_effllm.load_model()  # doctest: +SKIP
+        >>> hf_effllm.quantize_spqr(model, hf_effllm.SpQRConfig(bits=3, nsamples=16, seqlen=512))  # doctest: +SKIP
+    """
+    config = config if config is not None else SpQRConfig()
+    if not isinstance(config, SpQRConfig):
+        raise HfEffllmError(f"config={type(config).__name__} must be a SpQRConfig.")
+    if config.layers:
+        raise HfEffllmError(
+            "config.layers is already filled (this config belongs to a quantized model); pass a new one."
+        )
+    if any(isinstance(m, SpQRLinear) for m in model.modules()):
+        raise HfEffllmError("the model is already SpQR-quantized; load the float model to quantize it again.")
+    if calibration_ids is not None and (calibration_ids.dim() != 2 or calibration_ids.dtype != torch.long):
+        raise HfEffllmError(
+            f"calibration_ids has shape {tuple(calibration_ids.shape)} {calibration_ids.dtype}; "
+            "give a LongTensor (nsamples, seqlen)."
+        )
+    results = calibrate_and_quantize(model, config, tokenizer=tokenizer, batches=calibration_ids, progress=progress)
+    record_results(config, results)
+    _replace_with_packed(model, results, config)
+    _mark_quantized(model, config)
+    return model
+
+
+def _rebuild_modules(model: nn.Module, config: SpQRConfig) -> None:
+    if not config.layers:
+        raise HfEffllmError(
+            "this checkpoint's quantization_config has no per-layer records ('layers'); it was not written by "
+            "hf-effllm's SpQR save_pretrained. Quantize the float model instead."
+        )
+    for name, rec in config.layers.items():
+        try:
+            lin = model.get_submodule(name)
+        except AttributeError:
+            raise HfEffllmError(f"quantization_config.layers names {name!r}, which this model does not have.") from None
+        if not isinstance(lin, nn.Linear) or (lin.out_features, lin.in_features) != (
+            rec["out_features"],
+            rec["in_features"],
+        ):
+            raise HfEffllmError(
+                f"quantization_config.layers[{name!r}] says {rec['out_features']}x{rec['in_features']}, but the model "
+                f"has {lin!r} there; the config does not belong to this architecture."
+            )
+        with torch.device("meta"):
+            new = SpQRLinear(
+                rec["in_features"],
+                rec["out_features"],
+                bias=lin.bias is not None,
+                bits=config.bits,
+                group_size=config.group_size,
+                stats_bits=config.stats_bits,
+                stats_group_size=config.stats_group_size,
+                nnz=int(rec["nnz"]),
+                permuted=config.permutation == "act_order",
+                dtype=lin.bias.dtype if lin.bias is not None else None,
+            )
+        model.set_submodule(name, new)
+
+
+def _restore_and_validate(model: nn.Module, config: SpQRConfig) -> None:
+    for name, module in model.named_modules():
+        if isinstance(module, SpQRLinear):
+            for key in ("stats2", "outlier_values"):  # a dtype= argument may have upcast the fp16 tensors (exactly)
+                buf = getattr(module, key)
+                if buf.dtype != torch.float16 and buf.is_floating_point() and not buf.is_meta:
+                    setattr(module, key, buf.to(torch.float16))
+            module.validate(name, config)
+
+
+class SpQRHfQuantizer(HfQuantizer):
+    """``HfQuantizer`` of SpQR: quantizes float checkpoints after loading, rebuilds packed ones before loading."""
+
+    requires_calibration = False
+
+    def __init__(self, quantization_config: SpQRConfig, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        if self.pre_quantized:
+            _rebuild_modules(model, self.quantization_config)
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        if self.pre_quantized:
+            _restore_and_validate(model, self.quantization_config)
+            return model
+        config = self.quantization_config
+        results = calibrate_and_quantize(model, config)
+        record_results(config, results)
+        _replace_with_packed(model, results, config)
+        model.config.quantization_config = config
+        return model
+
+    def is_serializable(self, safe_serialization: Any = None) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False

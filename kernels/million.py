@@ -1,0 +1,706 @@
+"""MILLION kernels: product-quantization encode, and decode attention over PQ codes + a full-precision window.
+
+Notation: ``B`` batch, ``Hq`` query heads, ``Hkv`` KV heads (``GQ = Hq // Hkv`` query heads share one KV head),
+``D`` head_dim, ``M`` subspaces, ``DSUB = D // M``, ``K = 2**nbits`` centroids, ``G`` codebook groups (1, or
+``Hkv`` for per-head codebooks). Codes are ``uint8`` of shape ``(B, Hkv, N, M)`` (the last dimension contiguous);
+codebooks are ``(G, M, K, DSUB)``.
+
+Bytes first. At 4 bits (``M = D/2``, ``K = 256``) a cached token costs ``M`` bytes per head for K and the same for
+V: ``D`` bytes against ``4 D`` for bf16 K/V, so the ideal decode is 4x fewer HBM bytes than bf16 attention; the
+codebooks (``K * D`` elements each, 64 KiB in bf16 at D=128) stay on chip (L1) for the whole kernel. The decode
+kernel is split-K flash-decoding: each program owns one (batch, KV head, split of the codes) and
+
+1. reads each token's ``M`` code bytes once (one contiguous row),
+2. gathers the token's centroids from the on-chip codebook: ``k_hat[n] = concat_m C_k[m, code_k[n, m]]``,
+3. scores all ``GQ * Lq`` query rows of the group at once with a tensor-core dot ``q @ k_hat^T``; this is the
+   same number as MILLION's lookup table ``sum_m LUT[m, code[n, m]]`` with ``LUT[m, c] = q_m . C_k[m, c]``
+   (the PyTorch reference below computes it that way), but the gather is done once per KV head instead of once
+   per query head (4x fewer lookups for Llama-3's GQA) and a per-query-head table (``M * K`` fp32, 64 KiB per
+   head at D=128) never has to fit in shared memory,
+4. online softmax, and accumulates ``p @ v_hat`` with the values rebuilt from their centroids the same way,
+5. writes (partial output, running max, running sum) per split.
+
+A second kernel computes exact attention over the full-precision residual window (the recent tokens, and the new
+ones) and merges it with the splits by log-sum-exp. No dequantized copy of the cache is ever written.
+
+Each function has a plain PyTorch reference of the same math (:func:`pq_encode_reference`,
+:func:`million_attention_reference`), used by the tests, as the CPU fallback and as the benchmark baseline.
+
+Example:
+    >>> codes = pq_encode(keys, codebook_k)  # doctest: +SKIP
+    >>> out = million_attention(q, codes_k, codes_v, cb_k, cb_v, res_k, res_v, scale=D**-0.5)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:  # triton is optional: without it everything runs through the PyTorch references
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - depends on the platform
+    HAS_TRITON = False
+
+from hf_effllm.errors import HfEffllmError
+
+__all__ = [
+    "kernel_available",
+    "million_attention",
+    "million_attention_reference",
+    "pq_decode_reference",
+    "pq_encode",
+    "pq_encode_reference",
+]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def kernel_available(device: torch.device | str) -> bool:
+    """Whether the Triton kernels can run for tensors on ``device`` (CUDA, or the interpreter on the CPU)."""
+    if not HAS_TRITON:
+        return False
+    dev = torch.device(device)
+    return dev.type == "cuda" or (dev.type == "cpu" and _interpreting())
+
+
+def _pow2(x: int) -> bool:
+    return x > 0 and (x & (x - 1)) == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PyTorch references
+# ----------------------------------------------------------------------------------------------------------------
+def _group_index(num_heads: int, groups: int, device: torch.device) -> torch.Tensor:
+    if groups == 1:
+        return torch.zeros(num_heads, dtype=torch.long, device=device)
+    return torch.arange(num_heads, device=device)
+
+
+def pq_encode_reference(x: torch.Tensor, codebook: torch.Tensor, *, chunk_elements: int = 1 << 24) -> torch.Tensor:
+    """Nearest-centroid codes of ``x`` (squared Euclidean distance per subspace).
+
+    Distances are computed as ``||c||^2 - 2 x.c`` with one batched matmul per chunk of tokens (no per-token loop);
+    centroids at equal distance may be picked differently from the kernel (ties).
+
+    Args:
+        x: ``(B, H, N, D)`` vectors.
+        codebook: ``(G, M, K, DSUB)`` centroids, ``G`` 1 or ``H``.
+        chunk_elements: bound on the temporary distance tensor.
+
+    Returns:
+        ``uint8`` codes ``(B, H, N, M)``.
+    """
+    b, h, n, d = x.shape
+    g, m, k, dsub = codebook.shape
+    if m * dsub != d:
+        raise HfEffllmError(f"codebook has M*DSUB={m * dsub} but x has head_dim={d}.")
+    cb = codebook.float()
+    c2 = cb.square().sum(-1)  # (G, M, K)
+    out = torch.empty(b, h, n, m, dtype=torch.uint8, device=x.device)
+    step = max(1, chunk_elements // max(1, b * (h // g) * m * k))
+    for s in range(0, n, step):  # chunks of many tokens each
+        xs = x[:, :, s : s + step].float()
+        t = xs.shape[2]
+        # (G, M, P, DSUB) with P = B * (H/G) * t points per (group, subspace)
+        pts = xs.reshape(b, g, h // g, t, m, dsub).permute(1, 4, 0, 2, 3, 5).reshape(g * m, -1, dsub)
+        dist = torch.baddbmm(c2.reshape(g * m, 1, k), pts, cb.reshape(g * m, k, dsub).transpose(1, 2), alpha=-2.0)
+        idx = dist.argmin(-1).reshape(g, m, b, h // g, t).permute(2, 0, 3, 4, 1).reshape(b, h, t, m)
+        out[:, :, s : s + step] = idx.to(torch.uint8)
+    return out
+
+
+def pq_decode_reference(codes: torch.Tensor, codebook: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Vectors rebuilt from their codes: ``(B, H, N, M)`` codes and ``(G, M, K, DSUB)`` -> ``(B, H, N, D)``."""
+    b, h, n, m = codes.shape
+    g, m2, k, dsub = codebook.shape
+    if m2 != m:
+        raise HfEffllmError(f"codes have M={m} subspaces but the codebook has {m2}.")
+    cb = codebook[_group_index(h, g, codebook.device)]  # (H, M, K, DSUB)
+    idx = codes.long() + (torch.arange(m, device=codes.device) * k)  # flat index into (M*K)
+    flat = cb.reshape(h, m * k, dsub)
+    out = torch.gather(
+        flat[None].expand(b, -1, -1, -1), 2, idx.reshape(b, h, n * m, 1).expand(-1, -1, -1, dsub)
+    ).reshape(b, h, n, m * dsub)
+    return out if dtype is None else out.to(dtype)
+
+
+def _masked_scores_lse(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax weights and log-sum-exp of scores with -inf for masked entries (rows all masked -> 0, -inf)."""
+    lse = torch.logsumexp(scores, dim=-1)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    p = torch.exp(scores - safe[..., None])
+    return p, lse
+
+
+def million_attention_reference(
+    q: torch.Tensor,
+    codes_k: torch.Tensor,
+    codes_v: torch.Tensor,
+    codebook_k: torch.Tensor,
+    codebook_v: torch.Tensor,
+    res_k: torch.Tensor | None,
+    res_v: torch.Tensor | None,
+    *,
+    scale: float,
+    code_mask: torch.Tensor | None = None,
+    res_mask: torch.Tensor | None = None,
+    path: str = "lut",
+) -> torch.Tensor:
+    """Attention of ``q`` over PQ-coded tokens plus a full-precision window, merged by log-sum-exp (float32 math).
+
+    Args:
+        q: ``(B, Hq, Lq, D)`` queries.
+        codes_k, codes_v: ``(B, Hkv, N, M)`` uint8 codes of the older tokens (``N`` may be 0).
+        codebook_k, codebook_v: ``(G, M, K, DSUB)``.
+        res_k, res_v: ``(B, Hkv, R, D)`` full-precision recent tokens (or None).
+        scale: softmax scale.
+        code_mask: ``(B, N)`` bool, True where a coded token may be attended (padding is False).
+        res_mask: ``(B, Lq, R)`` bool, True where query ``i`` may attend residual token ``j`` (causal + padding).
+        path: ``"lut"`` scores with per-subspace lookup tables ``LUT[m, c] = q_m . C_k[m, c]`` gathered by the
+            codes and sums value weights per centroid (MILLION's formulation); ``"decoded"`` rebuilds K/V from
+            the codes and runs plain attention. Both compute the same function.
+
+    Returns:
+        ``(B, Hq, Lq, D)`` in ``q.dtype``; rows with nothing to attend are 0.
+    """
+    b, hq, lq, d = q.shape
+    hkv = codes_k.shape[1]
+    n = codes_k.shape[2]
+    gq = hq // hkv
+    qf = q.float().reshape(b, hkv, gq * lq, d)  # rows of one KV head's group: (query head j, position i)
+    parts_s: list[torch.Tensor] = []
+    if n > 0:
+        g, m, kc, dsub = codebook_k.shape
+        if path == "lut":
+            cbk = codebook_k.float()[_group_index(hkv, g, q.device)]  # (Hkv, M, K, DSUB)
+            lut = torch.einsum("bhrmx,hmkx->bhrmk", qf.reshape(b, hkv, gq * lq, m, dsub), cbk)  # (B,Hkv,rows,M,K)
+            idx = codes_k.long().permute(0, 1, 3, 2)  # (B, Hkv, M, N)
+            s_codes = torch.zeros(b, hkv, gq * lq, n, device=q.device)
+            for mi in range(m):  # sum over subspaces of the table entries picked by the codes
+                s_codes += torch.gather(lut[:, :, :, mi], 3, idx[:, :, mi][:, :, None].expand(-1, -1, gq * lq, -1))
+            s_codes = s_codes * scale
+        elif path == "decoded":
+            kk = pq_decode_reference(codes_k, codebook_k.float())
+            s_codes = torch.einsum("bhrd,bhnd->bhrn", qf, kk) * scale
+        else:
+            raise HfEffllmError(f"path={path!r} is not known; use 'lut' or 'decoded'.")
+        if code_mask is not None:
+            s_codes = s_codes.masked_fill(~code_mask.bool()[:, None, None, :], float("-inf"))
+        parts_s.append(s_codes)
+    r = 0 if res_k is None else res_k.shape[2]
+    if r > 0:
+        s_res = torch.einsum("bhrd,bhnd->bhrn", qf, res_k.float()) * scale
+        if res_mask is not None:
+            rm = res_mask.bool()[:, None, None].expand(b, 1, gq, lq, r).reshape(b, 1, gq * lq, r)
+            s_res = s_res.masked_fill(~rm, float("-inf"))
+        parts_s.append(s_res)
+    if not parts_s:
+        return torch.zeros_like(q)
+    scores = torch.cat(parts_s, dim=-1)
+    p, lse = _masked_scores_lse(scores)
+    denom = torch.exp(lse - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)))  # 1 or 0
+    out = torch.zeros(b, hkv, gq * lq, d, device=q.device)
+    if n > 0:
+        pc = p[..., :n]
+        if path == "lut":
+            g, m, kc, dsub = codebook_v.shape
+            cbv = codebook_v.float()[_group_index(hkv, g, q.device)]  # (Hkv, M, K, DSUB)
+            # weights per (subspace, centroid): scatter the probabilities onto the centroids their codes pick
+            idx = codes_v.long().permute(0, 1, 3, 2)  # (B, Hkv, M, N)
+            w = torch.zeros(b, hkv, gq * lq, m, kc, device=q.device)
+            for mi in range(m):
+                w[:, :, :, mi].scatter_add_(3, idx[:, :, mi][:, :, None].expand(-1, -1, gq * lq, -1), pc)
+            out += torch.einsum("bhrmk,hmkx->bhrmx", w, cbv).reshape(b, hkv, gq * lq, d)
+        else:
+            out += pc @ pq_decode_reference(codes_v, codebook_v.float())
+    if r > 0:
+        out += p[..., n:] @ res_v.float()
+    out = out / torch.where(denom > 0, p.sum(-1), torch.ones_like(denom))[..., None]
+    return out.reshape(b, hq, lq, d).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _pq_encode_kernel(
+        x_ptr,
+        cb_ptr,
+        out_ptr,
+        N,
+        sx_b,
+        sx_h,
+        sx_n,
+        so_b,
+        so_h,
+        so_n,
+        scb_g,
+        H: tl.constexpr,
+        K: tl.constexpr,
+        DSUB: tl.constexpr,
+        PER_HEAD: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        pid_bh = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        m = tl.program_id(2)
+        b = pid_bh // H
+        h = pid_bh % H
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < N
+        j = tl.arange(0, DSUB)
+        x = tl.load(
+            x_ptr + b * sx_b + h * sx_h + n[:, None] * sx_n + m * DSUB + j[None, :], mask=n_ok[:, None], other=0.0
+        ).to(tl.float32)  # (BLOCK_N, DSUB)
+        if PER_HEAD:
+            cb_base = cb_ptr + h * scb_g + m * (K * DSUB)
+        else:
+            cb_base = cb_ptr + m * (K * DSUB)
+        best = tl.full([BLOCK_N], float("inf"), tl.float32)
+        best_i = tl.zeros([BLOCK_N], tl.int32)
+        kk = tl.arange(0, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            c = tl.load(cb_base + (k0 + kk)[:, None] * DSUB + j[None, :]).to(tl.float32)  # (BLOCK_K, DSUB)
+            c2 = tl.sum(c * c, axis=1)
+            dist = c2[None, :] - 2.0 * tl.sum(x[:, None, :] * c[None, :, :], axis=2)  # ||x-c||^2 - ||x||^2
+            dmin = tl.min(dist, axis=1)
+            imin = tl.argmin(dist, axis=1).to(tl.int32) + k0
+            upd = dmin < best
+            best = tl.where(upd, dmin, best)
+            best_i = tl.where(upd, imin, best_i)
+        tl.store(out_ptr + b * so_b + h * so_h + n * so_n + m, best_i.to(tl.uint8), mask=n_ok)
+
+    @triton.jit
+    def _million_codes_kernel(
+        q_ptr,
+        ck_ptr,
+        cv_ptr,
+        cbk_ptr,
+        cbv_ptr,
+        cmask_ptr,
+        po_ptr,
+        pm_ptr,
+        pl_ptr,
+        n_codes,
+        split_len,
+        num_splits,
+        scale,
+        sq_b,
+        sq_h,
+        sq_l,
+        sc_b,
+        sc_h,
+        sc_n,
+        scv_b,
+        scv_h,
+        scv_n,
+        scb_g,
+        smask_b,
+        HKV: tl.constexpr,
+        GQ: tl.constexpr,
+        LQ: tl.constexpr,
+        ROWS: tl.constexpr,
+        D: tl.constexpr,
+        M: tl.constexpr,
+        DSUB: tl.constexpr,
+        K: tl.constexpr,
+        PER_HEAD: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        pid_bh = tl.program_id(0)
+        sp = tl.program_id(1)
+        b = pid_bh // HKV
+        hkv = pid_bh % HKV
+        rows = tl.arange(0, ROWS)
+        row_ok = rows < GQ * LQ
+        jh = rows % GQ
+        li = rows // GQ
+        d = tl.arange(0, D)
+        q = tl.load(
+            q_ptr + b * sq_b + (hkv * GQ + jh)[:, None] * sq_h + li[:, None] * sq_l + d[None, :],
+            mask=row_ok[:, None],
+            other=0.0,
+        )
+        msub = tl.arange(0, M)
+        jj = tl.arange(0, DSUB)
+        if PER_HEAD:
+            cb_off = hkv * scb_g + msub * (K * DSUB)
+        else:
+            cb_off = msub * (K * DSUB)
+        start = sp * split_len
+        end = tl.minimum(start + split_len, n_codes)
+        m_i = tl.full([ROWS], float("-inf"), tl.float32)
+        l_i = tl.zeros([ROWS], tl.float32)
+        acc = tl.zeros([ROWS, D], tl.float32)
+        nn = tl.arange(0, BLOCK_N)
+        for n0 in range(start, end, BLOCK_N):
+            n = n0 + nn
+            n_ok = n < end
+            ck = tl.load(
+                ck_ptr + b * sc_b + hkv * sc_h + n[:, None] * sc_n + msub[None, :], mask=n_ok[:, None], other=0
+            )
+            koff = (cb_off[None, :] + ck.to(tl.int32) * DSUB)[:, :, None] + jj[None, None, :]
+            k = tl.reshape(tl.load(cbk_ptr + koff), (BLOCK_N, D))  # centroids gathered from the on-chip codebook
+            s = tl.dot(q, tl.trans(k)) * scale  # (ROWS, BLOCK_N)
+            valid = n_ok
+            if HAS_MASK:
+                valid = valid & (tl.load(cmask_ptr + b * smask_b + n, mask=n_ok, other=0) != 0)
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            cv = tl.load(
+                cv_ptr + b * scv_b + hkv * scv_h + n[:, None] * scv_n + msub[None, :], mask=n_ok[:, None], other=0
+            )
+            voff = (cb_off[None, :] + cv.to(tl.int32) * DSUB)[:, :, None] + jj[None, None, :]
+            v = tl.reshape(tl.load(cbv_ptr + voff), (BLOCK_N, D))
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        part = (pid_bh * num_splits + sp) * ROWS + rows
+        tl.store(pm_ptr + part, m_i)
+        tl.store(pl_ptr + part, l_i)
+        tl.store(po_ptr + part[:, None] * D + d[None, :], acc)
+
+    @triton.jit
+    def _million_merge_kernel(
+        q_ptr,
+        rk_ptr,
+        rv_ptr,
+        rmask_ptr,
+        po_ptr,
+        pm_ptr,
+        pl_ptr,
+        out_ptr,
+        R,
+        num_splits,
+        scale,
+        sq_b,
+        sq_h,
+        sq_l,
+        sr_b,
+        sr_h,
+        sr_n,
+        srv_b,
+        srv_h,
+        srv_n,
+        srm_b,
+        srm_l,
+        so_b,
+        so_h,
+        so_l,
+        HKV: tl.constexpr,
+        GQ: tl.constexpr,
+        LQ: tl.constexpr,
+        ROWS: tl.constexpr,
+        D: tl.constexpr,
+        HAS_RMASK: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+    ):
+        pid_bh = tl.program_id(0)
+        b = pid_bh // HKV
+        hkv = pid_bh % HKV
+        rows = tl.arange(0, ROWS)
+        row_ok = rows < GQ * LQ
+        jh = rows % GQ
+        li = rows // GQ
+        d = tl.arange(0, D)
+        q = tl.load(
+            q_ptr + b * sq_b + (hkv * GQ + jh)[:, None] * sq_h + li[:, None] * sq_l + d[None, :],
+            mask=row_ok[:, None],
+            other=0.0,
+        )
+        m_i = tl.full([ROWS], float("-inf"), tl.float32)
+        l_i = tl.zeros([ROWS], tl.float32)
+        acc = tl.zeros([ROWS, D], tl.float32)
+        rr = tl.arange(0, BLOCK_R)
+        for r0 in range(0, R, BLOCK_R):
+            r = r0 + rr
+            r_ok = r < R
+            k = tl.load(rk_ptr + b * sr_b + hkv * sr_h + r[:, None] * sr_n + d[None, :], mask=r_ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale
+            valid = r_ok[None, :] & row_ok[:, None]
+            if HAS_RMASK:
+                rm = tl.load(
+                    rmask_ptr + b * srm_b + li[:, None] * srm_l + r[None, :], mask=valid, other=0
+                )  # (ROWS, BLOCK_R)
+                valid = valid & (rm != 0)
+            s = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(
+                rv_ptr + b * srv_b + hkv * srv_h + r[:, None] * srv_n + d[None, :], mask=r_ok[:, None], other=0.0
+            )
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        for sp in range(0, num_splits):  # log-sum-exp merge of the code splits
+            part = (pid_bh * num_splits + sp) * ROWS + rows
+            m_s = tl.load(pm_ptr + part)
+            l_s = tl.load(pl_ptr + part)
+            o_s = tl.load(po_ptr + part[:, None] * D + d[None, :])
+            m_new = tl.maximum(m_i, m_s)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            a = tl.exp(m_i - m_safe)
+            c = tl.exp(m_s - m_safe)
+            l_i = l_i * a + l_s * c
+            acc = acc * a[:, None] + o_s * c[:, None]
+            m_i = m_new
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        tl.store(
+            out_ptr + b * so_b + (hkv * GQ + jh)[:, None] * so_h + li[:, None] * so_l + d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=row_ok[:, None],
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Host wrappers
+# ----------------------------------------------------------------------------------------------------------------
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_codebook(name: str, cb: torch.Tensor) -> None:
+    if cb.dim() != 4:
+        raise HfEffllmError(f"{name} must be (G, M, K, DSUB); got shape {tuple(cb.shape)}.")
+    if cb.dtype not in _FLOAT_DTYPES:
+        raise HfEffllmError(f"{name}.dtype={cb.dtype} is not supported; use float16, bfloat16 or float32.")
+
+
+def pq_encode(
+    x: torch.Tensor, codebook: torch.Tensor, *, out: torch.Tensor | None = None, use_kernel: bool | None = None
+) -> torch.Tensor:
+    """Nearest-centroid PQ codes of ``x`` (Triton on CUDA / under the interpreter, else the PyTorch reference).
+
+    Args:
+        x: ``(B, H, N, D)`` vectors (any float dtype, last dimension contiguous).
+        codebook: ``(G, M, K, DSUB)`` with ``G`` 1 or ``H``; ``K`` at most 256.
+        out: optional ``uint8`` ``(B, H, N, M)`` tensor (may be a strided view into a larger buffer) to write.
+        use_kernel: force (True) or forbid (False) the Triton path; default: Triton where it can run.
+
+    Returns:
+        ``uint8`` codes ``(B, H, N, M)`` (``out`` when given).
+
+    Example:
+        >>> codes = pq_encode(torch.randn(1, 2, 5, 8), torch.randn(1, 4, 16, 2))  # doctest: +SKIP
+    """
+    if x.dim() != 4:
+        raise HfEffllmError(f"x must be (B, H, N, D); got shape {tuple(x.shape)}.")
+    _check_codebook("codebook", codebook)
+    b, h, n, d = x.shape
+    g, m, k, dsub = codebook.shape
+    if m * dsub != d:
+        raise HfEffllmError(f"codebook M*DSUB={m}*{dsub} does not match head_dim={d}.")
+    if g not in (1, h):
+        raise HfEffllmError(f"codebook has {g} groups; use 1 (shared) or {h} (one per head).")
+    if k > 256:
+        raise HfEffllmError(f"codebook has K={k} centroids; uint8 codes hold at most 256.")
+    if x.device != codebook.device:
+        raise HfEffllmError(f"x is on {x.device} but the codebook is on {codebook.device}; move them together.")
+    if out is not None and (tuple(out.shape) != (b, h, n, m) or out.dtype != torch.uint8 or out.stride(-1) != 1):
+        raise HfEffllmError(f"out must be a uint8 tensor of shape {(b, h, n, m)} with a contiguous last dimension.")
+    can = kernel_available(x.device) and _pow2(dsub) and _pow2(k)
+    if use_kernel and not can:
+        raise HfEffllmError(
+            f"the Triton encode needs CUDA (or TRITON_INTERPRET=1) and power-of-two DSUB={dsub}, K={k}."
+        )
+    if not (can if use_kernel is None else use_kernel) or n == 0:
+        codes = pq_encode_reference(x, codebook)
+        if out is None:
+            return codes
+        out.copy_(codes)
+        return out
+    if out is None:
+        out = torch.empty(b, h, n, m, dtype=torch.uint8, device=x.device)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    cb = codebook.contiguous()
+    block_n = 64 if not _interpreting() else 16
+    block_k = min(k, 64 if dsub <= 4 else 32)
+    grid = (b * h, triton.cdiv(n, block_n), m)
+    _pq_encode_kernel[grid](
+        x, cb, out, n,
+        x.stride(0), x.stride(1), x.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        cb.stride(0),
+        H=h, K=k, DSUB=dsub, PER_HEAD=g > 1, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def _num_splits(n: int, bh: int, block_n: int, device: torch.device) -> int:
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        sms = 4
+    max_splits = max(1, triton.cdiv(n, block_n))
+    want = max(1, triton.cdiv(2 * sms, bh))  # about two programs per SM
+    return min(max_splits, want, 256)
+
+
+def million_attention(
+    q: torch.Tensor,
+    codes_k: torch.Tensor,
+    codes_v: torch.Tensor,
+    codebook_k: torch.Tensor,
+    codebook_v: torch.Tensor,
+    res_k: torch.Tensor | None,
+    res_v: torch.Tensor | None,
+    *,
+    scale: float,
+    code_mask: torch.Tensor | None = None,
+    res_mask: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    use_kernel: bool | None = None,
+) -> torch.Tensor:
+    """Decode attention over PQ codes + a full-precision window (Triton), same function as the reference.
+
+    Args:
+        q: ``(B, Hq, Lq, D)`` queries, float16/bfloat16 (float32 too, e.g. under the interpreter); ``Hq`` a
+            multiple of ``Hkv``; ``GQ * Lq`` at most 128 (decode and short chunks).
+        codes_k, codes_v: ``(B, Hkv, N, M)`` uint8 (views into a larger buffer are fine: last dim contiguous).
+        codebook_k, codebook_v: ``(G, M, K, DSUB)`` in ``q``'s dtype; ``G`` is 1 or ``Hkv``.
+        res_k, res_v: ``(B, Hkv, R, D)`` full-precision window in ``q``'s dtype, or None.
+        scale: softmax scale.
+        code_mask: ``(B, N)`` bool (True = attend), or None.
+        res_mask: ``(B, Lq, R)`` bool (True = attend), or None.
+        num_splits, block_n, num_warps: launch overrides (default: heuristics).
+        use_kernel: force (True) or forbid (False) the Triton path; default: Triton where it can run.
+
+    Returns:
+        ``(B, Hq, Lq, D)`` in ``q.dtype``.
+
+    Raises:
+        HfEffllmError: on mismatched shapes, dtypes or devices.
+
+    Example:
+        >>> out = million_attention(q, ck, cv, cbk, cbv, rk, rv, scale=q.shape[-1] ** -0.5)  # doctest: +SKIP
+    """
+    if q.dim() != 4:
+        raise HfEffllmError(f"q must be (B, Hq, Lq, D); got shape {tuple(q.shape)}.")
+    b, hq, lq, d = q.shape
+    for name, c in (("codes_k", codes_k), ("codes_v", codes_v)):
+        if c.dim() != 4 or c.dtype != torch.uint8:
+            raise HfEffllmError(f"{name} must be a uint8 (B, Hkv, N, M) tensor; got {c.dtype} {tuple(c.shape)}.")
+    if codes_k.shape != codes_v.shape:
+        raise HfEffllmError(f"codes_k {tuple(codes_k.shape)} and codes_v {tuple(codes_v.shape)} differ.")
+    _, hkv, n, m = codes_k.shape
+    if codes_k.shape[0] != b:
+        raise HfEffllmError(f"codes have batch {codes_k.shape[0]} but q has batch {b}.")
+    if hkv < 1 or hq % hkv:
+        raise HfEffllmError(f"query heads {hq} are not a multiple of KV heads {hkv}.")
+    _check_codebook("codebook_k", codebook_k)
+    _check_codebook("codebook_v", codebook_v)
+    if codebook_k.shape != codebook_v.shape:
+        raise HfEffllmError(f"codebook_k {tuple(codebook_k.shape)} and codebook_v {tuple(codebook_v.shape)} differ.")
+    g, m2, k, dsub = codebook_k.shape
+    if m2 != m or m * dsub != d:
+        raise HfEffllmError(f"codebooks (M={m2}, DSUB={dsub}) do not match codes M={m} and head_dim={d}.")
+    if g not in (1, hkv):
+        raise HfEffllmError(f"codebooks have {g} groups; use 1 or the number of KV heads ({hkv}).")
+    if (res_k is None) != (res_v is None):
+        raise HfEffllmError("give both res_k and res_v, or neither.")
+    r = 0 if res_k is None else res_k.shape[2]
+    if res_k is not None and (res_k.shape != res_v.shape or tuple(res_k.shape[:2]) != (b, hkv) or res_k.shape[3] != d):
+        raise HfEffllmError(f"res_k/res_v must be (B={b}, Hkv={hkv}, R, D={d}); got {tuple(res_k.shape)}.")
+    if code_mask is not None and tuple(code_mask.shape) != (b, n):
+        raise HfEffllmError(f"code_mask must be (B, N) = {(b, n)}; got {tuple(code_mask.shape)}.")
+    if res_mask is not None and tuple(res_mask.shape) != (b, lq, r):
+        raise HfEffllmError(f"res_mask must be (B, Lq, R) = {(b, lq, r)}; got {tuple(res_mask.shape)}.")
+    tensors = [
+        t for t in (codes_k, codes_v, codebook_k, codebook_v, res_k, res_v, code_mask, res_mask) if t is not None
+    ]
+    if any(t.device != q.device for t in tensors):
+        raise HfEffllmError(f"all inputs must be on q's device {q.device}.")
+    if q.dtype not in _FLOAT_DTYPES:
+        raise HfEffllmError(f"q.dtype={q.dtype} is not supported; use float16, bfloat16 or float32.")
+    for name, t in (("codebook_k", codebook_k), ("codebook_v", codebook_v), ("res_k", res_k), ("res_v", res_v)):
+        if t is not None and t.dtype != q.dtype:
+            raise HfEffllmError(f"{name}.dtype={t.dtype} differs from q.dtype={q.dtype}; cast them to one dtype.")
+
+    gq = hq // hkv
+    rows = max(16, 1 << max(0, (gq * lq - 1).bit_length()))
+    can = kernel_available(q.device) and _pow2(m) and _pow2(dsub) and _pow2(d) and d >= 16 and rows <= 128
+    if use_kernel is None:
+        use_kernel = can
+    if use_kernel and not can:
+        raise HfEffllmError(
+            f"the Triton path needs CUDA (or TRITON_INTERPRET=1), power-of-two M/DSUB/head_dim and GQ*Lq <= 128; "
+            f"got device {q.device}, M={m}, DSUB={dsub}, D={d}, GQ*Lq={gq * lq}. Use use_kernel=False."
+        )
+    if not use_kernel:
+        return million_attention_reference(
+            q, codes_k, codes_v, codebook_k, codebook_v, res_k, res_v, scale=scale, code_mask=code_mask,
+            res_mask=res_mask, path="decoded",
+        )  # fmt: skip
+
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    cbk, cbv = codebook_k.contiguous(), codebook_v.contiguous()
+    interp = _interpreting()
+    bn = block_n or (16 if interp else (32 if d >= 128 else 64))
+    splits = num_splits or (_num_splits(n, b * hkv, bn, q.device) if n > 0 else 0)
+    splits = min(splits, max(1, triton.cdiv(n, bn))) if n > 0 else 0
+    warps = num_warps or 4
+    part_o = torch.empty(b * hkv * max(splits, 1) * rows * d, dtype=torch.float32, device=q.device)
+    part_m = torch.empty(b * hkv * max(splits, 1) * rows, dtype=torch.float32, device=q.device)
+    part_l = torch.empty_like(part_m)
+    cm = code_mask.to(torch.int8).contiguous() if code_mask is not None else part_m  # dummy pointer when unused
+    if splits > 0:
+        split_len = triton.cdiv(triton.cdiv(n, splits), bn) * bn
+        splits = triton.cdiv(n, split_len)
+        _million_codes_kernel[(b * hkv, splits)](
+            q, codes_k, codes_v, cbk, cbv, cm, part_o, part_m, part_l,
+            n, split_len, splits, float(scale),
+            q.stride(0), q.stride(1), q.stride(2),
+            codes_k.stride(0), codes_k.stride(1), codes_k.stride(2),
+            codes_v.stride(0), codes_v.stride(1), codes_v.stride(2),
+            cbk.stride(0), cm.stride(0) if code_mask is not None else 0,
+            HKV=hkv, GQ=gq, LQ=lq, ROWS=rows, D=d, M=m, DSUB=dsub, K=k, PER_HEAD=g > 1,
+            HAS_MASK=code_mask is not None, BLOCK_N=bn, num_warps=warps,
+        )  # fmt: skip
+    out = torch.empty(b, hq, lq, d, dtype=q.dtype, device=q.device)
+    if r > 0:
+        rk = res_k if res_k.stride(-1) == 1 else res_k.contiguous()
+        rv = res_v if res_v.stride(-1) == 1 else res_v.contiguous()
+    else:  # dummies, never read (R = 0)
+        rk = rv = q
+    rm = res_mask.to(torch.int8).contiguous() if res_mask is not None else part_m
+    block_r = 16 if interp else 64
+    _million_merge_kernel[(b * hkv,)](
+        q, rk, rv, rm, part_o, part_m, part_l, out,
+        r, splits, float(scale),
+        q.stride(0), q.stride(1), q.stride(2),
+        rk.stride(0), rk.stride(1), rk.stride(2),
+        rv.stride(0), rv.stride(1), rv.stride(2),
+        rm.stride(0) if res_mask is not None else 0, rm.stride(1) if res_mask is not None else 0,
+        out.stride(0), out.stride(1), out.stride(2),
+        HKV=hkv, GQ=gq, LQ=lq, ROWS=rows, D=d, HAS_RMASK=res_mask is not None, BLOCK_R=block_r,
+        num_warps=warps,
+    )  # fmt: skip
+    return out
+
+
+def ideal_bytes(batch: int, kv_heads: int, tokens: int, head_dim: int, num_subspaces: int, nbits: int = 8) -> dict:
+    """HBM bytes one decode step must read: PQ codes (K and V) against bf16 K/V, and their ratio."""
+    code_bytes = 2 * batch * kv_heads * tokens * math.ceil(num_subspaces * nbits / 8)
+    bf16_bytes = 2 * batch * kv_heads * tokens * head_dim * 2
+    return {"code_bytes": code_bytes, "bf16_bytes": bf16_bytes, "ratio": bf16_bytes / max(1, code_bytes)}

@@ -1,0 +1,115 @@
+"""MILLION kernels (Triton under the interpreter) against their PyTorch references, on small odd shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_effllm.kernels.million import (
+    million_attention,
+    million_attention_reference,
+    pq_decode_reference,
+    pq_encode,
+    pq_encode_reference,
+)
+
+from hf_effllm.errors import HfEffllmError
+
+TOL = {torch.float32: 2e-5, torch.float16: 2e-2}
+
+
+def _inputs(b, hq, hkv, lq, n, r, d, m, k, g, dtype, seed=0, masks=True):
+    gen = torch.Generator().manual_seed(seed)
+    dsub = d // m
+    q = torch.randn(b, hq, lq, d, generator=gen).to(dtype)
+    ck = torch.randint(0, k, (b, hkv, n, m), generator=gen, dtype=torch.uint8)
+    cv = torch.randint(0, k, (b, hkv, n, m), generator=gen, dtype=torch.uint8)
+    cbk = torch.randn(g, m, k, dsub, generator=gen).to(dtype)
+    cbv = torch.randn(g, m, k, dsub, generator=gen).to(dtype)
+    rk = torch.randn(b, hkv, r, d, generator=gen).to(dtype)
+    rv = torch.randn(b, hkv, r, d, generator=gen).to(dtype)
+    cm = (torch.rand(b, n, generator=gen) > 0.2) if masks else None
+    rm = (torch.rand(b, lq, r, generator=gen) > 0.3) if masks else None
+    if masks and r > 0:
+        rm[:, :, -1] = True  # every query row sees at least its own token
+    return q, ck, cv, cbk, cbv, rk, rv, cm, rm
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_encode_kernel_matches_reference(triton_interpret, per_head, dtype):
+    gen = torch.Generator().manual_seed(1)
+    h, d, m, k = 3, 16, 8, 32
+    x = torch.randn(2, h, 37, d, generator=gen).to(dtype)
+    cb = torch.randn(h if per_head else 1, m, k, d // m, generator=gen).to(dtype)
+    codes = pq_encode(x, cb)
+    ref = pq_encode_reference(x, cb)
+    assert codes.dtype == torch.uint8 and codes.shape == (2, h, 37, m)
+    assert (codes == ref).float().mean() > 0.995  # ties between equidistant centroids may differ in fp16
+    # writing into a strided view of a larger buffer
+    buf = torch.zeros(2, h, 50, m, dtype=torch.uint8)
+    pq_encode(x, cb, out=buf[:, :, 5:42])
+    assert torch.equal(buf[:, :, 5:42], codes) and buf[:, :, :5].eq(0).all()
+
+
+@pytest.mark.parametrize(
+    "b,hq,hkv,lq,n,r,g",
+    [
+        (1, 4, 2, 1, 45, 7, 1),
+        (2, 6, 2, 1, 70, 13, 2),
+        (2, 3, 3, 3, 33, 9, 1),
+        (1, 4, 1, 2, 0, 5, 1),
+        (1, 2, 2, 1, 19, 0, 2),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_attention_kernel_matches_reference(triton_interpret, b, hq, hkv, lq, n, r, g, dtype):
+    d, m, k = 16, 8, 16
+    g = 1 if g == 1 else hkv
+    q, ck, cv, cbk, cbv, rk, rv, cm, rm = _inputs(b, hq, hkv, lq, n, r, d, m, k, g, dtype)
+    if r == 0:
+        rk = rv = rm = None
+    ref = million_attention_reference(q, ck, cv, cbk, cbv, rk, rv, scale=0.3, code_mask=cm, res_mask=rm)
+    out = million_attention(q, ck, cv, cbk, cbv, rk, rv, scale=0.3, code_mask=cm, res_mask=rm, num_splits=3,
+                            use_kernel=True)  # fmt: skip
+    assert out.dtype == dtype and out.shape == (b, hq, lq, d)
+    torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_attention_kernel_dsub4_no_masks(triton_interpret):
+    """2-bit layout (DSUB = 4), no masks, split count chosen by the heuristic."""
+    q, ck, cv, cbk, cbv, rk, rv, _, _ = _inputs(1, 4, 2, 1, 50, 6, 32, 8, 16, 1, torch.float32, masks=False)
+    ref = million_attention_reference(q, ck, cv, cbk, cbv, rk, rv, scale=0.2)
+    out = million_attention(q, ck, cv, cbk, cbv, rk, rv, scale=0.2, use_kernel=True)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("lq", [1, 4])
+def test_lut_and_decoded_paths_are_the_same_function(lq):
+    """Attention over codes (lookup tables + per-centroid value weights) == attention over the decoded K/V."""
+    q, ck, cv, cbk, cbv, rk, rv, cm, rm = _inputs(2, 6, 3, lq, 41, 5, 16, 4, 32, 3, torch.float32, seed=3)
+    lut = million_attention_reference(q, ck, cv, cbk, cbv, rk, rv, scale=0.25, code_mask=cm, res_mask=rm, path="lut")
+    dec = million_attention_reference(q, ck, cv, cbk, cbv, rk, rv, scale=0.25, code_mask=cm, res_mask=rm,
+                                      path="decoded")  # fmt: skip
+    torch.testing.assert_close(lut, dec, atol=1e-5, rtol=1e-5)
+    # and both equal plain softmax attention over [decoded codes ; window] with the same mask
+    kk = torch.cat([pq_decode_reference(ck, cbk), rk], 2).repeat_interleave(2, 1)
+    vv = torch.cat([pq_decode_reference(cv, cbv), rv], 2).repeat_interleave(2, 1)
+    mask = torch.cat([cm[:, None].expand(-1, lq, -1), rm], -1)[:, None]
+    s = (q @ kk.transpose(-1, -2) * 0.25).masked_fill(~mask, float("-inf"))
+    torch.testing.assert_close(lut, torch.softmax(s, -1) @ vv, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_wrapper_rejects_bad_inputs():
+    q, ck, cv, cbk, cbv, rk, rv, cm, rm = _inputs(1, 4, 2, 1, 10, 3, 16, 8, 16, 1, torch.float32)
+    with pytest.raises(HfEffllmError, match="not a multiple"):
+        million_attention(q[:, :3], ck, cv, cbk, cbv, rk, rv, scale=1.0)
+    with pytest.raises(HfEffllmError, match="uint8"):
+        million_attention(q, ck.long(), cv, cbk, cbv, rk, rv, scale=1.0)
+    with pytest.raises(HfEffllmError, match="dtype"):
+        million_attention(q, ck, cv, cbk.half(), cbv.half(), rk, rv, scale=1.0)
+    with pytest.raises(HfEffllmError, match="code_mask"):
+        million_attention(q, ck, cv, cbk, cbv, rk, rv, scale=1.0, code_mask=cm[:, :5])
+    with pytest.raises(HfEffllmError, match="batch"):
+        million_attention(q.expand(2, -1, -1, -1), ck, cv, cbk, cbv, rk, rv, scale=1.0)
+    with pytest.raises(HfEffllmError, match="head_dim"):
+        pq_encode(torch.randn(1, 2, 3, 12), cbk)

@@ -1,0 +1,87 @@
+import pytest
+import torch
+from hf_effllm.kernels.spqr import spqr_dequantize_triton, spqr_gemv_triton, spqr_matmul, spqr_matmul_reference
+
+from hf_effllm import HfEffllmError, SpQRConfig
+from hf_effllm.quant.spqr import SpQRLinear, dequantize_weight, spqr_quantize_matrix
+
+TOL = {torch.float32: 1e-4, torch.float16: 2e-2}
+
+
+def make_layer(out, inp, *, bits=3, group_size=16, permutation="act_order", threshold=0.1, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=g)
+    w[torch.rand(w.shape, generator=g) < 0.02] *= 8
+    x = torch.randn(256, inp, generator=g)
+    cfg = SpQRConfig(bits=bits, group_size=group_size, permutation=permutation, outlier_threshold=threshold)
+    res = spqr_quantize_matrix(w, 2 * x.T @ x / 256, cfg)
+    b = torch.randn(out, generator=g) if bias else None
+    return SpQRLinear.from_packed(res.tensors, cfg, in_features=inp, bias=b), res
+
+
+@pytest.mark.parametrize(
+    ("out", "inp", "rows", "bits", "gs", "perm", "dtype"),
+    [
+        (37, 45, 1, 3, 16, "act_order", torch.float32),
+        (21, 70, 3, 4, 8, "identity", torch.float16),
+        (33, 200, 8, 3, 16, "act_order", torch.float16),
+        (9, 131, 16, 2, 32, "act_order", torch.float32),
+        (40, 128, 2, 3, 16, "act_order", torch.float32),  # K % 32 == 0: the word-aligned fast path
+        (24, 96, 5, 4, 16, "identity", torch.float16),
+    ],
+)
+def test_gemv_kernel_matches_reference(triton_interpret, out, inp, rows, bits, gs, perm, dtype):
+    layer, res = make_layer(out, inp, bits=bits, group_size=gs, permutation=perm)
+    layer = layer.to(triton_interpret)
+    x = torch.randn(rows, inp, device=triton_interpret).to(dtype)
+    t, meta = layer.packed_tensors(), layer.packed_meta()
+    ref = spqr_matmul_reference(x.float(), t, bias=layer.bias, **meta)
+    for split_k in (1, 2):
+        y = spqr_gemv_triton(x, t, bias=layer.bias, split_k=split_k, **meta)
+        assert y.dtype == dtype and y.shape == (rows, out)
+        torch.testing.assert_close(y.float(), ref, rtol=TOL[dtype], atol=TOL[dtype] * ref.abs().max().item())
+    if perm == "act_order":
+        assert res.nnz > 0  # the outlier pass was exercised
+
+
+def test_dequantize_kernel_and_prefill_path(triton_interpret):
+    layer, _ = make_layer(19, 53, bits=3, group_size=16)
+    layer = layer.to(triton_interpret)
+    t, meta = layer.packed_tensors(), layer.packed_meta()
+    w = spqr_dequantize_triton(t, dtype=torch.float32, **meta)
+    assert torch.equal(w, dequantize_weight(t, **meta))
+    x = torch.randn(2, 11, 53, device=triton_interpret)  # 22 rows: the prefill path
+    y = spqr_matmul(x, t, bias=layer.bias, use_triton=True, **meta)
+    torch.testing.assert_close(y, spqr_matmul_reference(x, t, bias=layer.bias, **meta), rtol=1e-4, atol=1e-4)
+
+
+def test_non_power_of_two_group_uses_the_prefill_kernel(triton_interpret):
+    layer, _ = make_layer(12, 40, group_size=10, threshold=float("inf"), bias=False)
+    layer = layer.to(triton_interpret)
+    t, meta = layer.packed_tensors(), layer.packed_meta()
+    x = torch.randn(1, 40, device=triton_interpret)
+    torch.testing.assert_close(
+        spqr_matmul(x, t, use_triton=True, **meta), spqr_matmul_reference(x, t, **meta), rtol=1e-4, atol=1e-4
+    )
+    with pytest.raises(HfEffllmError, match="group_size=10"):
+        spqr_gemv_triton(x, t, **meta)
+
+
+def test_module_forward_matches_dense_dequantized_linear():
+    layer, res = make_layer(24, 48)
+    x = torch.randn(3, 5, 48)
+    dense = torch.nn.functional.linear(x, res.weight, layer.bias)
+    torch.testing.assert_close(layer(x), dense, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.dequantize(), res.weight)
+    assert layer.avg_bits == pytest.approx(res.avg_bits)
+
+
+def test_wrapper_errors():
+    layer, _ = make_layer(8, 32)
+    t, meta = layer.packed_tensors(), layer.packed_meta()
+    with pytest.raises(HfEffllmError, match="x.dtype"):
+        spqr_matmul(torch.ones(1, 32, dtype=torch.int64), t, **meta)
+    with pytest.raises(HfEffllmError, match="expects 32"):
+        spqr_matmul(torch.ones(1, 31), t, **meta)
+    with pytest.raises(HfEffllmError, match="at most 16"):
+        spqr_gemv_triton(torch.ones(17, 32), t, **meta)
