@@ -58,11 +58,20 @@ def register_quantization_method(method: str, config_cls: type, quantizer_cls: t
     register_in_mapping(AUTO_QUANTIZER_MAPPING, method, quantizer_cls, what="quantizer")
 
 
-def register_attention_function(name: str, fn: Callable[..., Any]) -> None:
-    """Register an attention function with ``transformers.AttentionInterface`` under ``name`` (idempotent)."""
+def register_attention_function(name: str, fn: Callable[..., Any], *, mask_like: str | None = "sdpa") -> None:
+    """Register an attention function with ``transformers.AttentionInterface`` under ``name`` (idempotent).
+
+    Transformers builds no attention mask for an implementation without a mask function (padding would be lost),
+    so the mask function of ``mask_like`` (default: sdpa's boolean mask) is registered under ``name`` too;
+    ``mask_like=None`` skips that.
+    """
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
 
     register_in_mapping(AttentionInterface._global_mapping, name, fn, what="attention function")
+    if mask_like is not None:
+        mask_fn = AttentionMaskInterface._global_mapping[mask_like]
+        register_in_mapping(AttentionMaskInterface._global_mapping, name, mask_fn, what="attention mask")
 
 
 def register_all() -> None:

@@ -81,5 +81,11 @@ def test_attention_registration_is_idempotent():
         assert AttentionInterface._global_mapping["hf_effllm_probe"] is probe_attention
         with pytest.raises(HfEffllmError, match="'sdpa' is already registered"):
             registration.register_attention_function("sdpa", probe_attention)
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        assert AttentionMaskInterface._global_mapping["hf_effllm_probe"] is sdpa_mask
     finally:
+        from transformers.masking_utils import AttentionMaskInterface
+
         AttentionInterface._global_mapping.pop("hf_effllm_probe", None)
+        AttentionMaskInterface._global_mapping.pop("hf_effllm_probe", None)

@@ -12,7 +12,7 @@ Example:
 
 from __future__ import annotations
 
-from ...registration import register_attention_function, register_in_mapping
+from ...registration import register_attention_function
 from .apply import (
     apply_seer_attention,
     attention_layers,
@@ -32,12 +32,7 @@ from .io import load_gates, read_gates_config, save_gates
 
 
 def _register() -> None:
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    register_attention_function(ATTENTION_NAME, seer_attention_forward)
-    # Without a mask function transformers builds no mask at all for an unknown implementation (padding would be
-    # lost); the dense fallback is sdpa, so its mask format is the one to use.
-    register_in_mapping(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, ATTENTION_NAME, sdpa_mask, what="attention mask")
+    register_attention_function(ATTENTION_NAME, seer_attention_forward)  # dense fallback is sdpa: sdpa's mask
     from . import cli  # noqa: F401  (registers the quickstart stage)
 
 

@@ -12,7 +12,7 @@ Example:
 
 from __future__ import annotations
 
-from ...registration import register_attention_function, register_in_mapping
+from ...registration import register_attention_function
 from .attention import ATTENTION_NAME, million_attention_forward
 from .cache import MillionCache, MillionLayer
 from .codebooks import MillionCodebooks, ModelSignature, collect_kv, fit_codebooks, kmeans, train_codebooks
@@ -20,10 +20,7 @@ from .config import MillionConfig
 
 
 def _register() -> None:
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    register_attention_function(ATTENTION_NAME, million_attention_forward)
-    register_in_mapping(AttentionMaskInterface._global_mapping, ATTENTION_NAME, sdpa_mask, what="attention mask")
+    register_attention_function(ATTENTION_NAME, million_attention_forward)  # prefill runs sdpa: sdpa's mask
     from . import cli  # noqa: F401  (registers the quickstart stage)
 
 
