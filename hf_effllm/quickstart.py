@@ -120,8 +120,8 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _hub_id(requested: str | None, model: Any) -> str:
-    """The Hub id for the card's ``base_model``: the embedded model's id, a Hub id given, or the config's name."""
+def base_model_id(requested: str | None, model: Any) -> str:
+    """The Hub id for a card's ``base_model``: the embedded model's id, a Hub id given, or the config's name."""
     if requested is None or requested in EMBEDDED_ALIASES:
         return EMBEDDED_MODEL_HUB_ID
     if not Path(requested).expanduser().exists():
@@ -155,7 +155,7 @@ def run_quickstart(options: QuickstartOptions) -> list[dict[str, Any]]:
     tokenizer = load_tokenizer(options.model)
     ids = tokenizer(corpus_text("eval"), return_tensors="pt", add_special_tokens=False).input_ids[0]
     eval_ids = ids[: options.eval_tokens]
-    base_model = _hub_id(options.model, model)
+    base_model = base_model_id(options.model, model)
     rows: list[dict[str, Any]] = []
     with atomic_dir(options.output, overwrite=options.overwrite, arg_name="output") as tmp:
         ctx = StageContext(model=model, tokenizer=tokenizer, eval_ids=eval_ids, options=options, folder=tmp)

@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``hf-effllm quantize``; returns the exit status."""
     from ...data import corpus_text, load_model, load_tokenizer
     from ...evaluation import perplexity
-    from ...quickstart import _hub_id
+    from ...quickstart import base_model_id
     from ...utils.io import atomic_dir, atomic_write_text, prepare_output_dir
     from .quantizer import quantize_spqr
 
@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     prepare_output_dir(args.output, overwrite=args.overwrite, arg_name="output")
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     tokenizer = load_tokenizer(args.model)
-    base_model = _hub_id(args.model, model)
+    base_model = base_model_id(args.model, model)
     rows: list[dict[str, Any]] = []
     eval_ids = None
     if args.eval_tokens:
