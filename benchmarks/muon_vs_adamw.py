@@ -123,7 +123,7 @@ def main() -> None:
     vocab = len(tok)
     train = calibration_batches(tok, nsamples=args.steps * args.batch, seqlen=args.seq, seed=0)
     eval_ids = tok(corpus_text("eval"), return_tensors="pt", add_special_tokens=False).input_ids[0]
-    n_eval = (16 if q else 256) * args.seq
+    n_eval = min((16 if q else 256), eval_ids.numel() // args.seq) * args.seq  # whole windows of held-out text
     evals = eval_ids[:n_eval].view(-1, args.seq)
 
     runs = [train_run("adamw", lr, train, evals, args, vocab) for lr in adamw_lrs]
