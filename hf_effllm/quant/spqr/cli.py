@@ -120,10 +120,18 @@ def write_card(
     atomic_write_text(folder / "README.md", str(card))
 
 
+def _held_out_perplexity(model: Any, eval_ids: torch.Tensor, args: argparse.Namespace) -> float:
+    from ...evaluation import perplexity
+
+    res = perplexity(
+        model, eval_ids, context_length=args.context_length, batch_size=args.batch_size, progress=not args.no_progress
+    )
+    return res.perplexity
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``hf-effllm quantize``; returns the exit status."""
     from ...data import corpus_text, load_model, load_tokenizer
-    from ...evaluation import perplexity
     from ...quickstart import base_model_id
     from ...utils.io import atomic_dir, atomic_write_text, prepare_output_dir
     from .quantizer import quantize_spqr
@@ -153,17 +161,10 @@ def run(args: argparse.Namespace) -> int:
     if args.eval_tokens:
         eval_ids = tokenizer(corpus_text("eval"), return_tensors="pt", add_special_tokens=False).input_ids[0]
         eval_ids = eval_ids[: args.eval_tokens]
-        res = perplexity(
-            model,
-            eval_ids,
-            context_length=args.context_length,
-            batch_size=args.batch_size,
-            progress=not args.no_progress,
-        )
         rows.append(
             {
                 "variant": "float",
-                "perplexity": round(res.perplexity, 4),
+                "perplexity": round(_held_out_perplexity(model, eval_ids, args), 4),
                 "avg_bits": 16 if next(model.parameters()).dtype != torch.float32 else 32,
             }
         )
@@ -171,16 +172,8 @@ def run(args: argparse.Namespace) -> int:
     quantize_spqr(model, config, tokenizer=tokenizer, progress=not args.no_progress)
     seconds = time.perf_counter() - t0
     if eval_ids is not None:
-        res = perplexity(
-            model,
-            eval_ids,
-            context_length=args.context_length,
-            batch_size=args.batch_size,
-            progress=not args.no_progress,
-        )
-        rows.append(
-            {"variant": f"SpQR {config.bits}-bit", "perplexity": round(res.perplexity, 4), "avg_bits": config.avg_bits}
-        )
+        ppl = _held_out_perplexity(model, eval_ids, args)
+        rows.append({"variant": f"SpQR {config.bits}-bit", "perplexity": round(ppl, 4), "avg_bits": config.avg_bits})
         base = rows[0]["perplexity"]
         for r in rows:
             r["vs_float_pct"] = round(100.0 * (r["perplexity"] / base - 1.0), 2)
