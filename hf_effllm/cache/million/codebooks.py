@@ -278,6 +278,7 @@ class MillionCodebooks:
         Returns:
             The folder (dry run) or the uploaded repo URL.
         """
+        import shutil
         import tempfile
 
         from ...hub import push_folder
@@ -292,7 +293,10 @@ class MillionCodebooks:
         if dry_run:
             push_folder(folder, repo_id, dry_run=True)  # validates the folder and card
             return folder
-        return push_folder(folder, repo_id, private=private, token=token)
+        try:
+            return push_folder(folder, repo_id, private=private, token=token)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # uploaded (or failed): the staging copy is not the user's
 
     def model_card(self, *, results: str = "") -> Any:
         """The rendered Hub card (``hub_cards/million.md``) for these codebooks."""
