@@ -21,6 +21,7 @@ Usage (repo root)::
     python benchmarks/spqr_quality.py --reduced --threads 1 --eval-tokens 8192   # the committed CPU run
     python benchmarks/spqr_quality.py --quick               # smoke check: tiny model, seconds
     python benchmarks/spqr_quality.py --variants float,rtn,gptq --tag a   # split a long run in parts
+    python benchmarks/spqr_quality.py --variants float,gptq --set percdamp=0.01 --tag damp   # a setting sweep
 
 Results: ``benchmarks/results/spqr_quality[_reduced|_quick].{json,md}``.
 """
@@ -96,7 +97,18 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=None, help="override the number of held-out tokens")
     p.add_argument("--tag", default="", help="suffix of the results file name (to split a run into parts)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is faster on a loaded machine)")
+    p.add_argument(
+        "--set",
+        default="",
+        help="SpQRConfig fields for every quantized variant, e.g. 'percdamp=0.01,stats_group_size=8'",
+    )
     args = p.parse_args()
+    overrides: dict[str, Any] = {}
+    for item in filter(None, args.set.split(",")):
+        key, _, value = item.partition("=")
+        if not value:
+            p.error(f"--set item {item!r} is not key=value")
+        overrides[key.strip()] = float(value) if any(c in value for c in ".e") else int(value)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -136,6 +148,7 @@ def main() -> None:
         if wanted and label not in wanted and kind not in wanted:
             continue
         model = base if kind == "float" else copy.deepcopy(base)
+        fields = {**fields, **overrides} if kind != "float" else fields
         cfg = SpQRConfig(**fields, **calib) if kind != "float" else None
         t0 = time.perf_counter()
         if kind == "rtn":

@@ -1,6 +1,12 @@
 import pytest
 import torch
-from hf_effllm.kernels.spqr import spqr_dequantize_triton, spqr_gemv_triton, spqr_matmul, spqr_matmul_reference
+from hf_effllm.kernels.spqr import (
+    kernel_layout,
+    spqr_dequantize_triton,
+    spqr_gemv_triton,
+    spqr_matmul,
+    spqr_matmul_reference,
+)
 
 from hf_effllm import HfEffllmError, SpQRConfig
 from hf_effllm.quant.spqr import SpQRLinear, dequantize_weight, spqr_quantize_matrix
@@ -26,8 +32,10 @@ def make_layer(out, inp, *, bits=3, group_size=16, permutation="act_order", thre
         (21, 70, 3, 4, 8, "identity", torch.float16),
         (33, 200, 8, 3, 16, "act_order", torch.float16),
         (9, 131, 16, 2, 32, "act_order", torch.float32),
-        (40, 128, 2, 3, 16, "act_order", torch.float32),  # K % 32 == 0: the word-aligned fast path
+        (40, 128, 2, 3, 16, "act_order", torch.float32),
         (24, 96, 5, 4, 16, "identity", torch.float16),
+        (17, 300, 1, 6, 16, "act_order", torch.float16),  # 8-bit lanes, two K tiles, partial last tile
+        (50, 150, 1, 2, 64, "identity", torch.float32),  # 2-bit lanes
     ],
 )
 def test_gemv_kernel_matches_reference(triton_interpret, out, inp, rows, bits, gs, perm, dtype):
@@ -36,8 +44,9 @@ def test_gemv_kernel_matches_reference(triton_interpret, out, inp, rows, bits, g
     x = torch.randn(rows, inp, device=triton_interpret).to(dtype)
     t, meta = layer.packed_tensors(), layer.packed_meta()
     ref = spqr_matmul_reference(x.float(), t, bias=layer.bias, **meta)
+    lay = kernel_layout(t, **meta)
     for split_k in (1, 2):
-        y = spqr_gemv_triton(x, t, bias=layer.bias, split_k=split_k, **meta)
+        y = spqr_gemv_triton(x, t, bias=layer.bias, split_k=split_k, layout=lay, **meta)
         assert y.dtype == dtype and y.shape == (rows, out)
         torch.testing.assert_close(y.float(), ref, rtol=TOL[dtype], atol=TOL[dtype] * ref.abs().max().item())
     if perm == "act_order":
@@ -50,12 +59,14 @@ def test_dequantize_kernel_and_prefill_path(triton_interpret):
     t, meta = layer.packed_tensors(), layer.packed_meta()
     w = spqr_dequantize_triton(t, dtype=torch.float32, **meta)
     assert torch.equal(w, dequantize_weight(t, **meta))
+    w_orig = spqr_dequantize_triton(t, dtype=torch.float32, original_order=True, **meta)
+    torch.testing.assert_close(w_orig, layer.dequantize(), rtol=0, atol=1e-6)
     x = torch.randn(2, 11, 53, device=triton_interpret)  # 22 rows: the prefill path
     y = spqr_matmul(x, t, bias=layer.bias, use_triton=True, **meta)
     torch.testing.assert_close(y, spqr_matmul_reference(x, t, bias=layer.bias, **meta), rtol=1e-4, atol=1e-4)
 
 
-def test_non_power_of_two_group_uses_the_prefill_kernel(triton_interpret):
+def test_non_power_of_two_group_uses_the_reference(triton_interpret):
     layer, _ = make_layer(12, 40, group_size=10, threshold=float("inf"), bias=False)
     layer = layer.to(triton_interpret)
     t, meta = layer.packed_tensors(), layer.packed_meta()

@@ -81,9 +81,33 @@ class SpQRLinear(nn.Module):
         self.bias = (
             nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False) if bias else None
         )
-        self._max_row_nnz: int | None = None
         self.cache_weight = False  # CPU path only: keep the dequantized weight after the first forward
         self._weight_cache: torch.Tensor | None = None
+        self._layout: dict[str, Any] | None = None  # kernel layout of the packed buffers (GPU path), built lazily
+
+    def _drop_caches(self) -> None:
+        self._weight_cache = None
+        self._layout = None
+
+    def _apply(self, fn, recurse=True):  # .to()/.cuda()/.half(): caches describe the old buffers
+        self._drop_caches()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # new packed values: rebuild the caches on next use
+        self._drop_caches()
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def kernel_layout(self) -> dict[str, Any]:
+        """The packed buffers re-laid out for the Triton kernels (``hf_effllm.kernels.spqr.kernel_layout``), built
+        on first use and kept until the buffers move or are reloaded. It costs device memory: about
+        ``lane_bits(bits) + 0.7`` bits per weight plus 12 bytes per outlier."""
+        from ...kernels.spqr import kernel_layout
+
+        dev = self.qweight.device
+        if self._layout is None or self._layout["codes"].device != dev:
+            with torch.no_grad():
+                self._layout = kernel_layout(self.packed_tensors(), **self.packed_meta())
+        return self._layout
 
     @classmethod
     def from_packed(
@@ -153,8 +177,6 @@ class SpQRLinear(nn.Module):
         if record is None:
             raise HfEffllmError(f"quantization_config.layers has no record for {name!r}.")
         validate_packed(name, self.packed_tensors(), record, config)
-        ptr = self.outlier_row_ptr
-        self._max_row_nnz = int((ptr[1:] - ptr[:-1]).max().item()) if self.out_features else 0
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight (out, in) in the original column order."""
@@ -164,19 +186,17 @@ class SpQRLinear(nn.Module):
         return w if self.perm is None else w[:, torch.argsort(self.perm.long())]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ...kernels.spqr import spqr_matmul
+        from ...kernels.spqr import HAS_TRITON, fused_supported, spqr_matmul
 
-        if self._max_row_nnz is None:
-            ptr = self.outlier_row_ptr
-            self._max_row_nnz = int((ptr[1:] - ptr[:-1]).max().item()) if self.out_features else 0
         if self.cache_weight and not x.is_cuda:
             if self._weight_cache is None or self._weight_cache.dtype != x.dtype:
                 self._weight_cache = self.dequantize().to(x.dtype)
             return nn.functional.linear(x, self._weight_cache, self.bias)
+        layout = None
+        if x.is_cuda and HAS_TRITON and fused_supported(self.bits, self.group_size):
+            layout = self.kernel_layout()
         with torch.no_grad():
-            return spqr_matmul(
-                x, self.packed_tensors(), bias=self.bias, max_row_nnz=self._max_row_nnz, **self.packed_meta()
-            )
+            return spqr_matmul(x, self.packed_tensors(), bias=self.bias, layout=layout, **self.packed_meta())
 
     def extra_repr(self) -> str:
         return (
