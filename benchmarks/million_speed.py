@@ -2,12 +2,15 @@
 
 Sections (all in one run, baseline measured alongside):
 
-1. correctness first: the Triton kernel against the PyTorch reference on small odd shapes (fp16 and bf16 on the
-   GPU; fp32 under the interpreter with ``--quick``); timings of a failing kernel are flagged;
+1. correctness first: both code-kernel variants (``l1``: per-lane gathers from the L1-cached codebook; ``smem``:
+   packed centroid words gathered from shared memory) against the PyTorch reference on small odd shapes (fp16
+   and bf16 on the GPU; fp32 and fp16 under the interpreter with ``--quick``); timings of a failing variant are
+   flagged;
 2. decode attention, Llama-3-8B attention shape (32 query / 8 KV heads, head_dim 128): one query token over N
    cached tokens (N = 8k/32k/128k, batch 1 and 16): MILLION kernel (codes of N tokens + a 128-token bf16 window)
-   at 4 bits (M=64) and 2 bits (M=32), vs ``sdpa`` over bf16 K/V of N+128 tokens (``enable_gqa``); bytes read
-   (codes vs bf16 K/V) and the achieved TB/s are reported;
+   at 4 bits (M=64) and 2 bits (M=32), each variant at its best launch config of ``SWEEP`` (rows
+   ``MILLION 4-bit (l1)``, ``MILLION 4-bit (smem)``, ...), vs ``sdpa`` over bf16 K/V of N+128 tokens
+   (``enable_gqa``); bytes read (codes vs bf16 K/V) and the achieved TB/s are reported;
 3. prompt encoding: ``pq_encode`` of a 32k-token prompt's K and V for one layer (time-to-first-token overhead per
    layer) against one layer's sdpa prefill attention on the same prompt;
 4. end-to-end ``generate`` on a Llama-3-8B-shaped random-weight model (bf16) with a 32k prompt: time to first
@@ -39,11 +42,23 @@ if not __import__("torch").cuda.is_available():
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from hf_effllm.kernels.million import ideal_bytes, million_attention, million_attention_reference, pq_encode  # noqa: E402
+from hf_effllm.kernels.million import (  # noqa: E402
+    _smem_chunks,
+    ideal_bytes,
+    million_attention,
+    million_attention_reference,
+    pq_encode,
+)
 
 from hf_effllm.benchmarking import BenchmarkRun, markdown_table, time_ms  # noqa: E402
 
 HQ, HKV, D, K, WINDOW = 32, 8, 128, 256, 128
+# (block_n, num_warps, chunks) tried per variant on the GPU; the best is reported. All compile with triton 3.6
+# for sm_90 without spills at Lq = 1 (smem: chunks None = 16 subspaces per chunk, 2 = 32: conflict-free gathers)
+SWEEP = {
+    "l1": [(32, 4, None), (64, 4, None), (32, 8, None), (16, 4, None)],
+    "smem": [(128, 8, None), (128, 8, 2), (64, 8, None), (64, 4, None), (64, 8, 2)],
+}
 
 
 def _inputs(b, hq, hkv, n, r, d, m, k, dtype, dev, seed=0):
@@ -58,24 +73,33 @@ def _inputs(b, hq, hkv, n, r, d, m, k, dtype, dev, seed=0):
     return q, ck, cv, cbk, cbv, rk, rv
 
 
-def check(run, dev, quick) -> bool:
-    ok_all = True
-    dtypes = [torch.float32] if dev.type == "cpu" else [torch.float16, torch.bfloat16]
-    shapes = [(1, 4, 2, 45, 7, 16, 8, 16), (2, 6, 2, 77, 13, 32, 8, 32)]
+VARIANTS = ("l1", "smem")
+
+
+def check(run, dev, quick) -> dict[str, bool]:
+    """Both kernel variants against the reference; returns {variant: passed}."""
+    ok_all = dict.fromkeys(VARIANTS, True)
+    dtypes = [torch.float32, torch.float16] if dev.type == "cpu" else [torch.float16, torch.bfloat16]
+    shapes = [(1, 4, 2, 45, 7, 16, 8, 16), (2, 6, 2, 77, 13, 32, 8, 32), (1, 6, 2, 150, 9, 64, 32, 32)]
     if not quick:
-        shapes.append((2, HQ, HKV, 5000, WINDOW, D, 64, K))
+        shapes += [(2, HQ, HKV, 5000, WINDOW, D, 64, K), (2, HQ, HKV, 3001, WINDOW, D, 32, K)]
     for dtype in dtypes:
         for b, hq, hkv, n, r, d, m, k in shapes:
             q, ck, cv, cbk, cbv, rk, rv = _inputs(b, hq, hkv, n, r, d, m, k, dtype, dev, seed=n)
             cm = torch.rand(b, n, device=dev) > 0.1
             ref = million_attention_reference(q, ck, cv, cbk, cbv, rk, rv, scale=d**-0.5, code_mask=cm, path="lut")
-            out = million_attention(q, ck, cv, cbk, cbv, rk, rv, scale=d**-0.5, code_mask=cm, use_kernel=True)
-            err = float((out.float() - ref.float()).norm() / ref.float().norm())
-            ok = err < (1e-4 if dtype == torch.float32 else 2e-2)
-            ok_all &= ok
-            run.add(section="check", variant=f"kernel vs reference {str(dtype)[6:]}", batch=b, tokens=n, rel_err=err,
-                    ok=ok, note=f"Hq={hq} Hkv={hkv} D={d} M={m} K={k} window={r}")  # fmt: skip
-            print(f"  check {str(dtype)[6:]:8s} B={b} N={n} D={d} M={m}: rel_err {err:.2e} {'OK' if ok else 'FAIL'}")
+            for variant in VARIANTS:
+                if variant == "smem" and _smem_chunks(m, d // m, k, q.element_size()) is None:
+                    continue  # e.g. fp32 with DSUB 4 (128-bit centroids): the smem kernel does not take it
+                out = million_attention(q, ck, cv, cbk, cbv, rk, rv, scale=d**-0.5, code_mask=cm, use_kernel=True,
+                                        variant=variant)  # fmt: skip
+                err = float((out.float() - ref.float()).norm() / ref.float().norm())
+                ok = err < (1e-4 if dtype == torch.float32 else 2e-2)
+                ok_all[variant] &= ok
+                run.add(section="check", variant=f"{variant} kernel vs reference {str(dtype)[6:]}", batch=b, tokens=n,
+                        rel_err=err, ok=ok, note=f"Hq={hq} Hkv={hkv} D={d} M={m} K={k} window={r}")  # fmt: skip
+                print(f"  check {variant:4s} {str(dtype)[6:]:8s} B={b} N={n} D={d} M={m}: rel_err {err:.2e} "
+                      f"{'OK' if ok else 'FAIL'}")  # fmt: skip
     return ok_all
 
 
@@ -101,26 +125,36 @@ def bench_decode(run, dev, quick, ok):
             del kk, vv
             for bits, m in ((4, d // 2), (2, d // 4)):
                 _, ck, cv, cbk, cbv, rk, rv = _inputs(b, hq, hkv, n, WINDOW, d, m, k, dtype, dev, seed=n)
-                best = None
-                for bn, warps in [(32, 4), (64, 4), (32, 8), (16, 4)] if not quick else [(16, 4)]:
+                for variant in VARIANTS:
+                    if variant == "smem" and _smem_chunks(m, d // m, k, q.element_size()) is None:
+                        continue  # fp32 with DSUB 4 (the --quick run on the CPU): no smem kernel for it
+                    configs = SWEEP[variant] if not quick else [(16, 4, None)]
+                    best = None
+                    for bn, warps, chunks in configs:
 
-                    def fn(bn=bn, w=warps, t=(q, ck, cv, cbk, cbv, rk, rv)):
-                        return million_attention(*t, scale=d**-0.5, block_n=bn, num_warps=w, use_kernel=True)
+                        def fn(bn=bn, w=warps, c=chunks, v=variant, t=(q, ck, cv, cbk, cbv, rk, rv)):
+                            return million_attention(*t, scale=d**-0.5, block_n=bn, num_warps=w, use_kernel=True,
+                                                     variant=v, chunks=c)  # fmt: skip
 
-                    try:
-                        ms = time_ms(fn, warmup=25 if not quick else 1, rep=100 if not quick else 1)
-                    except Exception as e:  # a launch config the compiler refuses must not stop the run
-                        print(f"    block_n={bn} warps={warps}: {type(e).__name__}")
+                        try:
+                            ms = time_ms(fn, warmup=25 if not quick else 1, rep=100 if not quick else 1)
+                        except Exception as e:  # a launch config the compiler refuses must not stop the run
+                            print(f"    {variant} block_n={bn} warps={warps} chunks={chunks}: {type(e).__name__}")
+                            continue
+                        if best is None or ms < best[0]:
+                            best = (ms, bn, warps, chunks)
+                    if best is None:
                         continue
-                    if best is None or ms < best[0]:
-                        best = (ms, bn, warps)
-                ib = ideal_bytes(b, hkv, n, d, m)
-                moved = ib["code_bytes"] + 2 * rk.numel() * rk.element_size()
-                ms, bn, warps = best
-                run.add(section="decode", variant=f"MILLION {bits}-bit (M={m})", batch=b, tokens=n, ms=ms,
-                        tbps=moved / ms / 1e9, bytes=moved, speedup=base / ms,
-                        note=f"block_n={bn} warps={warps}" + ("" if ok else "; FAILED correctness"))  # fmt: skip
-                print(f"    {bits}-bit: {ms:.4f} ms  x{base / ms:.2f} vs sdpa  ({moved / ms / 1e9:.2f} TB/s)")
+                    ib = ideal_bytes(b, hkv, n, d, m)
+                    moved = ib["code_bytes"] + 2 * rk.numel() * rk.element_size()
+                    ms, bn, warps, chunks = best
+                    note = f"M={m} block_n={bn} warps={warps}" + (f" chunks={chunks or 'default'}" if variant == "smem"
+                                                                 else "")  # fmt: skip
+                    run.add(section="decode", variant=f"MILLION {bits}-bit ({variant})", batch=b, tokens=n, ms=ms,
+                            tbps=moved / ms / 1e9, bytes=moved, speedup=base / ms,
+                            note=note + ("" if ok[variant] else "; FAILED correctness"))  # fmt: skip
+                    print(f"    {bits}-bit {variant:4s}: {ms:.4f} ms  x{base / ms:.2f} vs sdpa  "
+                          f"({moved / ms / 1e9:.2f} TB/s, {note})")  # fmt: skip
                 del ck, cv, rk, rv
 
 
@@ -213,7 +247,8 @@ def main(argv=None) -> int:
                        "bytes a step must read (codes + window for MILLION, K+V for sdpa).")  # fmt: skip
     print("[1/4] correctness")
     ok = check(run, dev, quick)
-    run.meta["correctness"] = "passed" if ok else "FAILED"
+    for variant, passed in ok.items():
+        run.meta[f"correctness ({variant})"] = "passed" if passed else "FAILED"
     print("[2/4] decode attention")
     bench_decode(run, dev, quick, ok)
     print("[3/4] prompt encoding")
@@ -228,7 +263,7 @@ def main(argv=None) -> int:
     print(markdown_table(run.rows, cols))
     for k, v in run.meta.items():
         print(f"- {k}: {v}")
-    return 0 if ok else 1
+    return 0 if all(ok.values()) else 1
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ from hf_effllm.quant.spqr import spqr_quantize_matrix  # noqa: E402
 
 FULL_SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096)]
 QUICK_SHAPES = [(96, 160), (160, 96)]
-SWEEP = [(bo, sk, nw) for bo in (16, 32, 64) for sk in (1, 2, 4) for nw in (4, 8)]
+SWEEP = [(bo, sk, bkw) for bo in (64, 128) for bkw in (8, 16) for sk in (4, 8, 16, 32)]
 
 
 def make_layer(inp: int, out: int, device: torch.device, threshold: float) -> SpQRLinear:
@@ -113,20 +113,21 @@ def measure(layer: SpQRLinear, x: torch.Tensor, dev: torch.device, quick: bool) 
     ]
     base_g = graph_time_ms([lambda w=w: torch.matmul(x, w.T) for w in dense])
     best = None
-    for bo, sk, nw in SWEEP:
+    for bo, sk, bkw in SWEEP:
+        nw = 8 if bo >= 256 else 4
         fns = [
-            lambda lo=lo, bo=bo, sk=sk, nw=nw: spqr_gemv_triton(
-                x, t, layout=lo, block_out=bo, split_k=sk, num_warps=nw, **meta
+            lambda lo=lo, bo=bo, sk=sk, nw=nw, bkw=bkw: spqr_gemv_triton(
+                x, t, layout=lo, block_out=bo, split_k=sk, num_warps=nw, block_k_words=bkw, **meta
             )
             for lo in lays
         ]
         try:
             ms = graph_time_ms(fns)
         except Exception as e:  # a launch setting the compiler rejects: report, keep sweeping
-            print(f"  BO={bo} split_k={sk} warps={nw}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+            print(f"  BO={bo} split_k={sk} bkw={bkw}: {type(e).__name__}: {str(e)[:120]}", flush=True)
             continue
         if best is None or ms < best[0]:
-            best = (ms, f"BO={bo},split_k={sk},warps={nw}")
+            best = (ms, f"BO={bo},split_k={sk},bkw={bkw},warps={nw}")
     default_g = graph_time_ms([lambda lo=lo: spqr_gemv_triton(x, t, layout=lo, **meta) for lo in lays])
     row.update(
         bf16_graph_ms=base_g,

@@ -20,6 +20,14 @@ kernel is split-K flash-decoding: each program owns one (batch, KV head, split o
 4. online softmax, and accumulates ``p @ v_hat`` with the values rebuilt from their centroids the same way,
 5. writes (partial output, running max, running sum) per split.
 
+Two variants of that kernel (``million_attention(..., variant=)``): ``"l1"`` gathers centroid elements with
+per-lane global loads served by L1 (about 1.3 elements per clock per SM on the H200: the bottleneck), ``"smem"``
+(:func:`_million_codes_smem_kernel`) packs each centroid into one 16/32/64-bit word, lays the codebook out
+code-major (``table[code * MC + m]``) and gathers one word per (token, subspace) from shared memory with
+``tl.gather`` in chunks of ``MC`` subspaces. Per token and KV head at 4 bits, D=128, K=256 (K and V): 128 gathers
+(``ld.shared.b32``, 512 B), ``2 K M W / BLOCK_N`` = 1 KiB of table words stored to shared memory and read from
+L1 at BLOCK_N=128, 128 HBM bytes of codes.
+
 A second kernel computes exact attention over the full-precision residual window (the recent tokens, and the new
 ones) and merges it with the splits by log-sum-exp. No dequantized copy of the cache is ever written.
 
@@ -35,6 +43,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 
 import torch
 
@@ -375,6 +384,199 @@ if HAS_TRITON:
         tl.store(po_ptr + part[:, None] * D + d[None, :], acc)
 
     @triton.jit
+    def _unpack_words(w, DSUB: tl.constexpr, EBITS: tl.constexpr, DTYPE: tl.constexpr):
+        """``[BN, MC]`` packed centroid words -> ``[BN, MC * DSUB]`` elements (shifts, truncation, bitcast)."""
+        if EBITS == 16:
+            e0 = w.to(tl.int16).to(DTYPE, bitcast=True)
+            if DSUB >= 2:
+                e1 = (w >> 16).to(tl.int16).to(DTYPE, bitcast=True)
+            if DSUB == 4:
+                e2 = (w >> 32).to(tl.int16).to(DTYPE, bitcast=True)
+                e3 = (w >> 48).to(tl.int16).to(DTYPE, bitcast=True)
+        else:
+            e0 = w.to(tl.int32).to(DTYPE, bitcast=True)
+            if DSUB >= 2:
+                e1 = (w >> 32).to(tl.int32).to(DTYPE, bitcast=True)
+        if DSUB == 1:
+            out = e0
+        elif DSUB == 2:
+            out = tl.reshape(tl.join(e0, e1), (w.shape[0], w.shape[1] * 2))
+        else:
+            # join adds a new minor dimension: [.., j, i] = (e0, e1, e2, e3)[2 i + j] after the outer join
+            out = tl.reshape(tl.join(tl.join(e0, e2), tl.join(e1, e3)), (w.shape[0], w.shape[1] * 4))
+        return out
+
+    @triton.jit
+    def _centroid_tile(
+        tab_ptr,
+        code_ptrs,
+        code_ok,
+        c: tl.constexpr,
+        M: tl.constexpr,
+        K: tl.constexpr,
+        MC: tl.constexpr,
+        DSUB: tl.constexpr,
+        EBITS: tl.constexpr,
+        DTYPE: tl.constexpr,
+    ):
+        """Centroids of subspaces ``[c*MC, (c+1)*MC)`` of ``BN`` tokens, gathered from shared memory.
+
+        The chunk's table is loaded (coalesced, code-major ``[K, MC]`` words) into registers; ``tl.gather`` stores
+        it to shared memory at ``code * MC + m`` and reads one word per (token, subspace).
+        """
+        kk = tl.arange(0, K)
+        mc = tl.arange(0, MC)
+        table = tl.load(tab_ptr + kk[:, None] * M + (c * MC + mc)[None, :])  # [K, MC] words
+        table = tl.reshape(table, (K * MC,))  # 1-D: tl.gather then goes through shared memory
+        codes = tl.load(code_ptrs + c * MC, mask=code_ok, other=0).to(tl.int32)  # [BN, MC]
+        bn: tl.constexpr = codes.shape[0]
+        idx = tl.reshape(codes * MC + mc[None, :], (bn * MC,))
+        w = tl.reshape(tl.gather(table, idx, 0), (bn, MC))  # w[n, m] = table[codes[n, m] * MC + m]
+        return _unpack_words(w, DSUB, EBITS, DTYPE)
+
+    @triton.jit
+    def _million_codes_smem_kernel(
+        q_ptr,
+        ck_ptr,
+        cv_ptr,
+        tk_ptr,
+        tv_ptr,
+        cmask_ptr,
+        po_ptr,
+        pm_ptr,
+        pl_ptr,
+        n_codes,
+        split_len,
+        num_splits,
+        scale,
+        sq_b,
+        sq_h,
+        sq_l,
+        sc_b,
+        sc_h,
+        sc_n,
+        scv_b,
+        scv_h,
+        scv_n,
+        stab_g,
+        smask_b,
+        HKV: tl.constexpr,
+        GQ: tl.constexpr,
+        LQ: tl.constexpr,
+        ROWS: tl.constexpr,
+        D: tl.constexpr,
+        M: tl.constexpr,
+        DSUB: tl.constexpr,
+        K: tl.constexpr,
+        EBITS: tl.constexpr,
+        NCH: tl.constexpr,
+        PER_HEAD: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        """Split-K decode over PQ codes with the centroid gathers served by shared memory (``variant="smem"``).
+
+        Same inputs, partials and math as :func:`_million_codes_kernel`, except that the codebooks come as packed
+        code-major word tables ``(G, K, M)``: one word (``DSUB`` elements) per centroid. Subspaces are processed in
+        ``NCH`` chunks of ``MC = M / NCH``; per chunk and iteration of ``BLOCK_N`` tokens, the ``[K, MC]`` table
+        chunk is loaded (L1/L2) and gathered with ``tl.gather``, which stores it to shared memory once and reads one
+        word per (token, subspace) with ``ld.shared``. Scores are summed over the chunks (``q[:, chunk] @ k^T``), the
+        value accumulator is kept per chunk (``acc_c += p @ v[:, chunk]``).
+
+        Per token and KV head (K and V together), with ``W`` the word bytes (4 at 4 bits, 8 at 2 bits in 16-bit
+        floats): ``2 M`` gathers (``ld.shared``, ``2 M W`` bytes: 512 B at D=128/4 bits), ``2 K M W / BLOCK_N``
+        bytes of tables stored to shared memory and read from L1/L2 (512 B at K=256, M=64, BLOCK_N=256), and
+        ``2 M`` HBM bytes of codes (128 B at 4 bits) -- the only HBM traffic besides the per-split partials.
+
+        PTX (triton 3.6, sm_90, 4 bits, D=128, GQ=4, Lq=1, BLOCK_N=128, 8 warps, 4 chunks), per thread and
+        iteration: 64 ``ld.shared.b32`` gathers (128 tokens x 64 subspaces x 2 / 256 threads), 128
+        ``st.shared.b32`` + 128 ``ld.global.b32`` table words, 184 registers, no spills, 24 KiB shared memory.
+        Lanes of a warp hold consecutive subspaces (the 1-D index ``code * MC + m``, 32 lanes along it), so the
+        bank of a gather is ``(code * MC + m) % 32``: conflict-free with ``MC = 32`` (``chunks=2``), about 2-way
+        with ``MC = 16`` (two tokens per warp: lanes ``m`` and ``m + 16`` collide when their codes have the same
+        parity); table stores are conflict-free. A 2-D ``tl.gather`` would be lowered to warp shuffles (8 per
+        element at K=256), hence the 1-D table; the table loads are kept in the loop (``n0 >> 31`` offset) so the
+        compiler does not hoist all tables into registers.
+        """
+        MC: tl.constexpr = M // NCH
+        DC: tl.constexpr = MC * DSUB
+        DTYPE: tl.constexpr = q_ptr.dtype.element_ty
+        pid_bh = tl.program_id(0)
+        sp = tl.program_id(1)
+        b = pid_bh // HKV
+        hkv = pid_bh % HKV
+        rows = tl.arange(0, ROWS)
+        row_ok = rows < GQ * LQ
+        jh = rows % GQ
+        li = rows // GQ
+        dc = tl.arange(0, DC)
+        q_row = q_ptr + b * sq_b + (hkv * GQ + jh)[:, None] * sq_h + li[:, None] * sq_l
+        q0 = tl.load(q_row + dc[None, :], mask=row_ok[:, None], other=0.0)
+        q1 = tl.load(q_row + ((DC + dc) % D)[None, :], mask=row_ok[:, None], other=0.0)
+        q2 = tl.load(q_row + ((2 * DC + dc) % D)[None, :], mask=row_ok[:, None], other=0.0)
+        q3 = tl.load(q_row + ((3 * DC + dc) % D)[None, :], mask=row_ok[:, None], other=0.0)
+        if PER_HEAD:
+            tk_base = tk_ptr + hkv * stab_g
+            tv_base = tv_ptr + hkv * stab_g
+        else:
+            tk_base = tk_ptr
+            tv_base = tv_ptr
+        start = sp * split_len
+        end = tl.minimum(start + split_len, n_codes)
+        m_i = tl.full([ROWS], float("-inf"), tl.float32)
+        l_i = tl.zeros([ROWS], tl.float32)
+        a0 = tl.zeros([ROWS, DC], tl.float32)
+        a1 = tl.zeros([ROWS, DC], tl.float32)
+        a2 = tl.zeros([ROWS, DC], tl.float32)
+        a3 = tl.zeros([ROWS, DC], tl.float32)
+        nn = tl.arange(0, BLOCK_N)
+        mc = tl.arange(0, MC)
+        for n0 in range(start, end, BLOCK_N):
+            n = n0 + nn
+            n_ok = n < end
+            ok2 = n_ok[:, None]
+            # 0 at run time (n0 >= 0), opaque to the compiler: keeps the table loads in the loop (not hoisted, so
+            # no table is live across iterations: register budget)
+            tk = tk_base + (n0 >> 31)
+            tv = tv_base + (n0 >> 31)
+            kc = ck_ptr + b * sc_b + hkv * sc_h + n[:, None] * sc_n + mc[None, :]
+            s = tl.dot(q0, tl.trans(_centroid_tile(tk, kc, ok2, 0, M, K, MC, DSUB, EBITS, DTYPE)))
+            if NCH > 1:
+                s += tl.dot(q1, tl.trans(_centroid_tile(tk, kc, ok2, 1, M, K, MC, DSUB, EBITS, DTYPE)))
+            if NCH > 2:
+                s += tl.dot(q2, tl.trans(_centroid_tile(tk, kc, ok2, 2, M, K, MC, DSUB, EBITS, DTYPE)))
+                s += tl.dot(q3, tl.trans(_centroid_tile(tk, kc, ok2, 3, M, K, MC, DSUB, EBITS, DTYPE)))
+            s = s * scale
+            valid = n_ok
+            if HAS_MASK:
+                valid = valid & (tl.load(cmask_ptr + b * smask_b + n, mask=n_ok, other=0) != 0)
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            pd = p.to(DTYPE)
+            vc = cv_ptr + b * scv_b + hkv * scv_h + n[:, None] * scv_n + mc[None, :]
+            a0 = a0 * alpha[:, None] + tl.dot(pd, _centroid_tile(tv, vc, ok2, 0, M, K, MC, DSUB, EBITS, DTYPE))
+            if NCH > 1:
+                a1 = a1 * alpha[:, None] + tl.dot(pd, _centroid_tile(tv, vc, ok2, 1, M, K, MC, DSUB, EBITS, DTYPE))
+            if NCH > 2:
+                a2 = a2 * alpha[:, None] + tl.dot(pd, _centroid_tile(tv, vc, ok2, 2, M, K, MC, DSUB, EBITS, DTYPE))
+                a3 = a3 * alpha[:, None] + tl.dot(pd, _centroid_tile(tv, vc, ok2, 3, M, K, MC, DSUB, EBITS, DTYPE))
+            m_i = m_new
+        part = (pid_bh * num_splits + sp) * ROWS + rows
+        tl.store(pm_ptr + part, m_i)
+        tl.store(pl_ptr + part, l_i)
+        po = po_ptr + part[:, None] * D + dc[None, :]
+        tl.store(po, a0)
+        if NCH > 1:
+            tl.store(po + DC, a1)
+        if NCH > 2:
+            tl.store(po + 2 * DC, a2)
+            tl.store(po + 3 * DC, a3)
+
+    @triton.jit
     def _million_merge_kernel(
         q_ptr,
         rk_ptr,
@@ -544,6 +746,86 @@ def pq_encode(
     return out
 
 
+VARIANTS = ("l1", "smem")
+DEFAULT_VARIANT = "smem"  # what variant=None picks where the smem kernel supports the shape (else "l1")
+_WORD_DTYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+_TABLES: dict[int, tuple] = {}  # id(codebook) -> (weakref, version, shape, dtype, packed table)
+
+
+def _smem_chunks(m: int, dsub: int, k: int, elem_bytes: int) -> int | None:
+    """Default number of subspace chunks of the smem kernel, or None when it does not support the shape.
+
+    The table chunk is ``[K, MC]`` words, ``MC = M / chunks``; ``MC = 16`` keeps it at 16-32 KiB for K = 256
+    (4 or 8-byte words). Each chunk's ``MC * DSUB`` columns feed a tensor-core dot, so they must be >= 16.
+    """
+    if dsub * elem_bytes not in _WORD_DTYPES or not (_pow2(m) and _pow2(dsub) and _pow2(k)):
+        return None
+    for chunks in (max(1, m // 16), 4, 2, 1):
+        if chunks in (1, 2, 4) and m % chunks == 0 and (m // chunks) * dsub >= 16:
+            return chunks
+    return None
+
+
+def _packed_table(codebook: torch.Tensor) -> torch.Tensor:
+    """``(G, M, K, DSUB)`` codebook -> code-major word table ``(G, K, M)``: one word = one centroid's ``DSUB``
+    elements (little-endian: element ``j`` in bits ``[j * bits, (j + 1) * bits)``).
+
+    Memoized per codebook tensor (identity and in-place version), so a cache layer's codebooks are packed once.
+    """
+    key = id(codebook)
+    hit = _TABLES.get(key)
+    if (
+        hit is not None
+        and hit[0]() is codebook
+        and hit[1:4] == (codebook._version, tuple(codebook.shape), codebook.dtype)
+    ):
+        return hit[4]
+    word = _WORD_DTYPES[codebook.shape[-1] * codebook.element_size()]
+    table = codebook.contiguous().view(word)[..., 0].transpose(1, 2).contiguous()
+    if len(_TABLES) >= 256:  # drop entries of freed codebooks, then the oldest
+        for k_ in [k_ for k_, v in _TABLES.items() if v[0]() is None] or list(_TABLES)[:64]:
+            del _TABLES[k_]
+    _TABLES[key] = (weakref.ref(codebook), codebook._version, tuple(codebook.shape), codebook.dtype, table)
+    return table
+
+
+def _launch_config(
+    variant: str | None,
+    rows: int,
+    d: int,
+    m: int,
+    dsub: int,
+    k: int,
+    elem_bytes: int,
+    interp: bool,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    chunks: int | None = None,
+) -> tuple[str, int, int, int | None]:
+    """(variant, BLOCK_N, num_warps, chunks) of the code kernel for a shape; overrides win where given.
+
+    Every combination this picks for D in (64, 128), M in (D/2, D/4), GQ * Lq <= 128 compiles with triton 3.6
+    for sm_90 without register spills (checked with scripts/aot_check.py; see the module docstring).
+    """
+    smem_chunks = _smem_chunks(m, dsub, k, elem_bytes)
+    if chunks is not None and smem_chunks is not None:
+        smem_chunks = chunks if m % chunks == 0 and (m // chunks) * dsub >= 16 else None
+    if variant == "smem" and smem_chunks is None:
+        raise HfEffllmError(
+            f"variant='smem' needs power-of-two M/DSUB/K, a centroid of 2, 4 or 8 bytes and >= 16 columns per "
+            f"chunk; got M={m}, DSUB={dsub}, K={k}, {elem_bytes}-byte elements, chunks={chunks}. Use variant='l1'."
+        )
+    if variant is None:
+        variant = DEFAULT_VARIANT if smem_chunks is not None else "l1"
+    if variant == "smem":
+        bn = block_n or (16 if interp else (128 if rows == 16 else 64))  # 128 x 32 rows spills at D=128
+        warps = num_warps or 8
+    else:  # triton 3.6 fails to compile BLOCK_N=64 with ROWS >= 64 and DSUB=4 ("PassManager::run failed"): 32
+        bn = block_n or (16 if interp else (16 if rows >= 128 and d >= 128 else (32 if d >= 128 or rows >= 64 else 64)))
+        warps = num_warps or 4
+    return variant, bn, warps, smem_chunks
+
+
 def _num_splits(n: int, bh: int, block_n: int, device: torch.device) -> int:
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -570,6 +852,8 @@ def million_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     use_kernel: bool | None = None,
+    variant: str | None = None,
+    chunks: int | None = None,
 ) -> torch.Tensor:
     """Decode attention over PQ codes + a full-precision window (Triton), same function as the reference.
 
@@ -584,6 +868,12 @@ def million_attention(
         res_mask: ``(B, Lq, R)`` bool (True = attend), or None.
         num_splits, block_n, num_warps: launch overrides (default: heuristics).
         use_kernel: force (True) or forbid (False) the Triton path; default: Triton where it can run.
+        variant: which code kernel: ``"l1"`` gathers the centroids with per-lane loads from the L1-cached
+            codebook, ``"smem"`` gathers packed centroid words from shared memory (``tl.gather``; needs
+            ``DSUB * element bytes`` of 2, 4 or 8 and ``M / chunks * DSUB >= 16``). None: ``DEFAULT_VARIANT``
+            where it supports the shape, else ``"l1"``.
+        chunks: smem variant only: subspace chunks (1, 2 or 4) gathered one after the other (default: 16
+            subspaces per chunk).
 
     Returns:
         ``(B, Hq, Lq, D)`` in ``q.dtype``.
@@ -636,6 +926,10 @@ def million_attention(
         if t is not None and t.dtype != q.dtype:
             raise HfEffllmError(f"{name}.dtype={t.dtype} differs from q.dtype={q.dtype}; cast them to one dtype.")
 
+    if variant not in (None, *VARIANTS):
+        raise HfEffllmError(f"variant={variant!r} is not known; use 'l1', 'smem' or None (default).")
+    if chunks is not None and chunks not in (1, 2, 4):
+        raise HfEffllmError(f"chunks={chunks} is not supported; use 1, 2 or 4 (or None for the default).")
     gq = hq // hkv
     rows = max(16, 1 << max(0, (gq * lq - 1).bit_length()))
     can = kernel_available(q.device) and _pow2(m) and _pow2(dsub) and _pow2(d) and d >= 16 and rows <= 128
@@ -656,10 +950,11 @@ def million_attention(
         q = q.contiguous()
     cbk, cbv = codebook_k.contiguous(), codebook_v.contiguous()
     interp = _interpreting()
-    bn = block_n or (16 if interp else (32 if d >= 128 else 64))
+    variant, bn, warps, smem_chunks = _launch_config(
+        variant, rows, d, m, dsub, k, q.element_size(), interp, block_n, num_warps, chunks
+    )
     splits = num_splits or (_num_splits(n, b * hkv, bn, q.device) if n > 0 else 0)
     splits = min(splits, max(1, triton.cdiv(n, bn))) if n > 0 else 0
-    warps = num_warps or 4
     part_o = torch.empty(b * hkv * max(splits, 1) * rows * d, dtype=torch.float32, device=q.device)
     part_m = torch.empty(b * hkv * max(splits, 1) * rows, dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
@@ -667,6 +962,20 @@ def million_attention(
     if splits > 0:
         split_len = triton.cdiv(triton.cdiv(n, splits), bn) * bn
         splits = triton.cdiv(n, split_len)
+    if splits > 0 and variant == "smem":
+        tk, tv = _packed_table(cbk), _packed_table(cbv)
+        _million_codes_smem_kernel[(b * hkv, splits)](
+            q, codes_k, codes_v, tk, tv, cm, part_o, part_m, part_l,
+            n, split_len, splits, float(scale),
+            q.stride(0), q.stride(1), q.stride(2),
+            codes_k.stride(0), codes_k.stride(1), codes_k.stride(2),
+            codes_v.stride(0), codes_v.stride(1), codes_v.stride(2),
+            tk.stride(0), cm.stride(0) if code_mask is not None else 0,
+            HKV=hkv, GQ=gq, LQ=lq, ROWS=rows, D=d, M=m, DSUB=dsub, K=k, EBITS=8 * q.element_size(),
+            NCH=smem_chunks, PER_HEAD=g > 1, HAS_MASK=code_mask is not None, BLOCK_N=bn, num_warps=warps,
+            num_stages=1,
+        )  # fmt: skip
+    elif splits > 0:
         _million_codes_kernel[(b * hkv, splits)](
             q, codes_k, codes_v, cbk, cbv, cm, part_o, part_m, part_l,
             n, split_len, splits, float(scale),
@@ -694,7 +1003,7 @@ def million_attention(
         rm.stride(0) if res_mask is not None else 0, rm.stride(1) if res_mask is not None else 0,
         out.stride(0), out.stride(1), out.stride(2),
         HKV=hkv, GQ=gq, LQ=lq, ROWS=rows, D=d, HAS_RMASK=res_mask is not None, BLOCK_R=block_r,
-        num_warps=warps,
+        num_warps=num_warps or 4,
     )  # fmt: skip
     return out
 

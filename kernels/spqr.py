@@ -145,13 +145,17 @@ def kernel_layout(
 
     The stored format is a dense bitstream (exact bit accounting, any width); the kernels want word-aligned codes:
 
-    * ``codes``  int32 (out, Kp / per): ``per = 32 // lane_bits(bits)`` codes per word, column ``c`` of a row at
-      word ``c // per``, bits ``(c % per) * lane``; the input dimension padded to ``Kp``, a multiple of 128;
-    * ``stats``  uint8 (out, Gp) (int32 when ``stats_bits > 4``): scale code | zero code << 4 (or << 8);
-    * ``stats2`` float16 (4, ceil(out / stats_group_size), Gp): scale step, scale minimum, zero step, zero minimum;
-    * ``perm``   int32 (Kp,) original column of each stored column (absent without a permutation);
-    * outliers: ``ov`` float16 values, ``oc`` ORIGINAL column indices (the permutation folded in), ``orow`` rows
-      (both int16 when they fit, else int32), ``optr`` int32 CSR row offsets.
+    * ``codes``  int32 (Kp / per, out): ``per = 32 // lane_bits(bits)`` codes per word; word ``(w, r)`` holds
+      columns ``w * per ..`` of row ``r``, column ``c`` at bits ``(c % per) * lane``; the input dimension padded to
+      ``Kp``, a multiple of 128. Output rows are the contiguous dimension, so a warp's loads are coalesced and each
+      thread's code word meets one activation vector shared by all its rows;
+    * ``stats``  uint8 (Gp, out) (int32 when ``stats_bits > 4``): scale code | zero code << 4 (or << 8);
+    * ``stats2`` int64 (Gp, ceil(out / stats_group_size)): the four fp16 second-level statistics (scale step, scale
+      minimum, zero step, zero minimum) of a (group, row block) in one 8-byte word;
+    * ``perm``   int64 (in,) original column of each stored column (absent without a permutation): the wrappers
+      gather the activations into stored order once per call;
+    * outliers: ``ov`` float16 values, ``oc`` (stored order) and ``oc_orig`` (original order) columns and ``orow``
+      rows (int16 when they fit, else int32), ``optr`` int32 CSR row offsets.
 
     HBM bytes a matrix-vector product reads: ``lane_bits`` + 8 / group_size + 64 / (group_size * stats_group_size)
     bits per weight, plus 6 bytes per outlier: 4.75 bits per weight at 3 bits, 16x16 groups, plus 0.5 bit per 1% of
@@ -170,29 +174,28 @@ def kernel_layout(
     shift = 4 if stats_bits <= 4 else 8
     stats = torch.zeros(out, gp, dtype=torch.int32, device=dev)
     stats[:, :g] = sc | (zc << shift)
-    s2 = torch.zeros(4, tensors["stats2"].shape[0], gp, dtype=torch.float16, device=dev)
-    s2[:, :, :g] = tensors["stats2"].permute(2, 0, 1)
+    s2 = torch.zeros(tensors["stats2"].shape[0], gp, 4, dtype=torch.float16, device=dev)
+    s2[:, :g] = tensors["stats2"]
     perm = tensors.get("perm")
     layout: dict[str, Any] = {
-        "codes": _pack_lanes(codes, lane),
-        "stats": stats.to(torch.uint8) if shift == 4 else stats,
-        "stats2": s2,
+        "codes": _pack_lanes(codes, lane).T.contiguous(),
+        "stats": (stats.to(torch.uint8) if shift == 4 else stats).T.contiguous(),
+        "stats2": s2.view(torch.int64)[..., 0].T.contiguous(),
         "lane": lane,
         "stats_shift": shift,
         "kp": kp,
         "gp": gp,
     }
     if perm is not None:
-        p = torch.zeros(kp, dtype=torch.int32, device=dev)
-        p[:in_features] = perm.to(torch.int32)
-        layout["perm"] = p
+        layout["perm"] = perm.long()
     ptr = tensors["outlier_row_ptr"]
     cols = tensors["outlier_cols"].long()
     layout["ov"] = tensors["outlier_values"]
-    layout["oc"] = (perm.long()[cols] if perm is not None else cols).to(index_dtype(in_features))
+    layout["oc"] = cols.to(index_dtype(in_features))  # stored order (prefill path)
+    layout["oc_orig"] = (perm.long()[cols] if perm is not None else cols).to(index_dtype(in_features))
     layout["orow"] = torch.repeat_interleave(
         torch.arange(out, device=dev, dtype=torch.int32), (ptr[1:] - ptr[:-1]).long()
-    ).to(index_dtype(out))
+    ).to(index_dtype(out))  # used by the prefill path
     layout["optr"] = ptr.to(torch.int32)
     layout["nnz"] = int(layout["ov"].numel())
     return layout
@@ -206,47 +209,46 @@ def layout_bytes(layout: dict[str, Any]) -> int:
 if HAS_TRITON:
 
     @triton.jit
-    def _dequant_tile(
+    def _tile_t(
         codes_ptr,
         stats_ptr,
         s2_ptr,
-        r64,
-        rmask,
+        n,
+        nmask,
         k0,
-        kw,
-        Gp,
-        n2,
+        N,
+        N2,
         LANE: tl.constexpr,
         SHIFT: tl.constexpr,
         GS: tl.constexpr,
         SGS: tl.constexpr,
-        NG: tl.constexpr,
+        BKW: tl.constexpr,
         EXACT: tl.constexpr,
     ):
-        """Dequantized weights of rows ``r64`` and columns ``k0 .. k0 + NG * GS`` as fp32 (BO, NG, GS // P, P).
+        """Dequantized fp32 weights W^T (BKW, P, BN): columns ``k0 .. k0 + BKW * P`` (stored order) of rows ``n``.
 
-        Every index is built in the 4-D shape of the result, so the statistics broadcast along the last two axes
-        without layout conversions (no shared-memory round trips)."""
+        Rows are the contiguous (coalesced) axis; a word's P codes expand along a new middle axis, so the statistics
+        (one load per word and row) and the activations (P values per word, shared by every row) broadcast without
+        layout conversions."""
         P: tl.constexpr = 32 // LANE
-        WPG: tl.constexpr = GS // P
-        r4 = r64[:, None, None, None]
-        m4 = rmask[:, None, None, None]
-        g4 = tl.arange(0, NG)[None, :, None, None]
-        w4 = tl.arange(0, WPG)[None, None, :, None]
-        j4 = tl.arange(0, P)[None, None, None, :]
-        words = tl.load(codes_ptr + r4 * kw + (k0 // P + g4 * WPG + w4), mask=m4, other=0)  # (BO, NG, WPG, 1)
+        kw = tl.arange(0, BKW)[:, None, None]
+        n3 = n[None, None, :]
+        m3 = nmask[None, None, :]
+        # 3-D pointers with a unit middle axis: the loads get the layout of the (BKW, P, BN) result directly
+        words = tl.load(codes_ptr + (k0 // P + kw) * N + n3, mask=m3, other=0)  # (BKW, 1, BN)
+        sh = tl.arange(0, P)[None, :, None] * LANE
         # code -> float without the (quarter-rate) int-to-float conversion: 2^23 + code has the code in its mantissa
-        raw = ((words >> (j4 * LANE)) & ((1 << LANE) - 1)) | 0x4B000000
+        raw = ((words >> sh) & ((1 << LANE) - 1)) | 0x4B000000
         q = raw.to(tl.float32, bitcast=True) - 8388608.0
-        g = k0 // GS + g4
-        st = tl.load(stats_ptr + r4 * Gp + g, mask=m4, other=0).to(tl.int32)  # (BO, NG, 1, 1)
+        g = (k0 + kw * P) // GS  # the group of each word (a word never straddles two groups)
+        st = tl.load(stats_ptr + g * N + n3, mask=m3, other=0).to(tl.int32)
         sc = (st & ((1 << SHIFT) - 1)).to(tl.float32)
         zc = (st >> SHIFT).to(tl.float32)
-        s2 = s2_ptr + (r4 // SGS) * Gp + g
-        s_step = tl.load(s2, mask=m4, other=0.0).to(tl.float32)
-        s_min = tl.load(s2 + n2 * Gp, mask=m4, other=0.0).to(tl.float32)
-        z_step = tl.load(s2 + 2 * n2 * Gp, mask=m4, other=0.0).to(tl.float32)
-        z_min = tl.load(s2 + 3 * n2 * Gp, mask=m4, other=0.0).to(tl.float32)
+        s2 = tl.load(s2_ptr + g * N2 + n3 // SGS, mask=m3, other=0)
+        s_step = (s2 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        s_min = ((s2 >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        z_step = ((s2 >> 32) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        z_min = ((s2 >> 48) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         scale = s_step * sc + s_min
         zero = z_step * zc + z_min
         if EXACT:  # the reference's rounding: s * (q - z)
@@ -256,161 +258,161 @@ if HAS_TRITON:
         return w
 
     @triton.jit
-    def _spqr_mv_kernel(
+    def _spqr_prologue_kernel(
         x_ptr,
-        y_ptr,
+        xs_ptr,
+        y0_ptr,
         bias_ptr,
-        codes_ptr,
-        stats_ptr,
-        s2_ptr,
         perm_ptr,
         ov_ptr,
         oc_ptr,
-        orow_ptr,
         optr_ptr,
         M,
         N,
         K,
-        Gp,
-        n2,
-        kw,
+        Kp,
+        stride_xm,
+        stride_xsm,
+        stride_ym,
+        HAS_PERM: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        BM: tl.constexpr,
+        OC: tl.constexpr,
+        XB: tl.constexpr,
+        RB: tl.constexpr,
+    ):
+        """Programs < NRB: y0[:, rows] = bias + the rows' outliers (fp32), RB rows each. Others: xs = x in stored
+        order, zero-padded."""
+        NRB = tl.cdiv(N, RB)
+        pid = tl.program_id(0)
+        ms = tl.arange(0, BM)
+        mmask = ms < M
+        if pid < NRB:
+            for rr in tl.static_range(RB):
+                row = pid * RB + rr
+                if row < N:
+                    acc = tl.zeros([BM], dtype=tl.float32)
+                    first = tl.load(optr_ptr + row)
+                    last = tl.load(optr_ptr + row + 1)
+                    for t0 in range(first, last, OC):
+                        idx = t0 + tl.arange(0, OC)
+                        om = idx < last
+                        col = tl.load(oc_ptr + idx, mask=om, other=0)  # original column order
+                        val = tl.load(ov_ptr + idx, mask=om, other=0.0).to(tl.float32)
+                        xo = tl.load(
+                            x_ptr + ms[None, :] * stride_xm + col[:, None], mask=om[:, None] & mmask[None, :], other=0
+                        )
+                        acc += tl.sum(val[:, None] * xo.to(tl.float32), axis=0)
+                    if HAS_BIAS:
+                        acc += tl.load(bias_ptr + row).to(tl.float32)
+                    tl.store(y0_ptr + ms * stride_ym + row, acc, mask=mmask)
+        else:
+            ks = (pid - NRB) * XB + tl.arange(0, XB)
+            kmask = ks < K
+            if HAS_PERM:
+                src = tl.load(perm_ptr + ks, mask=kmask, other=0)
+            else:
+                src = ks
+            xv = tl.load(x_ptr + ms[:, None] * stride_xm + src[None, :], mask=mmask[:, None] & kmask[None, :], other=0)
+            tl.store(xs_ptr + ms[:, None] * stride_xsm + ks[None, :], xv, mask=mmask[:, None] & (ks < Kp)[None, :])
+
+    @triton.jit
+    def _spqr_mv_kernel(
+        xs_ptr,
+        y0_ptr,
+        y_ptr,
+        codes_ptr,
+        stats_ptr,
+        s2_ptr,
+        M,
+        N,
+        N2,
+        k_per_split,
+        Kp,
         stride_xm,
         stride_ym,
-        k_per_split,
         LANE: tl.constexpr,
         SHIFT: tl.constexpr,
         GS: tl.constexpr,
         SGS: tl.constexpr,
-        HAS_PERM: tl.constexpr,
-        HAS_BIAS: tl.constexpr,
         ATOMIC: tl.constexpr,
         DOT: tl.constexpr,
         FP32_DOT: tl.constexpr,
         BM: tl.constexpr,
-        BO: tl.constexpr,
-        BK: tl.constexpr,
-        OC: tl.constexpr,
+        BN: tl.constexpr,
+        BKW: tl.constexpr,
     ):
+        """y[:, rows] = y0[:, rows] + xs . W^T[k-split, rows] (ATOMIC: y0 += the split's part, in fp32)."""
         P: tl.constexpr = 32 // LANE
-        NG: tl.constexpr = BK // GS
-        WPG: tl.constexpr = GS // P
-        pid_o = tl.program_id(0)
+        BK: tl.constexpr = BKW * P
+        pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
-        rows = pid_o * BO + tl.arange(0, BO)
-        rmask = rows < N
-        r64 = rows.to(tl.int64)
+        n = pid_n * BN + tl.arange(0, BN)
+        nmask = n < N
         ms = tl.arange(0, BM)
         mmask = ms < M
         k_lo = pid_k * k_per_split
-        k_hi = tl.minimum(k_lo + k_per_split, K)
-        # column of each tile element, in the (1, NG, WPG, P) order of _dequant_tile
-        col4 = (
-            tl.arange(0, NG)[None, :, None, None] * GS
-            + tl.arange(0, WPG)[None, None, :, None] * P
-            + tl.arange(0, P)[None, None, None, :]
-        )
+        k_hi = tl.minimum(k_lo + k_per_split, Kp)
+        kcol = tl.arange(0, BKW)[:, None] * P + tl.arange(0, P)[None, :]  # (BKW, P) column inside the step
         if DOT:
-            acc = tl.zeros([BO, BM], dtype=tl.float32)
+            acc = tl.zeros([BM, BN], dtype=tl.float32)
         else:
-            acc4 = tl.zeros([BO, NG, WPG, P], dtype=tl.float32)
+            acc3 = tl.zeros([BKW, P, BN], dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BK):
-            w = _dequant_tile(codes_ptr, stats_ptr, s2_ptr, r64, rmask, k0, kw, Gp, n2, LANE, SHIFT, GS, SGS, NG, False)
+            w = _tile_t(codes_ptr, stats_ptr, s2_ptr, n, nmask, k0, N, N2, LANE, SHIFT, GS, SGS, BKW, False)
             if DOT:
                 ks = k0 + tl.arange(0, BK)
-                kmask = ks < k_hi
-                if HAS_PERM:
-                    src = tl.load(perm_ptr + ks, mask=kmask, other=0)
-                else:
-                    src = ks
-                xt = tl.load(
-                    x_ptr + ms[None, :] * stride_xm + src[:, None], mask=kmask[:, None] & mmask[None, :], other=0.0
-                )
-                w2 = tl.reshape(w, [BO, BK])
+                xt = tl.load(xs_ptr + ms[:, None] * stride_xm + ks[None, :], mask=mmask[:, None], other=0.0)
+                w2 = tl.reshape(w, [BK, BN])
                 if FP32_DOT:
-                    acc += tl.dot(w2, xt.to(tl.float32), input_precision="ieee")
+                    acc += tl.dot(xt.to(tl.float32), w2, input_precision="ieee")
                 else:
-                    acc += tl.dot(w2.to(xt.dtype), xt)
+                    acc += tl.dot(xt, w2.to(xt.dtype))
             else:
-                ks4 = k0 + col4
-                kmask4 = ks4 < k_hi
-                if HAS_PERM:
-                    src4 = tl.load(perm_ptr + ks4, mask=kmask4, other=0)
-                else:
-                    src4 = ks4
-                xv = tl.load(x_ptr + src4, mask=kmask4, other=0.0).to(tl.float32)
-                acc4 += w * xv
+                xv = tl.load(xs_ptr + k0 + kcol[:, :, None]).to(tl.float32)  # (BKW, P, 1); zero-padded: no mask
+                acc3 += w * xv
         if not DOT:
-            acc = tl.sum(tl.sum(tl.sum(acc4, axis=3), axis=2), axis=1)[:, None]  # (BO, 1)
-        if pid_k == 0:
-            # outliers of this block of rows (contiguous in CSR order), and the bias
-            first = tl.load(optr_ptr + pid_o * BO)
-            last = tl.load(optr_ptr + tl.minimum(pid_o * BO + BO, N))
-            for t0 in range(first, last, OC):
-                idx = t0 + tl.arange(0, OC)
-                om = idx < last
-                orow = tl.load(orow_ptr + idx, mask=om, other=-1)
-                ocol = tl.load(oc_ptr + idx, mask=om, other=0)
-                oval = tl.load(ov_ptr + idx, mask=om, other=0.0).to(tl.float32)
-                hit = orow[None, :] == rows[:, None]  # (BO, OC)
-                if DOT:
-                    xo = tl.load(
-                        x_ptr + ms[None, :] * stride_xm + ocol[:, None], mask=om[:, None] & mmask[None, :], other=0.0
-                    )
-                    acc += tl.dot(tl.where(hit, 1.0, 0.0), oval[:, None] * xo.to(tl.float32), input_precision="ieee")
-                else:
-                    xo = tl.load(x_ptr + ocol, mask=om, other=0.0).to(tl.float32)
-                    acc += tl.sum(tl.where(hit, (oval * xo)[None, :], 0.0), axis=1)[:, None]
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[:, None]
-        yp = y_ptr + ms[None, :] * stride_ym + rows[:, None]
-        ymask = rmask[:, None] & mmask[None, :]
+            acc = tl.sum(tl.sum(acc3, axis=1), axis=0)[None, :]  # (1, BN)
+        yoff = ms[:, None] * stride_ym + n[None, :]
+        ymask = mmask[:, None] & nmask[None, :]
         if ATOMIC:
-            tl.atomic_add(yp, acc, mask=ymask)
+            tl.atomic_add(y0_ptr + yoff, acc, mask=ymask)
         else:
-            tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+            acc += tl.load(y0_ptr + yoff, mask=ymask, other=0.0)
+            tl.store(y_ptr + yoff, acc.to(y_ptr.dtype.element_ty), mask=ymask)
 
     @triton.jit
     def _spqr_dequant_kernel(
-        w_ptr,
+        wt_ptr,
         codes_ptr,
         stats_ptr,
         s2_ptr,
-        perm_ptr,
         N,
+        N2,
         K,
-        Gp,
-        n2,
-        kw,
-        stride_w,
+        k_per_prog,
         LANE: tl.constexpr,
         SHIFT: tl.constexpr,
         GS: tl.constexpr,
         SGS: tl.constexpr,
-        HAS_PERM: tl.constexpr,
-        BO: tl.constexpr,
-        BK: tl.constexpr,
+        BN: tl.constexpr,
+        BKW: tl.constexpr,
     ):
+        """W^T (K, N) in stored column order, written densely (rows contiguous)."""
         P: tl.constexpr = 32 // LANE
-        NG: tl.constexpr = BK // GS
-        WPG: tl.constexpr = GS // P
-        rows = tl.program_id(0) * BO + tl.arange(0, BO)
-        rmask = rows < N
-        r64 = rows.to(tl.int64)
-        k0 = tl.program_id(1) * BK
-        w = _dequant_tile(codes_ptr, stats_ptr, s2_ptr, r64, rmask, k0, kw, Gp, n2, LANE, SHIFT, GS, SGS, NG, True)
-        ks4 = (
-            k0
-            + tl.arange(0, NG)[None, :, None, None] * GS
-            + tl.arange(0, WPG)[None, None, :, None] * P
-            + tl.arange(0, P)[None, None, None, :]
-        )
-        kmask4 = ks4 < K
-        if HAS_PERM:  # write in the original column order, so the activations need no gather
-            dst4 = tl.load(perm_ptr + ks4, mask=kmask4, other=0)
-        else:
-            dst4 = ks4
-        m = rmask[:, None, None, None] & kmask4
-        tl.store(w_ptr + r64[:, None, None, None] * stride_w + dst4, w.to(w_ptr.dtype.element_ty), mask=m)
+        BK: tl.constexpr = BKW * P
+        n = tl.program_id(0) * BN + tl.arange(0, BN)
+        nmask = n < N
+        ks0 = tl.arange(0, BK)
+        k_lo = tl.program_id(1) * k_per_prog
+        for k0 in range(k_lo, tl.minimum(k_lo + k_per_prog, K), BK):
+            w = _tile_t(codes_ptr, stats_ptr, s2_ptr, n, nmask, k0, N, N2, LANE, SHIFT, GS, SGS, BKW, True)
+            ks = (k0 + ks0).to(tl.int64)
+            tl.store(
+                wt_ptr + ks[:, None] * N + n[None, :],
+                tl.reshape(w, [BK, BN]).to(wt_ptr.dtype.element_ty),
+                mask=(ks < K)[:, None] & nmask[None, :],
+            )
 
 
 def _require_triton() -> None:
@@ -439,6 +441,13 @@ def _layout_for(tensors, layout, meta) -> dict[str, Any]:
     return layout
 
 
+def _format_error(bits: int, group_size: int) -> HfEffllmError:
+    return HfEffllmError(
+        f"group_size={group_size} with bits={bits}: the Triton kernels need a power of two <= {BLOCK_K} and a "
+        f"multiple of {32 // lane_bits(bits)}; use spqr_matmul, which falls back to the PyTorch reference."
+    )
+
+
 def spqr_dequantize_triton(
     tensors: dict[str, torch.Tensor],
     *,
@@ -450,12 +459,14 @@ def spqr_dequantize_triton(
     dtype: torch.dtype = torch.float16,
     layout: dict[str, Any] | None = None,
     original_order: bool = False,
+    transposed: bool = False,
     **_: Any,
 ) -> torch.Tensor:
     """The dense weight (out, in), outliers added, in ``dtype``.
 
     Same values as ``hf_effllm.quant.spqr.format.dequantize_weight`` (cast to ``dtype``): stored (permuted) column
-    order by default, the original order with ``original_order=True`` (then ``x @ W^T`` needs no gather of ``x``).
+    order, or the original order with ``original_order=True`` (one more copy). ``transposed=True`` returns the
+    (in, out) transpose as written by the kernel (contiguous), which ``x @ W^T`` takes without a copy.
     """
     _require_triton()
     meta = dict(
@@ -466,39 +477,36 @@ def spqr_dequantize_triton(
         stats_group_size=stats_group_size,
     )
     if not fused_supported(bits, group_size):
-        raise HfEffllmError(
-            f"group_size={group_size} with bits={bits}: the kernels need a power of two <= {BLOCK_K} and a multiple "
-            f"of {32 // lane_bits(bits)}; use spqr_matmul_reference."
-        )
+        raise _format_error(bits, group_size)
     lay = _layout_for(tensors, layout, meta)
     n_out = tensors["outlier_row_ptr"].shape[0] - 1
-    w = torch.empty(n_out, in_features, device=lay["codes"].device, dtype=dtype)
-    has_perm = "perm" in lay and original_order
-    bo = 16
-    grid = (triton.cdiv(n_out, bo), triton.cdiv(in_features, BLOCK_K))
+    wt = torch.empty(in_features, n_out, device=lay["codes"].device, dtype=dtype)
+    bn, k_per_prog = 64, 1024
+    grid = (triton.cdiv(n_out, bn), triton.cdiv(in_features, k_per_prog))
     _spqr_dequant_kernel[grid](
-        w, lay["codes"], lay["stats"], lay["stats2"], lay["perm"] if has_perm else lay["codes"],
-        n_out, in_features, lay["gp"], lay["stats2"].shape[1], lay["codes"].shape[1], w.stride(0),
-        LANE=lay["lane"], SHIFT=lay["stats_shift"], GS=group_size, SGS=stats_group_size, HAS_PERM=has_perm,
-        BO=bo, BK=BLOCK_K,
+        wt, lay["codes"], lay["stats"], lay["stats2"], n_out, lay["stats2"].shape[1], in_features, k_per_prog,
+        LANE=lay["lane"], SHIFT=lay["stats_shift"], GS=group_size, SGS=stats_group_size, BN=bn, BKW=4,
+        num_warps=4,
     )  # fmt: skip
     if lay["nnz"]:
-        cols = lay["oc"] if original_order else tensors["outlier_cols"].int()
-        w.index_put_((lay["orow"].long(), cols.long()), lay["ov"].to(dtype), accumulate=True)
-    return w
+        wt.index_put_((lay["oc"].long(), lay["orow"].long()), lay["ov"].to(dtype), accumulate=True)
+    if original_order and "perm" in lay:
+        wt = wt.index_select(0, torch.argsort(lay["perm"]))
+    return wt if transposed else wt.T
 
 
-def default_launch(rows: int, n_out: int, in_features: int, device: torch.device) -> tuple[int, int]:
-    """(rows of the output per program, split-K) for the fused kernel: enough programs to fill the GPU."""
+def default_launch(rows: int, n_out: int, in_features: int, device: torch.device) -> tuple[int, int, int]:
+    """(output rows per program, split-K, warps) of the fused kernel, from the H200 sweep in
+    ``benchmarks/results/spqr_speed.md``: enough programs for ~4 per SM (split-K adds with fp32 atomics)."""
     if device.type != "cuda":
-        return 16, 1
+        return 32, 1, 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    block_out = 32 if n_out >= 8 * sms * 32 // 4 else 16
+    block_out = 64 if n_out <= 4096 else 128
     n_prog = triton.cdiv(n_out, block_out)
     split_k = 1
-    while n_prog * split_k < 2 * sms and in_features // (split_k * 2) >= 4 * BLOCK_K:
+    while n_prog * split_k < 4 * sms and in_features // (split_k * 2) >= 256:
         split_k *= 2
-    return block_out, split_k
+    return block_out, split_k, 4
 
 
 def spqr_gemv_triton(
@@ -514,17 +522,23 @@ def spqr_gemv_triton(
     layout: dict[str, Any] | None = None,
     split_k: int | None = None,
     block_out: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
+    block_k_words: int = 8,
     **_: Any,
 ) -> torch.Tensor:
-    """Fused dequantize + matrix product for at most 16 rows of activations (the decode path), one launch.
+    """Fused dequantize + matrix product for at most 16 rows of activations (the decode path).
+
+    Two launches: a prologue (activations gathered into stored order and zero-padded; bias + outliers per row, in
+    fp32) and the fused dequantize + product; a third (the cast) with split-K.
 
     Args:
         x: (..., in_features) with at most 16 rows in total.
         tensors: the layer's packed tensors (see ``hf_effllm.quant.spqr.format``).
         layout: their :func:`kernel_layout` (built here when ``None``; ``SpQRLinear`` caches it).
         split_k: programs along the input dimension (``None``: :func:`default_launch`); > 1 adds with fp32 atomics.
-        block_out: output rows per program (16, 32 or 64).
+        block_out: output rows per program (a power of two >= 16).
+        num_warps: warps per program.
+        block_k_words: code words per row and step (each holds ``32 // lane_bits(bits)`` columns).
 
     Returns:
         (..., out_features) in ``x.dtype``.
@@ -539,10 +553,7 @@ def spqr_gemv_triton(
         stats_group_size=stats_group_size,
     )
     if not fused_supported(bits, group_size):
-        raise HfEffllmError(
-            f"group_size={group_size} with bits={bits}: the fused kernel needs a power of two <= {BLOCK_K} and a "
-            f"multiple of {32 // lane_bits(bits)}; use spqr_matmul (dequantize + matmul)."
-        )
+        raise _format_error(bits, group_size)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
     if x2.stride(-1) != 1:
@@ -550,36 +561,42 @@ def spqr_gemv_triton(
     m = x2.shape[0]
     if m > GEMV_MAX_ROWS:
         raise HfEffllmError(f"x has {m} rows; spqr_gemv_triton takes at most {GEMV_MAX_ROWS} (use spqr_matmul).")
-    if block_out is not None and block_out not in (16, 32, 64):
-        raise HfEffllmError(f"block_out={block_out} is not supported; use 16, 32 or 64.")
+    if block_out is not None and (block_out < 16 or not _pow2(block_out)):
+        raise HfEffllmError(f"block_out={block_out} is not supported; use a power of two >= 16.")
     if split_k is not None and split_k < 1:
         raise HfEffllmError(f"split_k={split_k} must be >= 1.")
+    if block_k_words not in (1, 2, 4, 8, 16):
+        raise HfEffllmError(f"block_k_words={block_k_words} is not supported; use 1, 2, 4, 8 or 16.")
     lay = _layout_for(tensors, layout, meta)
     n_out = tensors["outlier_row_ptr"].shape[0] - 1
-    bo0, sk0 = default_launch(m, n_out, in_features, x.device)
-    block_out = block_out or bo0
-    split_k = split_k or sk0
-    k_per_split = triton.cdiv(triton.cdiv(in_features, split_k), BLOCK_K) * BLOCK_K
+    bo0, sk0, nw0 = default_launch(m, n_out, in_features, x.device)
+    block_out, split_k, num_warps = block_out or bo0, split_k or sk0, num_warps or nw0
+    bk = block_k_words * (32 // lay["lane"])
+    kp = lay["kp"]
+    k_per_split = triton.cdiv(triton.cdiv(in_features, split_k), bk) * bk
     split_k = triton.cdiv(in_features, k_per_split)
-    atomic = split_k > 1
-    y = (
-        torch.zeros(m, n_out, device=x.device, dtype=torch.float32)
-        if atomic
-        else torch.empty(m, n_out, device=x.device, dtype=x.dtype)
-    )
-    has_perm = "perm" in lay
     dot = m > 1
+    bm = 16 if dot else 1
+    xs = torch.empty(m, kp, device=x.device, dtype=x.dtype)
+    y0 = torch.empty(m, n_out, device=x.device, dtype=torch.float32)
+    xb = 256
+    has_perm = "perm" in lay
+    rb = 4
+    _spqr_prologue_kernel[(triton.cdiv(n_out, rb) + triton.cdiv(kp, xb),)](
+        x2, xs, y0, bias if bias is not None else y0, lay["perm"] if has_perm else y0, lay["ov"], lay["oc_orig"],
+        lay["optr"], m, n_out, in_features, kp, x2.stride(0), xs.stride(0), y0.stride(0),
+        HAS_PERM=has_perm, HAS_BIAS=bias is not None, BM=bm, OC=64, XB=xb, RB=rb, num_warps=2,
+    )  # fmt: skip
+    atomic = split_k > 1
+    y = y0 if atomic else torch.empty(m, n_out, device=x.device, dtype=x.dtype)
     _spqr_mv_kernel[(triton.cdiv(n_out, block_out), split_k)](
-        x2, y, bias if bias is not None else y, lay["codes"], lay["stats"], lay["stats2"],
-        lay["perm"] if has_perm else lay["codes"], lay["ov"], lay["oc"], lay["orow"], lay["optr"],
-        m, n_out, in_features, lay["gp"], lay["stats2"].shape[1], lay["codes"].shape[1], x2.stride(0), y.stride(0),
-        k_per_split,
-        LANE=lay["lane"], SHIFT=lay["stats_shift"], GS=group_size, SGS=stats_group_size, HAS_PERM=has_perm,
-        HAS_BIAS=bias is not None, ATOMIC=atomic, DOT=dot, FP32_DOT=x.dtype == torch.float32, BM=16 if dot else 1,
-        BO=block_out, BK=BLOCK_K, OC=32, num_warps=num_warps,
+        xs, y0, y, lay["codes"], lay["stats"], lay["stats2"],
+        m, n_out, lay["stats2"].shape[1], k_per_split, kp, xs.stride(0), y0.stride(0),
+        LANE=lay["lane"], SHIFT=lay["stats_shift"], GS=group_size, SGS=stats_group_size, ATOMIC=atomic, DOT=dot,
+        FP32_DOT=x.dtype == torch.float32, BM=bm, BN=block_out, BKW=block_k_words, num_warps=num_warps,
     )  # fmt: skip
     if atomic:
-        y = y.to(x.dtype)
+        y = y0.to(x.dtype)
     return y.reshape(*lead, n_out)
 
 
@@ -620,11 +637,13 @@ def spqr_matmul(
     _check(x, tensors, in_features)
     if use_triton is None:
         use_triton = x.is_cuda and HAS_TRITON
-    if not use_triton or not fused_supported(bits, group_size):
+    if not use_triton or not fused_supported(bits, group_size) or x.numel() == 0:
         return spqr_matmul_reference(x, tensors, bias=bias, **meta)
     rows = x.numel() // in_features if in_features else 0
-    if 0 < rows <= GEMV_MAX_ROWS:
+    if rows <= GEMV_MAX_ROWS:
         return spqr_gemv_triton(x, tensors, bias=bias, layout=layout, **meta)
-    w = spqr_dequantize_triton(tensors, dtype=x.dtype, layout=layout, original_order=True, **meta)
-    y = torch.matmul(x, w.T)
+    lay = _layout_for(tensors, layout, meta)
+    wt = spqr_dequantize_triton(tensors, dtype=x.dtype, layout=lay, transposed=True, **meta)
+    xs = x.index_select(-1, lay["perm"]) if "perm" in lay else x
+    y = torch.matmul(xs, wt)
     return y if bias is None else y + bias.to(y.dtype)

@@ -50,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-warps", type=int, default=4)
     p.add_argument("--num-stages", type=int, default=3)
     p.add_argument("--ptx", action="store_true", help="print the PTX")
+    p.add_argument(
+        "--div16",
+        default="",
+        help="comma-separated parameters known to be multiples of 16 (pointers: 16-byte aligned), as the JIT "
+        "specializes them at launch",
+    )
     a = p.parse_args(argv)
     import triton
     from triton.backends.compiler import GPUTarget
@@ -67,17 +73,20 @@ def main(argv: list[str] | None = None) -> int:
             sig[name] = v
         else:
             sig[name] = "constexpr"
-            const[name] = {"True": True, "False": False}.get(v, None)
+            const[name] = {"True": True, "False": False}.get(v)
             if const[name] is None:
                 const[name] = float(v) if "." in v else int(v)
     if given:
         p.error(f"unknown parameters: {sorted(given)}")
-    src = ASTSource(fn, sig, const)
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in filter(None, a.div16.split(","))}
+    src = ASTSource(fn, sig, const, attrs)
     opts = {"num_warps": a.num_warps, "num_stages": a.num_stages}
     k = triton.compile(src, target=GPUTarget("cuda", a.arch, 32), options=opts)
     meta = k.metadata
     ptx = k.asm["ptx"]
-    print(f"{fn_name}: triton {triton.__version__} sm_{a.arch} warps={a.num_warps} stages={a.num_stages} shared={meta.shared} B")
+    print(
+        f"{fn_name}: triton {triton.__version__} sm_{a.arch} warps={a.num_warps} stages={a.num_stages} shared={meta.shared} B"
+    )
     print(_ptxas_usage(ptx, a.arch))
     if a.ptx:
         print(ptx)
