@@ -60,6 +60,10 @@ def quantized_cache_factories(config) -> dict:
     return out
 
 
+COLS = ["context", "variant", "perplexity", "vs_dense_pct", "bits", "tokens", "distortion_k", "distortion_v",
+        "seconds", "note"]  # fmt: skip
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="CPU-sized: 2k context, 4k tokens, few k-means iterations")
@@ -99,6 +103,7 @@ def main(argv=None) -> int:
         keys, values = collect_kv(model, calib, batch_size=1)
         settings = {
             "MILLION 4-bit, per layer, window 128": hf_effllm.MillionConfig(num_subspaces=d // 2),
+            "MILLION 4-bit, per head, window 128": hf_effllm.MillionConfig(num_subspaces=d // 2, scope="head"),
             "MILLION 2-bit, per layer, window 128": hf_effllm.MillionConfig(num_subspaces=d // 4),
             "MILLION 2-bit, per head, window 128": hf_effllm.MillionConfig(num_subspaces=d // 4, scope="head"),
             "anchor 4-bit: shared codebook, no window": hf_effllm.MillionConfig(
@@ -110,6 +115,7 @@ def main(argv=None) -> int:
         }
         if quick:
             settings.pop("MILLION 2-bit, per head, window 128")
+            settings.pop("MILLION 4-bit, per head, window 128")
         books = {}
         for name, cfg in settings.items():
             cfg.kmeans_iters, cfg.max_points = iters, max_points
@@ -157,11 +163,11 @@ def main(argv=None) -> int:
                     vs_dense_pct=100 * (res.perplexity / dense.perplexity - 1), tokens=res.num_tokens,
                     note="residual_length 128, q_group_size 64")  # fmt: skip
         model.set_attn_implementation("million")
-    cols = ["context", "variant", "perplexity", "vs_dense_pct", "bits", "tokens", "distortion_k", "distortion_v",
-            "seconds", "note"]  # fmt: skip
+        if not args.no_write:  # after each context, so a run cut short keeps what it measured
+            run.write(COLS)
     if not args.no_write:
-        print("wrote", *run.write(cols))
-    print(markdown_table(run.rows, cols))
+        print("wrote", *run.write(COLS))
+    print(markdown_table(run.rows, COLS))
     return 0
 
 

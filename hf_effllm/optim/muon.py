@@ -564,12 +564,18 @@ class Muon(torch.optim.Optimizer):
             else:
                 chunk, lo, hi = total, 0, total
                 mine = torch.cat(mats) if len(mats) > 1 else mats[0]
-            out = torch.zeros((chunk, r, c), dtype=_NS_DTYPES[ns_dtype], device=device)
-            if hi > lo:
-                out[: hi - lo] = newton_schulz(
+            if world == 1:  # the Newton-Schulz output is the result: no staging buffer, no copy
+                out = newton_schulz(
                     mine, steps=steps, coefficients=coeffs, eps=eps, dtype=_NS_DTYPES[ns_dtype], compile=compile_ns
                 )
-                computed += hi - lo
+                computed += total
+            else:
+                out = torch.zeros((chunk, r, c), dtype=_NS_DTYPES[ns_dtype], device=device)
+                if hi > lo:
+                    out[: hi - lo] = newton_schulz(
+                        mine, steps=steps, coefficients=coeffs, eps=eps, dtype=_NS_DTYPES[ns_dtype], compile=compile_ns
+                    )
+                    computed += hi - lo
             local_outputs.append((key, chunk, total, out))
         if world > 1:
             results = _all_gather_outputs(local_outputs, pg, world)
@@ -577,8 +583,19 @@ class Muon(torch.optim.Optimizer):
             results = {key: out for key, _, _, out in local_outputs}
         self.last_step_stats = {"matrices": sum(o[2] for o in local_outputs), "orthogonalised_here": computed}
 
-        # Scatter back, with the lr adjustment of each block's own shape.
-        new_updates = [torch.empty(f.shape, dtype=f.dtype, device=f.device) for f in fulls]
+        # Decoupled weight decay, one foreach launch per (lr, wd) for plain tensors.
+        decay: dict[tuple[float, torch.device, torch.dtype], list[Tensor]] = {}
+        for group, p, _update, _splits in entries:
+            lr, wd = float(group["lr"]), float(group["weight_decay"])
+            if wd:
+                target = _local(p)
+                decay.setdefault((1.0 - lr * wd, target.device, target.dtype), []).append(target)
+        for (factor, _dev, _dt), targets in decay.items():
+            torch._foreach_mul_(targets, factor)
+
+        # Apply each orthogonalised block with the lr adjustment of its own shape: straight into the parameter (one
+        # add per block) for plain tensors; DTensor parameters get the full update, redistributed to their shards.
+        dtensor_updates: dict[int, tuple[Tensor, list[tuple[int, int, float]]]] = {}
         for key, pieces in buckets.items():
             ortho = results[key]
             start = 0
@@ -589,21 +606,31 @@ class Muon(torch.optim.Optimizer):
                 start += n
                 if rows > cols:
                     block = block.mT
-                scale = lr_adjustment(rows, cols, entries[idx][0]["adjust_lr"])
-                dest = new_updates[idx][..., offset : offset + rows, :]
-                dest.copy_(block.reshape(dest.shape)).mul_(scale)
+                group, p = entries[idx][0], entries[idx][1]
+                alpha = -float(group["lr"]) * lr_adjustment(rows, cols, group["adjust_lr"])
+                if _is_dtensor(p):
+                    if idx not in dtensor_updates:
+                        dtensor_updates[idx] = (torch.empty(fulls[idx].shape, dtype=p.dtype, device=device), [])
+                    full, spans = dtensor_updates[idx]
+                    full[..., offset : offset + rows, :].copy_(block.reshape(piece.shape))
+                    spans.append((offset, rows, alpha))
+                else:
+                    dest = p.data[..., offset : offset + rows, :]
+                    dest.add_(block.reshape(piece.shape).to(dest.dtype), alpha=alpha)
+        for idx, (full, spans) in dtensor_updates.items():
+            from torch.distributed.tensor import distribute_tensor
 
-        for idx, (group, p, _update, _splits) in enumerate(entries):
-            lr, wd = float(group["lr"]), float(group["weight_decay"])
-            update = new_updates[idx]
-            if _is_dtensor(p):
-                from torch.distributed.tensor import distribute_tensor
-
-                update = distribute_tensor(update, p.device_mesh, p.placements, src_data_rank=None).to_local()
-            target = _local(p)
-            if wd:
-                target.mul_(1.0 - lr * wd)
-            target.add_(update.to(target.dtype), alpha=-lr)
+            p = entries[idx][1]
+            alphas = {a for *_, a in spans}
+            if len(alphas) > 1:  # row blocks of different shapes (fused QKV): scale each block before sharding
+                for offset, rows, a in spans:
+                    full[..., offset : offset + rows, :].mul_(a)
+                alpha = 1.0
+            else:  # one scale: the same single add as for a plain tensor (bit-identical to one process)
+                alpha = alphas.pop()
+            _local(p).add_(
+                distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local(), alpha=alpha
+            )
 
     def _check_same_work(self, pg: Any, buckets: dict[tuple[Any, ...], list[Any]]) -> None:
         import torch.distributed as dist
