@@ -15,7 +15,7 @@
 * :func:`spqr_matmul`: validates the inputs and picks the path (Triton on CUDA, the reference elsewhere).
 
 Bytes and operations per weight of a matrix-vector product at 3 bits, 16x16 groups: 4 bits of codes + 0.5 bit of
-statistics codes + 0.25 bit of second-level statistics + outliers (6 bytes each, ~1-2%: ~0.5-1 bit) against 16 bits
+statistics codes + 0.25 bit of second-level statistics + outliers (4 bytes read each, ~1-2%: ~0.3-0.6 bit) against 16 bits
 for bf16; 2 integer and 3 fp32 operations.
 
 Example:
@@ -158,8 +158,8 @@ def kernel_layout(
       rows (int16 when they fit, else int32), ``optr`` int32 CSR row offsets.
 
     HBM bytes a matrix-vector product reads: ``lane_bits`` + 8 / group_size + 64 / (group_size * stats_group_size)
-    bits per weight, plus 6 bytes per outlier: 4.75 bits per weight at 3 bits, 16x16 groups, plus 0.5 bit per 1% of
-    outliers.
+    bits per weight, plus 4 bytes per outlier (value, original column): 4.75 bits per weight at 3 bits, 16x16
+    groups, plus 0.32 bit per 1% of outliers.
     """
     dev = tensors["qweight"].device
     out = tensors["outlier_row_ptr"].shape[0] - 1
@@ -430,6 +430,29 @@ def fused_supported(bits: int, group_size: int) -> bool:
     return _pow2(group_size) and group_size <= BLOCK_K and group_size % (32 // lane_bits(bits)) == 0
 
 
+def _kernel_inputs(
+    tensors: dict[str, torch.Tensor],
+    layout: dict[str, Any] | None,
+    in_features: int,
+    bits: int,
+    group_size: int,
+    stats_bits: int,
+    stats_group_size: int,
+) -> dict[str, Any]:
+    """Checks shared by the Triton entry points; returns the kernel layout (built when ``None``)."""
+    _require_triton()
+    if not fused_supported(bits, group_size):
+        raise _format_error(bits, group_size)
+    meta = dict(
+        in_features=in_features,
+        bits=bits,
+        group_size=group_size,
+        stats_bits=stats_bits,
+        stats_group_size=stats_group_size,
+    )
+    return _layout_for(tensors, layout, meta)
+
+
 def _layout_for(tensors, layout, meta) -> dict[str, Any]:
     if layout is None:
         layout = kernel_layout(tensors, **meta)
@@ -468,17 +491,7 @@ def spqr_dequantize_triton(
     order, or the original order with ``original_order=True`` (one more copy). ``transposed=True`` returns the
     (in, out) transpose as written by the kernel (contiguous), which ``x @ W^T`` takes without a copy.
     """
-    _require_triton()
-    meta = dict(
-        in_features=in_features,
-        bits=bits,
-        group_size=group_size,
-        stats_bits=stats_bits,
-        stats_group_size=stats_group_size,
-    )
-    if not fused_supported(bits, group_size):
-        raise _format_error(bits, group_size)
-    lay = _layout_for(tensors, layout, meta)
+    lay = _kernel_inputs(tensors, layout, in_features, bits, group_size, stats_bits, stats_group_size)
     n_out = tensors["outlier_row_ptr"].shape[0] - 1
     wt = torch.empty(in_features, n_out, device=lay["codes"].device, dtype=dtype)
     bn, k_per_prog = 64, 1024
@@ -543,17 +556,8 @@ def spqr_gemv_triton(
     Returns:
         (..., out_features) in ``x.dtype``.
     """
-    _require_triton()
     _check(x, tensors, in_features)
-    meta = dict(
-        in_features=in_features,
-        bits=bits,
-        group_size=group_size,
-        stats_bits=stats_bits,
-        stats_group_size=stats_group_size,
-    )
-    if not fused_supported(bits, group_size):
-        raise _format_error(bits, group_size)
+    lay = _kernel_inputs(tensors, layout, in_features, bits, group_size, stats_bits, stats_group_size)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
     if x2.stride(-1) != 1:
@@ -567,7 +571,6 @@ def spqr_gemv_triton(
         raise HfEffllmError(f"split_k={split_k} must be >= 1.")
     if block_k_words not in (1, 2, 4, 8, 16):
         raise HfEffllmError(f"block_k_words={block_k_words} is not supported; use 1, 2, 4, 8 or 16.")
-    lay = _layout_for(tensors, layout, meta)
     n_out = tensors["outlier_row_ptr"].shape[0] - 1
     bo0, sk0, nw0 = default_launch(m, n_out, in_features, x.device)
     block_out, split_k, num_warps = block_out or bo0, split_k or sk0, num_warps or nw0

@@ -9,7 +9,7 @@ from hf_effllm import HfEffllmError, SpQRConfig
 def test_defaults_match_the_issue():
     c = SpQRConfig()
     assert (c.bits, c.group_size, c.stats_group_size, c.stats_bits) == (3, 16, 16, 3)
-    assert (c.outlier_threshold, c.permutation, c.percdamp, c.nsamples, c.seqlen) == (0.2, "act_order", 1.0, 128, 2048)
+    assert (c.outlier_threshold, c.permutation, c.percdamp, c.nsamples, c.seqlen) == (0.2, "act_order", 0.01, 128, 2048)
     assert c.quant_method == "hf_effllm_spqr" and c.modules_to_not_convert is None and c.dataset is None
 
 

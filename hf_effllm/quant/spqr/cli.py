@@ -44,7 +44,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stats-group-size", type=int, default=16, help="rows per second-level group (default 16)")
     p.add_argument("--outlier-threshold", type=_threshold, default=0.2, help="relative threshold; inf disables")
     p.add_argument("--permutation", default="act_order", choices=list(PERMUTATIONS), help="column order")
-    p.add_argument("--percdamp", type=float, default=1.0, help="Hessian dampening / mean diagonal (default 1.0)")
+    p.add_argument("--percdamp", type=float, default=0.01, help="Hessian dampening / mean diagonal (default 0.01)")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
     p.add_argument("--no-true-sequential", action="store_true", help="one calibration pass per decoder layer")

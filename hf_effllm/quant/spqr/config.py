@@ -45,7 +45,8 @@ class SpQRConfig(QuantizationConfigMixin):
         outlier_threshold: relative threshold of the outlier tests (the paper's tau); ``float("inf")`` disables
             outliers; 0 is not allowed.
         permutation: ``"act_order"`` (columns by decreasing Hessian diagonal) or ``"identity"``.
-        percdamp: dampening added to the Hessian diagonal, as a fraction of its mean (> 0).
+        percdamp: dampening added to the Hessian diagonal, as a fraction of its mean (> 0; default 0.01, which
+            beat 1.0 on SmolLM2 for GPTQ and SpQR at 3.6 and 4.6 bits: benchmarks/results/spqr_quality_damp001.md).
         blocksize: columns per lazy GPTQ batch (the paper and GPTQ use 128).
         dataset: calibration text (list of strings or a ``datasets.Dataset`` with a "text" column); ``None`` is the
             embedded corpus's training split. Not written to config.json.
@@ -73,7 +74,7 @@ class SpQRConfig(QuantizationConfigMixin):
         stats_bits: int = 3,
         outlier_threshold: float = 0.2,
         permutation: str = "act_order",
-        percdamp: float = 1.0,
+        percdamp: float = 0.01,
         blocksize: int = 128,
         dataset: Any = None,
         tokenizer: Any = None,
@@ -132,7 +133,7 @@ class SpQRConfig(QuantizationConfigMixin):
             raise HfEffllmError(f"permutation={self.permutation!r} is not allowed; use one of {list(PERMUTATIONS)}.")
         pd = self.percdamp
         if isinstance(pd, bool) or not isinstance(pd, (int, float)) or not math.isfinite(pd) or pd <= 0:
-            raise HfEffllmError(f"percdamp={pd!r} is not allowed; use a positive finite number (default 1.0).")
+            raise HfEffllmError(f"percdamp={pd!r} is not allowed; use a positive finite number (default 0.01).")
         if not isinstance(self.true_sequential, bool):
             raise HfEffllmError(f"true_sequential={self.true_sequential!r} must be True or False.")
         mods = self.modules_to_not_convert

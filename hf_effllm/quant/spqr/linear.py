@@ -100,7 +100,7 @@ class SpQRLinear(nn.Module):
     def kernel_layout(self) -> dict[str, Any]:
         """The packed buffers re-laid out for the Triton kernels (``hf_effllm.kernels.spqr.kernel_layout``), built
         on first use and kept until the buffers move or are reloaded. It costs device memory: about
-        ``lane_bits(bits) + 0.7`` bits per weight plus 12 bytes per outlier."""
+        ``lane_bits(bits) + 0.75`` bits per weight plus 8 bytes per outlier."""
         from ...kernels.spqr import kernel_layout
 
         dev = self.qweight.device
