@@ -218,6 +218,7 @@ if HAS_TRITON:
         k0,
         N,
         N2,
+        unit,
         LANE: tl.constexpr,
         SHIFT: tl.constexpr,
         GS: tl.constexpr,
@@ -232,7 +233,10 @@ if HAS_TRITON:
         layout conversions."""
         P: tl.constexpr = 32 // LANE
         kw = tl.arange(0, BKW)[:, None, None]
-        n3 = n[None, None, :]
+        # ``unit`` is a run-time 1: it hides the contiguity of the rows from the compiler, so the code and statistics
+        # loads take the compute layout directly (one coalesced 4-byte load per lane) instead of 16-byte vector loads
+        # followed by a shared-memory layout conversion (two barriers per load) on every step
+        n3 = (n * unit)[None, None, :]
         m3 = nmask[None, None, :]
         # 3-D pointers with a unit middle axis: the loads get the layout of the (BKW, P, BN) result directly
         words = tl.load(codes_ptr + (k0 // P + kw) * N + n3, mask=m3, other=0)  # (BKW, 1, BN)
@@ -244,7 +248,7 @@ if HAS_TRITON:
         st = tl.load(stats_ptr + g * N + n3, mask=m3, other=0).to(tl.int32)
         sc = (st & ((1 << SHIFT) - 1)).to(tl.float32)
         zc = (st >> SHIFT).to(tl.float32)
-        s2 = tl.load(s2_ptr + g * N2 + n3 // SGS, mask=m3, other=0)
+        s2 = tl.load(s2_ptr + g * N2 + n[None, None, :] // SGS, mask=m3, other=0)
         s_step = (s2 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         s_min = ((s2 >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         z_step = ((s2 >> 32) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
@@ -316,7 +320,7 @@ if HAS_TRITON:
             xv = tl.load(x_ptr + ms[:, None] * stride_xm + src[None, :], mask=mmask[:, None] & kmask[None, :], other=0)
             tl.store(xs_ptr + ms[:, None] * stride_xsm + ks[None, :], xv, mask=mmask[:, None] & (ks < Kp)[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["unit"])
     def _spqr_mv_kernel(
         xs_ptr,
         y0_ptr,
@@ -331,6 +335,7 @@ if HAS_TRITON:
         Kp,
         stride_xm,
         stride_ym,
+        unit,
         LANE: tl.constexpr,
         SHIFT: tl.constexpr,
         GS: tl.constexpr,
@@ -359,7 +364,7 @@ if HAS_TRITON:
         else:
             acc3 = tl.zeros([BKW, P, BN], dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BK):
-            w = _tile_t(codes_ptr, stats_ptr, s2_ptr, n, nmask, k0, N, N2, LANE, SHIFT, GS, SGS, BKW, False)
+            w = _tile_t(codes_ptr, stats_ptr, s2_ptr, n, nmask, k0, N, N2, unit, LANE, SHIFT, GS, SGS, BKW, False)
             if DOT:
                 ks = k0 + tl.arange(0, BK)
                 xt = tl.load(xs_ptr + ms[:, None] * stride_xm + ks[None, :], mask=mmask[:, None], other=0.0)
@@ -381,7 +386,7 @@ if HAS_TRITON:
             acc += tl.load(y0_ptr + yoff, mask=ymask, other=0.0)
             tl.store(y_ptr + yoff, acc.to(y_ptr.dtype.element_ty), mask=ymask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["unit"])
     def _spqr_dequant_kernel(
         wt_ptr,
         codes_ptr,
@@ -391,6 +396,7 @@ if HAS_TRITON:
         N2,
         K,
         k_per_prog,
+        unit,
         LANE: tl.constexpr,
         SHIFT: tl.constexpr,
         GS: tl.constexpr,
@@ -406,7 +412,7 @@ if HAS_TRITON:
         ks0 = tl.arange(0, BK)
         k_lo = tl.program_id(1) * k_per_prog
         for k0 in range(k_lo, tl.minimum(k_lo + k_per_prog, K), BK):
-            w = _tile_t(codes_ptr, stats_ptr, s2_ptr, n, nmask, k0, N, N2, LANE, SHIFT, GS, SGS, BKW, True)
+            w = _tile_t(codes_ptr, stats_ptr, s2_ptr, n, nmask, k0, N, N2, unit, LANE, SHIFT, GS, SGS, BKW, True)
             ks = (k0 + ks0).to(tl.int64)
             tl.store(
                 wt_ptr + ks[:, None] * N + n[None, :],
@@ -497,7 +503,7 @@ def spqr_dequantize_triton(
     bn, k_per_prog = 64, 1024
     grid = (triton.cdiv(n_out, bn), triton.cdiv(in_features, k_per_prog))
     _spqr_dequant_kernel[grid](
-        wt, lay["codes"], lay["stats"], lay["stats2"], n_out, lay["stats2"].shape[1], in_features, k_per_prog,
+        wt, lay["codes"], lay["stats"], lay["stats2"], n_out, lay["stats2"].shape[1], in_features, k_per_prog, 1,
         LANE=lay["lane"], SHIFT=lay["stats_shift"], GS=group_size, SGS=stats_group_size, BN=bn, BKW=4,
         num_warps=4,
     )  # fmt: skip
@@ -594,7 +600,7 @@ def spqr_gemv_triton(
     y = y0 if atomic else torch.empty(m, n_out, device=x.device, dtype=x.dtype)
     _spqr_mv_kernel[(triton.cdiv(n_out, block_out), split_k)](
         xs, y0, y, lay["codes"], lay["stats"], lay["stats2"],
-        m, n_out, lay["stats2"].shape[1], k_per_split, kp, xs.stride(0), y0.stride(0),
+        m, n_out, lay["stats2"].shape[1], k_per_split, kp, xs.stride(0), y0.stride(0), 1,
         LANE=lay["lane"], SHIFT=lay["stats_shift"], GS=group_size, SGS=stats_group_size, ATOMIC=atomic, DOT=dot,
         FP32_DOT=x.dtype == torch.float32, BM=bm, BN=block_out, BKW=block_k_words, num_warps=num_warps,
     )  # fmt: skip
