@@ -77,3 +77,16 @@ def add_optimizer_name(value: str) -> Any:
     OptimizerNames._value2member_map_[value] = member
     OptimizerNames._member_names_.append(name)
     return member
+
+
+def save_state_dict_names_as_is(model: Any) -> None:
+    """Make ``save_pretrained`` write the model's state-dict names unchanged.
+
+    transformers 5 converts some checkpoints while loading (e.g. per-expert ``w1``/``w3`` into a stacked
+    ``gate_up_proj``) and applies the reverse conversion when saving, with patterns that also match names derived
+    from them (``gate_up_proj_spqr.0.qweight`` in 5.17, where it then tries to chunk a packed 1-D tensor). A model
+    whose modules hf-effllm replaced is saved in its own format, so the reverse conversion is turned off by giving
+    the model an empty conversion list (``_weight_conversions``, read by ``revert_weight_conversion`` in 5.17 .. 5.24;
+    ``None`` there means "use the architecture's default mapping").
+    """
+    model._weight_conversions = []

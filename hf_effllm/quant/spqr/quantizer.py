@@ -16,9 +16,11 @@ import torch
 from torch import nn
 from transformers.quantizers.base import HfQuantizer
 
+from ...compat import save_state_dict_names_as_is
 from ...errors import HfEffllmError
 from .config import METHOD_NAME, SpQRConfig
 from .engine import calibrate_and_quantize, record_results
+from .experts import SpQRExpertWeights, attach, empty_holder, parse_record_name
 from .linear import SpQRLinear
 
 
@@ -30,11 +32,24 @@ def _mark_quantized(model: nn.Module, config: SpQRConfig) -> None:
 
 
 def _replace_with_packed(model: nn.Module, results: dict[str, Any], config: SpQRConfig) -> None:
+    stacked: dict[tuple[str, str], dict[int, Any]] = {}
     for name, res in results.items():
+        parsed = parse_record_name(name)
+        if parsed is not None:  # one matrix of a stacked MoE expert parameter
+            stacked.setdefault(parsed[:2], {})[parsed[2]] = res
+            continue
         lin = model.get_submodule(name)
         model.set_submodule(
             name, SpQRLinear.from_packed(res.tensors, config, in_features=lin.in_features, bias=lin.bias)
         )
+    for (module_name, param), per_expert in stacked.items():
+        holder = SpQRExpertWeights(
+            SpQRLinear.from_packed(r.tensors, config, in_features=r.weight.shape[1], bias=None)
+            for _, r in sorted(per_expert.items())
+        )
+        attach(model.get_submodule(module_name), param, holder)
+    if stacked:
+        save_state_dict_names_as_is(model)
 
 
 @torch.no_grad()
@@ -47,7 +62,8 @@ def quantize_spqr(
     progress: bool = False,
 ) -> nn.Module:
     """Calibrate and quantize a model in memory with SpQR; its decoder-layer ``nn.Linear`` modules become
-    ``SpQRLinear`` (in place), and ``config`` records the per-layer and total average bits.
+    ``SpQRLinear`` and stacked MoE expert weights become packed per-expert ``SpQRLinear`` sets (in place), and
+    ``config`` records the per-matrix and total average bits.
 
     Args:
         model: a transformers causal LM (any dtype/device; calibration runs where the model is).
@@ -91,7 +107,12 @@ def _rebuild_modules(model: nn.Module, config: SpQRConfig) -> None:
             "this checkpoint's quantization_config has no per-layer records ('layers'); it was not written by "
             "hf-effllm's SpQR save_pretrained. Quantize the float model instead."
         )
+    stacked: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
     for name, rec in config.layers.items():
+        parsed = parse_record_name(name)
+        if parsed is not None:
+            stacked.setdefault(parsed[:2], {})[parsed[2]] = rec
+            continue
         try:
             lin = model.get_submodule(name)
         except AttributeError:
@@ -118,6 +139,29 @@ def _rebuild_modules(model: nn.Module, config: SpQRConfig) -> None:
                 dtype=lin.bias.dtype if lin.bias is not None else None,
             )
         model.set_submodule(name, new)
+    for (module_name, param), records in stacked.items():
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            raise HfEffllmError(
+                f"quantization_config.layers names experts of {module_name!r}, which this model does not have."
+            ) from None
+        weight = module._parameters.get(param)
+        expected = {(int(r["out_features"]), int(r["in_features"])) for r in records.values()}
+        if (
+            weight is None
+            or weight.dim() != 3
+            or sorted(records) != list(range(weight.shape[0]))
+            or expected != {tuple(weight.shape[1:])}
+        ):
+            raise HfEffllmError(
+                f"quantization_config.layers has {len(records)} packed experts of shape {sorted(expected)} for "
+                f"{module_name}.{param}, but the model has {None if weight is None else tuple(weight.shape)}; the "
+                "config does not belong to this architecture."
+            )
+        attach(module, param, empty_holder(weight.shape[0], records, config))
+    if stacked:
+        save_state_dict_names_as_is(model)
 
 
 def _restore_and_validate(model: nn.Module, config: SpQRConfig) -> None:
