@@ -381,6 +381,16 @@ def calibrate_and_quantize(
         return _calibrate(model, config, batches, layers, prefix, all_targets, all_experts, progress)
 
 
+def _run_with_hooks(layer: nn.Module, inputs: list, kwargs_list: list, handles: list) -> None:
+    """Run the layer on every calibration batch, then remove the hooks (also on error)."""
+    try:
+        for x, kw in zip(inputs, kwargs_list):
+            layer(x, **kw)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _quantize_experts(layer, experts, inputs, kwargs_list, config, results) -> None:
     """Quantize the stacked experts of one decoder layer, each expert matrix with its own routed-token Hessian."""
     calls: dict[str, list[tuple[tuple, dict]]] = {name: [] for name in experts}
@@ -391,12 +401,7 @@ def _quantize_experts(layer, experts, inputs, kwargs_list, config, results) -> N
             calls[_n].append((tuple(a.detach() if torch.is_tensor(a) else a for a in args), dict(kwargs)))
 
         handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        for x, kw in zip(inputs, kwargs_list):
-            layer(x, **kw)
-    finally:
-        for handle in handles:
-            handle.remove()
+    _run_with_hooks(layer, inputs, kwargs_list, handles)
     for name, mod in experts.items():
         hessians = expert_hessians(mod, calls.pop(name))
         for param in EXPERT_PARAMS:
@@ -434,12 +439,7 @@ def _calibrate(model, config, batches, layers, prefix, all_targets, all_experts,
                         _c[_n] += x.shape[0]
 
                     handles.append(targets[h].register_forward_pre_hook(hook))
-                try:
-                    for x, kw in zip(inputs, kwargs_list):
-                        layer(x, **kw)
-                finally:
-                    for handle in handles:
-                        handle.remove()
+                _run_with_hooks(layer, inputs, kwargs_list, handles)
                 for h, members in heads.items():
                     hess = hessians.pop(h) * (2.0 / counts[h]) if counts[h] else None
                     for n in members:

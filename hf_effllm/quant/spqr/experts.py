@@ -111,23 +111,7 @@ def attach(module: nn.Module, param: str, holder: SpQRExpertWeights) -> None:
 
 def empty_holder(num_experts: int, records: dict[int, dict[str, Any]], config: SpQRConfig) -> SpQRExpertWeights:
     """Meta-device ``SpQRLinear`` shells sized by the records (for loading a packed checkpoint)."""
-    shells = []
-    for e in range(num_experts):
-        rec = records[e]
-        with torch.device("meta"):
-            shells.append(
-                SpQRLinear(
-                    rec["in_features"],
-                    rec["out_features"],
-                    bias=False,
-                    bits=config.bits,
-                    group_size=config.group_size,
-                    stats_bits=config.stats_bits,
-                    stats_group_size=config.stats_group_size,
-                    nnz=int(rec["nnz"]),
-                    permuted=config.permutation == "act_order",
-                )
-            )
+    shells = [SpQRLinear.from_record(records[e], config, bias=False) for e in range(num_experts)]
     return SpQRExpertWeights(shells)
 
 

@@ -110,6 +110,25 @@ class SpQRLinear(nn.Module):
         return self._layout
 
     @classmethod
+    def from_record(
+        cls, record: dict[str, Any], config: SpQRConfig, *, bias: bool, dtype: torch.dtype | None = None
+    ) -> SpQRLinear:
+        """An empty (meta-device) layer sized by its ``config.layers`` record, to be filled by a checkpoint."""
+        with torch.device("meta"):
+            return cls(
+                record["in_features"],
+                record["out_features"],
+                bias=bias,
+                bits=config.bits,
+                group_size=config.group_size,
+                stats_bits=config.stats_bits,
+                stats_group_size=config.stats_group_size,
+                nnz=int(record["nnz"]),
+                permuted=config.permutation == "act_order",
+                dtype=dtype,
+            )
+
+    @classmethod
     def from_packed(
         cls, tensors: dict[str, torch.Tensor], config: SpQRConfig, *, in_features: int, bias: torch.Tensor | None
     ) -> SpQRLinear:

@@ -125,19 +125,9 @@ def _rebuild_modules(model: nn.Module, config: SpQRConfig) -> None:
                 f"quantization_config.layers[{name!r}] says {rec['out_features']}x{rec['in_features']}, but the model "
                 f"has {lin!r} there; the config does not belong to this architecture."
             )
-        with torch.device("meta"):
-            new = SpQRLinear(
-                rec["in_features"],
-                rec["out_features"],
-                bias=lin.bias is not None,
-                bits=config.bits,
-                group_size=config.group_size,
-                stats_bits=config.stats_bits,
-                stats_group_size=config.stats_group_size,
-                nnz=int(rec["nnz"]),
-                permuted=config.permutation == "act_order",
-                dtype=lin.bias.dtype if lin.bias is not None else None,
-            )
+        new = SpQRLinear.from_record(
+            rec, config, bias=lin.bias is not None, dtype=lin.bias.dtype if lin.bias is not None else None
+        )
         model.set_submodule(name, new)
     for (module_name, param), records in stacked.items():
         try:
