@@ -51,6 +51,16 @@ def test_experts_save_reload_is_bit_identical(tmp_path, calib_ids):
     assert torch.equal(before, after)
 
 
+def test_only_picked_experts_are_dequantized(calib_ids):
+    model = tiny_model("qwen3_moe")
+    hf_effllm.quantize_spqr(model, SpQRConfig(bits=4), calibration_ids=calib_ids)
+    holder = model.model.layers[0].mlp.experts.gate_up_proj_spqr
+    full = holder.dequantize(torch.float32, torch.device("cpu"))
+    part = holder.dequantize(torch.float32, torch.device("cpu"), [1, 3])
+    assert torch.equal(part[[1, 3]], full[[1, 3]]) and not part[[0, 2]].any()
+    torch.testing.assert_close(full[2], holder[2].dequantize())
+
+
 def test_expert_hessians_use_only_routed_tokens():
     model = tiny_model("qwen3_moe")
     experts = model.model.layers[0].mlp.experts

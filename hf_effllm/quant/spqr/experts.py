@@ -63,29 +63,39 @@ def parse_record_name(name: str) -> tuple[str, str, int] | None:
 class SpQRExpertWeights(nn.ModuleList):
     """The packed matrices of one stacked expert parameter, one :class:`SpQRLinear` (no bias) per expert."""
 
-    def dequantize(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """``(E, out, in)`` weights in the original column order (Triton kernel on CUDA, PyTorch elsewhere)."""
+    def dequantize(self, dtype: torch.dtype, device: torch.device, experts: list[int] | None = None) -> torch.Tensor:
+        """``(E, out, in)`` weights in the original column order (Triton kernel on CUDA, PyTorch elsewhere).
+
+        With ``experts``, only those are dequantized and the others are zeros (a MoE forward reads only the experts
+        its router picked)."""
         from ...kernels.spqr import HAS_TRITON, fused_supported, spqr_dequantize_triton
 
-        mats = []
-        for lin in self:
+        first = self[0]
+        out = torch.zeros(len(self), first.out_features, first.in_features, dtype=dtype, device=device)
+        for e in range(len(self)) if experts is None else experts:
+            lin = self[e]
             if lin.qweight.is_cuda and HAS_TRITON and fused_supported(lin.bits, lin.group_size):
                 w = spqr_dequantize_triton(
                     lin.packed_tensors(), dtype=dtype, layout=lin.kernel_layout(), original_order=True,
                     **lin.packed_meta(),
                 )  # fmt: skip
             else:
-                w = lin.dequantize().to(dtype)
-            mats.append(w.to(device))
-        return torch.stack(mats)
+                w = lin.dequantize()
+            out[e].copy_(w)
+        return out
 
 
 def _materialize(module: nn.Module, args: tuple, kwargs: dict) -> None:
     hidden = args[0] if args else kwargs["hidden_states"]
+    index = args[1] if len(args) > 1 else kwargs.get("top_k_index")
+    n_exp = len(getattr(module, "gate_up_proj_spqr", None) or getattr(module, "down_proj_spqr", None) or [])
+    picked = None
+    if torch.is_tensor(index):  # only the experts the router picked (a decode step needs top-k of E)
+        picked = [e for e in torch.unique(index).tolist() if 0 <= e < n_exp]
     for p in EXPERT_PARAMS:
         holder = getattr(module, f"{p}_spqr", None)
         if holder is not None:
-            setattr(module, p, holder.dequantize(hidden.dtype, hidden.device))
+            setattr(module, p, holder.dequantize(hidden.dtype, hidden.device, picked))
 
 
 def _release(module: nn.Module, *_: Any) -> None:
