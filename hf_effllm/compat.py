@@ -90,3 +90,12 @@ def save_state_dict_names_as_is(model: Any) -> None:
     ``None`` there means "use the architecture's default mapping").
     """
     model._weight_conversions = []
+
+
+def mark_weights_initialized(module: Any) -> None:
+    """Make transformers' missing-weight initialisation skip ``module`` (5.17 .. 5.24 check ``_is_hf_initialized``).
+
+    Needed where hf-effllm replaced a module's parameters (SpQR's packed MoE experts): the model's
+    ``_init_weights`` would otherwise read the parameters that are gone (``module.gate_up_proj``).
+    """
+    module._is_hf_initialized = True

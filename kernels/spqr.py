@@ -153,7 +153,8 @@ def kernel_layout(
     * ``stats2`` int64 (Gp, ceil(out / stats_group_size)): the four fp16 second-level statistics (scale step, scale
       minimum, zero step, zero minimum) of a (group, row block) in one 8-byte word;
     * ``perm``   int64 (in,) original column of each stored column (absent without a permutation): the wrappers
-      gather the activations into stored order once per call;
+      gather the activations into stored order once per call (``perm_inv``: its inverse, for weights in the
+      original order);
     * outliers: ``ov`` float16 values, ``oc`` (stored order) and ``oc_orig`` (original order) columns and ``orow``
       rows (int16 when they fit, else int32), ``optr`` int32 CSR row offsets.
 
@@ -165,7 +166,7 @@ def kernel_layout(
     out = tensors["outlier_row_ptr"].shape[0] - 1
     g = -(-in_features // group_size)
     kp = -(-in_features // BLOCK_K) * BLOCK_K
-    gp = kp // group_size if kp % group_size == 0 else -(-kp // group_size)
+    gp = -(-kp // group_size)
     lane = lane_bits(bits)
     codes = torch.zeros(out, kp, dtype=torch.int32, device=dev)
     codes[:, :in_features] = _unpack_stream(tensors["qweight"], out, in_features, bits)
@@ -188,6 +189,7 @@ def kernel_layout(
     }
     if perm is not None:
         layout["perm"] = perm.long()
+        layout["perm_inv"] = torch.argsort(layout["perm"])  # stored column of each original column
     ptr = tensors["outlier_row_ptr"]
     cols = tensors["outlier_cols"].long()
     layout["ov"] = tensors["outlier_values"]
@@ -510,7 +512,7 @@ def spqr_dequantize_triton(
     if lay["nnz"]:
         wt.index_put_((lay["oc"].long(), lay["orow"].long()), lay["ov"].to(dtype), accumulate=True)
     if original_order and "perm" in lay:
-        wt = wt.index_select(0, torch.argsort(lay["perm"]))
+        wt = wt.index_select(0, lay["perm_inv"])
     return wt if transposed else wt.T
 
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ...compat import mark_weights_initialized
 from .config import SpQRConfig
 from .linear import SpQRLinear
 
@@ -88,14 +89,13 @@ class SpQRExpertWeights(nn.ModuleList):
 def _materialize(module: nn.Module, args: tuple, kwargs: dict) -> None:
     hidden = args[0] if args else kwargs["hidden_states"]
     index = args[1] if len(args) > 1 else kwargs.get("top_k_index")
-    n_exp = len(getattr(module, "gate_up_proj_spqr", None) or getattr(module, "down_proj_spqr", None) or [])
+    holders = {p: h for p in EXPERT_PARAMS if (h := getattr(module, f"{p}_spqr", None)) is not None}
     picked = None
-    if torch.is_tensor(index):  # only the experts the router picked (a decode step needs top-k of E)
+    if torch.is_tensor(index) and holders:  # only the experts the router picked (a decode step needs top-k of E)
+        n_exp = len(next(iter(holders.values())))
         picked = [e for e in torch.unique(index).tolist() if 0 <= e < n_exp]
-    for p in EXPERT_PARAMS:
-        holder = getattr(module, f"{p}_spqr", None)
-        if holder is not None:
-            setattr(module, p, holder.dequantize(hidden.dtype, hidden.device, picked))
+    for p, holder in holders.items():
+        setattr(module, p, holder.dequantize(hidden.dtype, hidden.device, picked))
 
 
 def _release(module: nn.Module, *_: Any) -> None:
@@ -109,10 +109,7 @@ def attach(module: nn.Module, param: str, holder: SpQRExpertWeights) -> None:
     if param in module._parameters:
         del module._parameters[param]
     module.add_module(f"{param}_spqr", holder)
-    # The module's weights now come from the packed holders: transformers' missing-weight initialisation (its
-    # ``_init_weights`` reads ``module.gate_up_proj``) must skip it. ``_is_hf_initialized`` is the flag it checks
-    # (5.17 .. 5.24).
-    module._is_hf_initialized = True
+    mark_weights_initialized(module)  # its weights come from the packed holders, not from initialisation
     if not getattr(module, "_hf_effllm_spqr_hooks", False):
         module.register_forward_pre_hook(_materialize, with_kwargs=True)
         module.register_forward_hook(_release)
