@@ -73,8 +73,20 @@ def main(argv=None) -> int:
     p.add_argument(
         "--no-kernel", action="store_true", help="score through the PyTorch path instead of the Triton kernel"
     )
+    p.add_argument(
+        "--variants",
+        default=None,
+        help="comma-separated substrings; only the MILLION/anchor/QuantizedCache rows whose name contains one of them "
+        "run (the dense row always runs), e.g. '2-bit, per head,anchor'",
+    )
+    p.add_argument("--name", default=None, help="results file stem (default million_quality[_quick])")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
+    wanted = [w.strip() for w in args.variants.split(",") if w.strip()] if args.variants else None
+
+    def chosen(name: str) -> bool:
+        return wanted is None or any(w in name for w in wanted)
+
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     quick = args.quick or dev.type == "cpu"
     contexts = args.contexts or ([2048] if quick else [2048, 8192])
@@ -91,7 +103,7 @@ def main(argv=None) -> int:
     sig = ModelSignature.from_config(model.config)
     d = sig.head_dim
     run = BenchmarkRun(
-        "million_quality_quick" if quick else "million_quality",
+        args.name or ("million_quality_quick" if quick else "million_quality"),
         "Perplexity of SmolLM2-135M on held-out text (eval split) with the KV cache in use: each window's first half "
         f"prefilled, the rest scored through the cache in chunks of {chunk}. vs_dense_pct relative to DynamicCache "
         "under the same protocol. Codebooks: train split only.",
@@ -116,6 +128,7 @@ def main(argv=None) -> int:
         if quick:
             settings.pop("MILLION 2-bit, per head, window 128")
             settings.pop("MILLION 4-bit, per head, window 128")
+        settings = {name: cfg for name, cfg in settings.items() if chosen(name)}
         books = {}
         for name, cfg in settings.items():
             cfg.kmeans_iters, cfg.max_points = iters, max_points
@@ -148,6 +161,8 @@ def main(argv=None) -> int:
             print(f"  {name}: {res.perplexity:.3f} ({100 * (res.perplexity / dense.perplexity - 1):+.2f}%)")
         model.set_attn_implementation("sdpa")  # QuantizedCache returns dequantized K/V for any attention function
         for name, factory in quantized_cache_factories(model.config).items():
+            if not chosen(f"QuantizedCache {name}"):
+                continue
             if isinstance(factory, str):
                 run.add(context=ctx_len, variant=f"QuantizedCache {name}", note=factory)
                 print(f"  QuantizedCache {name}: {factory}")

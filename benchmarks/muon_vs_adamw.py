@@ -87,6 +87,10 @@ def train_run(
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             curve.append((step + 1, eval_loss(model, evals, device, args.batch)))
     seconds = time.perf_counter() - start
+    print(
+        f"{optim} lr {lr:g}: final held-out loss {curve[-1][1]:.4f} after {args.steps} steps ({seconds:.0f} s)",
+        flush=True,
+    )
     return {"optim": optim, "lr": lr, "curve": curve, "final": curve[-1][1], "seconds": seconds}
 
 

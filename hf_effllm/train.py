@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import resource
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,19 +144,23 @@ def _peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # process peak RSS on Linux
 
 
-def _decode_tokens_per_s(model: torch.nn.Module, tokens: int, context: int) -> float:
+def _decode_tokens_per_s(model: torch.nn.Module, tokens: int, context: int, repeats: int = 3) -> float:
+    """Greedy decoding speed (tokens/s, batch 1, eager): median of ``repeats`` timed runs after a full-length warm-up."""
     device = next(model.parameters()).device
     ids = torch.randint(0, model.config.vocab_size, (1, context), device=device)
     kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+    times = []
     with torch.no_grad():
-        model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        model.generate(ids, **kwargs)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    return tokens / (time.perf_counter() - start)
+        for i in range(repeats + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            model.generate(ids, **kwargs)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i:  # the first run is the warm-up
+                times.append(time.perf_counter() - start)
+    return tokens / statistics.median(times)
 
 
 def run_recipe(recipe: TrainRecipe, *, callbacks: list[Any] | None = None, progress: bool = True) -> dict[str, Any]:
