@@ -6,7 +6,9 @@ outliers; identity Hessian, since speed does not depend on calibration). Then, f
 
 1. correctness first: the Triton path against the PyTorch reference (dequantize in fp32, matmul), relative error;
 2. timing: bf16 ``x @ W^T`` with the dense weight, the SpQR fused kernel at its default launch settings, a sweep
-   of launch settings (rows per program x split-K x warps) whose best entry is reported, and the
+   of launch settings (rows per program x split-K x words per step) whose best entry is reported, for both kernel
+   variants (``v1``: the measured kernel; ``v2``: folded zero-point for one row, tensor cores for 2..16; columns
+   ``*_v2``), and the
    dequantize-then-matmul prefill path; eager (``do_bench``) and in a CUDA graph over distinct weight copies
    (no launch overhead, nothing L2-resident: how a decode step runs when captured);
 3. end to end: greedy decode tokens/s of the embedded SmolLM2-135M, bf16 vs SpQR (3-bit, quick calibration).
@@ -54,6 +56,7 @@ from hf_effllm.quant.spqr import spqr_quantize_matrix  # noqa: E402
 FULL_SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096)]
 QUICK_SHAPES = [(96, 160), (160, 96)]
 SWEEP = [(bo, sk, bkw) for bo in (64, 128) for bkw in (8, 16) for sk in (4, 8, 16, 32)]
+VARIANTS = ("v1", "v2")  # kernels.spqr.GEMV_VARIANTS: v1 = the measured kernel, v2 = folded zero / tensor cores
 
 
 def make_layer(inp: int, out: int, device: torch.device, threshold: float) -> SpQRLinear:
@@ -86,10 +89,12 @@ def measure(layer: SpQRLinear, x: torch.Tensor, dev: torch.device, quick: bool) 
     lay = kernel_layout(t, **meta)
     w_dense = layer.dequantize().to(act)  # the same weight, dense, for the baseline
     ref = spqr_matmul_reference(x.float(), t, **meta)
-    err = rel_err(spqr_gemv_triton(x, t, layout=lay, **meta), ref)
+    errs = {v: rel_err(spqr_gemv_triton(x, t, layout=lay, variant=v, **meta), ref) for v in VARIANTS}
+    err = max(errs.values())
     reps = dict(warmup=2, rep=5) if quick else dict(warmup=25, rep=100)
     base_ms = time_ms(lambda: torch.matmul(x, w_dense.T), device=dev, **reps)
-    fused_ms = time_ms(lambda: spqr_gemv_triton(x, t, layout=lay, **meta), device=dev, **reps)
+    fused_ms = time_ms(lambda: spqr_gemv_triton(x, t, layout=lay, variant="v1", **meta), device=dev, **reps)
+    v2_ms = time_ms(lambda: spqr_gemv_triton(x, t, layout=lay, variant="v2", **meta), device=dev, **reps)
     deq_ms = time_ms(
         lambda: torch.matmul(x, spqr_dequantize_triton(t, dtype=act, layout=lay, original_order=True, **meta).T),
         device=dev,
@@ -97,11 +102,14 @@ def measure(layer: SpQRLinear, x: torch.Tensor, dev: torch.device, quick: bool) 
     )
     row: dict[str, Any] = dict(
         rel_err=err,
+        rel_err_v2=errs["v2"],
         ok=err < (2e-2 if act != torch.float32 else 1e-4),
         kernel_bits=round(8 * layout_bytes(lay) / (layer.in_features * layer.out_features), 3),
         bf16_ms=base_ms,
         spqr_ms=fused_ms,
         speedup_eager=base_ms / fused_ms,
+        spqr_v2_ms=v2_ms,
+        speedup_v2_eager=base_ms / v2_ms,
         dequant_matmul_ms=deq_ms,
     )
     if dev.type != "cuda":
@@ -112,32 +120,42 @@ def measure(layer: SpQRLinear, x: torch.Tensor, dev: torch.device, quick: bool) 
         for _ in range(_copies(layout_bytes(lay)))
     ]
     base_g = graph_time_ms([lambda w=w: torch.matmul(x, w.T) for w in dense])
-    best = None
-    for bo, sk, bkw in SWEEP:
+    best: dict[str, tuple[float, str]] = {}
+    for variant, (bo, sk, bkw) in ((v, c) for v in VARIANTS for c in SWEEP):
+        if variant == "v2" and x.shape[0] > 1 and bkw < 16:
+            continue  # the tensor-core kernel takes at least 16 words a step: same as bkw=16
         nw = 8 if bo >= 256 else 4
         fns = [
-            lambda lo=lo, bo=bo, sk=sk, nw=nw, bkw=bkw: spqr_gemv_triton(
-                x, t, layout=lo, block_out=bo, split_k=sk, num_warps=nw, block_k_words=bkw, **meta
+            lambda lo=lo, bo=bo, sk=sk, nw=nw, bkw=bkw, variant=variant: spqr_gemv_triton(
+                x, t, layout=lo, block_out=bo, split_k=sk, num_warps=nw, block_k_words=bkw, variant=variant, **meta
             )
             for lo in lays
         ]
         try:
             ms = graph_time_ms(fns)
         except Exception as e:  # a launch setting the compiler rejects: report, keep sweeping
-            print(f"  BO={bo} split_k={sk} bkw={bkw}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+            print(f"  {variant} BO={bo} split_k={sk} bkw={bkw}: {type(e).__name__}: {str(e)[:120]}", flush=True)
             continue
-        if best is None or ms < best[0]:
-            best = (ms, f"BO={bo},split_k={sk},bkw={bkw},warps={nw}")
-    default_g = graph_time_ms([lambda lo=lo: spqr_gemv_triton(x, t, layout=lo, **meta) for lo in lays])
-    row.update(
-        bf16_graph_ms=base_g,
-        spqr_graph_ms=default_g,
-        speedup=base_g / default_g,
-        best_graph_ms=best[0] if best else None,
-        best_speedup=base_g / best[0] if best else None,
-        best_launch=best[1] if best else None,
-        kernel_gbps=(layout_bytes(lay) / 1e9) / ((best[0] if best else default_g) / 1e3),
-    )
+        if variant not in best or ms < best[variant][0]:
+            best[variant] = (ms, f"BO={bo},split_k={sk},bkw={bkw},warps={nw}")
+    default_g = {
+        v: graph_time_ms([lambda lo=lo, v=v: spqr_gemv_triton(x, t, layout=lo, variant=v, **meta) for lo in lays])
+        for v in VARIANTS
+    }
+    row.update(bf16_graph_ms=base_g, spqr_graph_ms=default_g["v1"], speedup=base_g / default_g["v1"])
+    for v in VARIANTS:  # default launch, then the best of the sweep, per variant
+        b = best.get(v)
+        sfx = "" if v == "v1" else f"_{v}"
+        if v != "v1":
+            row.update({f"spqr{sfx}_graph_ms": default_g[v], f"speedup{sfx}": base_g / default_g[v]})
+        row.update(
+            {
+                f"best{sfx}_graph_ms": b[0] if b else None,
+                f"best{sfx}_speedup": base_g / b[0] if b else None,
+                f"best{sfx}_launch": b[1] if b else None,
+                f"kernel{sfx}_gbps": (layout_bytes(lay) / 1e9) / ((b[0] if b else default_g[v]) / 1e3),
+            }
+        )
     return row
 
 

@@ -41,6 +41,13 @@ except ImportError:  # pragma: no cover - triton is a Linux dependency
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GEMV_MAX_ROWS = 16
+GEMV_VARIANTS = ("v1", "v2")
+# v1: one kernel for 1..16 rows (dequantize every weight to fp32; FMAs for one row, tl.dot for more), measured in
+# benchmarks/results/spqr_speed.md. v2: one row -> _spqr_mv1_kernel (zero folded into a per-group correction,
+# codes decoded in place: ~4 PTX ops per weight instead of ~11); MMA_MIN_ROWS.. rows -> _spqr_mma_kernel (tensor
+# cores, P dots of the lanes' weight tiles, no weight-tile reshape). Flip these after the GPU measurement.
+DEFAULT_VARIANT = "v1"
+MMA_MIN_ROWS = 2
 
 
 def _check(x: torch.Tensor, t: dict[str, torch.Tensor], in_features: int) -> None:
@@ -280,15 +287,20 @@ if HAS_TRITON:
         stride_xm,
         stride_xsm,
         stride_ym,
+        xsum_ptr,
         HAS_PERM: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         BM: tl.constexpr,
         OC: tl.constexpr,
         XB: tl.constexpr,
         RB: tl.constexpr,
+        PRESCALE: tl.constexpr = False,
+        LANE: tl.constexpr = 4,
+        GS: tl.constexpr = 16,
     ):
         """Programs < NRB: y0[:, rows] = bias + the rows' outliers (fp32), RB rows each. Others: xs = x in stored
-        order, zero-padded."""
+        order, zero-padded. PRESCALE (one row, for ``_spqr_mv1_kernel``): xs in fp32 times 2^-pos of each column's
+        lane, and xsum = the sum of x over each group of GS stored columns."""
         NRB = tl.cdiv(N, RB)
         pid = tl.program_id(0)
         ms = tl.arange(0, BM)
@@ -319,8 +331,22 @@ if HAS_TRITON:
                 src = tl.load(perm_ptr + ks, mask=kmask, other=0)
             else:
                 src = ks
-            xv = tl.load(x_ptr + ms[:, None] * stride_xm + src[None, :], mask=mmask[:, None] & kmask[None, :], other=0)
-            tl.store(xs_ptr + ms[:, None] * stride_xsm + ks[None, :], xv, mask=mmask[:, None] & (ks < Kp)[None, :])
+            if PRESCALE:
+                P: tl.constexpr = 32 // LANE
+                SH_HI: tl.constexpr = ((9 + LANE - 1) // LANE) * LANE
+                xv = tl.load(x_ptr + src, mask=kmask, other=0).to(tl.float32)
+                j = ks % P
+                pos = LANE * j - tl.where(LANE * (j + 1) > 23, SH_HI, 0)
+                inv = ((127 - pos) << 23).to(tl.float32, bitcast=True)  # 2^-pos exactly
+                tl.store(xs_ptr + ks, xv * inv, mask=ks < Kp)
+                gsum = tl.sum(tl.reshape(xv, [XB // GS, GS]), axis=1)
+                gi = (pid - NRB) * (XB // GS) + tl.arange(0, XB // GS)
+                tl.store(xsum_ptr + gi, gsum, mask=gi < Kp // GS)
+            else:
+                xv = tl.load(
+                    x_ptr + ms[:, None] * stride_xm + src[None, :], mask=mmask[:, None] & kmask[None, :], other=0
+                )
+                tl.store(xs_ptr + ms[:, None] * stride_xsm + ks[None, :], xv, mask=mmask[:, None] & (ks < Kp)[None, :])
 
     @triton.jit(do_not_specialize=["unit"])
     def _spqr_mv_kernel(
@@ -382,6 +408,153 @@ if HAS_TRITON:
             acc = tl.sum(tl.sum(acc3, axis=1), axis=0)[None, :]  # (1, BN)
         yoff = ms[:, None] * stride_ym + n[None, :]
         ymask = mmask[:, None] & nmask[None, :]
+        if ATOMIC:
+            tl.atomic_add(y0_ptr + yoff, acc, mask=ymask)
+        else:
+            acc += tl.load(y0_ptr + yoff, mask=ymask, other=0.0)
+            tl.store(y_ptr + yoff, acc.to(y_ptr.dtype.element_ty), mask=ymask)
+
+    @triton.jit
+    def _stats_t(stats_ptr, s2_ptr, g, n, m, N, N2, SHIFT: tl.constexpr, SGS: tl.constexpr):
+        """fp32 (scale, zero) of groups ``g`` and rows ``n`` (broadcast shapes): codes decoded with the 2^23 mantissa
+        trick (no int-to-float conversion), second-level statistics from their packed fp16 word."""
+        st = tl.load(stats_ptr + g * N + n, mask=m, other=0).to(tl.int32)
+        sc = ((st & ((1 << SHIFT) - 1)) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        zc = ((st >> SHIFT) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        s2 = tl.load(s2_ptr + g * N2 + n // SGS, mask=m, other=0)
+        s_step = (s2 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        s_min = ((s2 >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        z_step = ((s2 >> 32) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        z_min = ((s2 >> 48) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return s_step * sc + s_min, z_step * zc + z_min
+
+    @triton.jit(do_not_specialize=["unit"])
+    def _spqr_mv1_kernel(
+        xs_ptr,
+        xsum_ptr,
+        y0_ptr,
+        y_ptr,
+        codes_ptr,
+        stats_ptr,
+        s2_ptr,
+        N,
+        N2,
+        k_per_split,
+        Kp,
+        unit,
+        LANE: tl.constexpr,
+        SHIFT: tl.constexpr,
+        GS: tl.constexpr,
+        SGS: tl.constexpr,
+        ATOMIC: tl.constexpr,
+        BN: tl.constexpr,
+        BG: tl.constexpr,
+    ):
+        """One activation row (variant v2): y[rows] = y0[rows] + sum_g scale * (sum_j q_j x_j - zero * sum_j x_j).
+
+        The zero-point is folded into one correction per (group, row) with the group's activation sum ``xsum``
+        (computed once by the prologue), so a weight costs: one AND|OR (a LOP3 after ptxas) that puts its code into
+        the mantissa of 2^23 *in place* (lanes above mantissa bit 22 come from one shifted copy of the word), one
+        subtraction and one FMA. ``xs`` holds the activations pre-multiplied by 2^-p (p = the lane's bit position
+        in that float), which undoes the in-place position exactly. Scale and zero are decoded once per group."""
+        P: tl.constexpr = 32 // LANE
+        WPG: tl.constexpr = GS // P  # words per group
+        SH_HI: tl.constexpr = ((9 + LANE - 1) // LANE) * LANE  # shift of the copy that serves the high lanes
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        n = pid_n * BN + tl.arange(0, BN)
+        nmask = n < N
+        n4 = n[None, None, None, :]
+        m4 = nmask[None, None, None, :]
+        gi = tl.arange(0, BG)[:, None, None, None]
+        wi = tl.arange(0, WPG)[None, :, None, None]
+        j = tl.arange(0, P)[None, None, :, None]
+        hi = LANE * (j + 1) > 23  # lanes that do not fit in the mantissa in place
+        pos = LANE * j - tl.where(hi, SH_HI, 0)
+        lane_mask = ((1 << LANE) - 1) << pos
+        xoff = (gi * WPG + wi) * P + j  # (BG, WPG, P, 1) column inside the step
+        k_lo = pid_k * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, Kp)
+        acc = tl.zeros([BG, 1, 1, BN], dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BG * GS):
+            words = tl.load(codes_ptr + (k0 // P + gi * WPG + wi) * N + n4, mask=m4, other=0)  # (BG, WPG, 1, BN)
+            src = tl.where(hi, words >> SH_HI, words)
+            q = ((src & lane_mask) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # code * 2^pos, exact
+            xv = tl.load(xs_ptr + k0 + tl.reshape(xoff, [BG, WPG, P]))[:, :, :, None]  # pre-scaled; padded: no mask
+            part = tl.sum(tl.sum(q * xv, axis=2, keep_dims=True), axis=1, keep_dims=True)  # (BG, 1, 1, BN)
+            g = k0 // GS + gi
+            scale, zero = _stats_t(stats_ptr, s2_ptr, g, n4, m4, N, N2, SHIFT, SGS)
+            acc += scale * (part - zero * tl.load(xsum_ptr + g))
+        out = tl.reshape(tl.sum(acc, axis=0), [BN])
+        if ATOMIC:
+            tl.atomic_add(y0_ptr + n, out, mask=nmask)
+        else:
+            out += tl.load(y0_ptr + n, mask=nmask, other=0.0)
+            tl.store(y_ptr + n, out.to(y_ptr.dtype.element_ty), mask=nmask)
+
+    @triton.jit(do_not_specialize=["unit"])
+    def _spqr_mma_kernel(
+        xs_ptr,
+        y0_ptr,
+        y_ptr,
+        codes_ptr,
+        stats_ptr,
+        s2_ptr,
+        M,
+        N,
+        N2,
+        k_per_split,
+        Kp,
+        stride_xm,
+        stride_ym,
+        unit,
+        LANE: tl.constexpr,
+        SHIFT: tl.constexpr,
+        GS: tl.constexpr,
+        SGS: tl.constexpr,
+        ATOMIC: tl.constexpr,
+        FP32: tl.constexpr,
+        BM: tl.constexpr,
+        BN: tl.constexpr,
+        BKW: tl.constexpr,
+    ):
+        """2..16 activation rows on tensor cores (variant v2): per step, code word ``kw`` of row ``n`` holds columns
+        ``kw * P + j``; lane ``j`` of every word is dequantized to a (BN, BKW) tile in the activation dtype and
+        multiplied with the matching strided (BKW, BM) activation columns, ``P`` dots of depth BKW per step: no
+        reshape or interleave of the weight tile, and the weight is the wide (M = BN) operand of the MMA."""
+        P: tl.constexpr = 32 // LANE
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        n = pid_n * BN + tl.arange(0, BN)
+        nmask = n < N
+        ms = tl.arange(0, BM)
+        mmask = ms < M
+        kw = tl.arange(0, BKW)
+        k_lo = pid_k * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, Kp)
+        acc = tl.zeros([BN, BM], dtype=tl.float32)
+        n2 = (n * unit)[:, None]
+        m2 = nmask[:, None]
+        for k0 in range(k_lo, k_hi, BKW * P):
+            kv = (k0 // P + kw) < Kp // P  # only 2-bit lanes (P = 16) make a step longer than the 128-column padding
+            words = tl.load(codes_ptr + (k0 // P + kw[None, :]) * N + n2, mask=m2 & kv[None, :], other=0)  # (BN, BKW)
+            g = (k0 + kw[None, :] * P) // GS
+            scale, zero = _stats_t(stats_ptr, s2_ptr, g, n2, m2, N, N2, SHIFT, SGS)
+            nsz = -scale * zero
+            for j in tl.static_range(P):
+                q = (((words >> (LANE * j)) & ((1 << LANE) - 1)) | 0x4B000000).to(tl.float32, bitcast=True)
+                w = (q - 8388608.0) * scale + nsz
+                xt = tl.load(
+                    xs_ptr + ms[None, :] * stride_xm + (k0 + kw[:, None] * P + j),
+                    mask=mmask[None, :] & kv[:, None],
+                    other=0.0,
+                )  # (BKW, BM)
+                if FP32:
+                    acc += tl.dot(w, xt.to(tl.float32), input_precision="ieee")
+                else:
+                    acc += tl.dot(w.to(xt.dtype), xt)
+        yoff = ms[None, :] * stride_ym + n[:, None]
+        ymask = mmask[None, :] & nmask[:, None]
         if ATOMIC:
             tl.atomic_add(y0_ptr + yoff, acc, mask=ymask)
         else:
@@ -545,6 +718,7 @@ def spqr_gemv_triton(
     block_out: int | None = None,
     num_warps: int | None = None,
     block_k_words: int = 8,
+    variant: str | None = None,
     **_: Any,
 ) -> torch.Tensor:
     """Fused dequantize + matrix product for at most 16 rows of activations (the decode path).
@@ -559,7 +733,9 @@ def spqr_gemv_triton(
         split_k: programs along the input dimension (``None``: :func:`default_launch`); > 1 adds with fp32 atomics.
         block_out: output rows per program (a power of two >= 16).
         num_warps: warps per program.
-        block_k_words: code words per row and step (each holds ``32 // lane_bits(bits)`` columns).
+        block_k_words: code words per row and step (each holds ``32 // lane_bits(bits)`` columns); the v2
+            tensor-core kernel uses at least 16.
+        variant: ``"v1"`` or ``"v2"`` (see ``GEMV_VARIANTS``; ``None``: ``DEFAULT_VARIANT``).
 
     Returns:
         (..., out_features) in ``x.dtype``.
@@ -579,33 +755,62 @@ def spqr_gemv_triton(
         raise HfEffllmError(f"split_k={split_k} must be >= 1.")
     if block_k_words not in (1, 2, 4, 8, 16):
         raise HfEffllmError(f"block_k_words={block_k_words} is not supported; use 1, 2, 4, 8 or 16.")
+    variant = DEFAULT_VARIANT if variant is None else variant
+    if variant not in GEMV_VARIANTS:
+        raise HfEffllmError(f"variant={variant!r} is not supported; use one of {GEMV_VARIANTS}.")
     n_out = tensors["outlier_row_ptr"].shape[0] - 1
+    mode = "v1" if variant == "v1" else "mv1" if m == 1 else "mma" if m >= MMA_MIN_ROWS else "v1"
     bo0, sk0, nw0 = default_launch(m, n_out, in_features, x.device)
+    if mode == "mv1" and x.is_cuda:
+        bo0 = 128  # 4 rows x 32 threads: each thread then holds whole groups (words, lanes) in registers
     block_out, split_k, num_warps = block_out or bo0, split_k or sk0, num_warps or nw0
-    bk = block_k_words * (32 // lay["lane"])
+    per = 32 // lay["lane"]
+    if mode == "mv1":  # whole groups per step, at most BLOCK_K columns (the padding of the layout)
+        block_k_words = max(group_size // per, min(block_k_words, BLOCK_K // per))
+    elif mode == "mma":
+        block_k_words = max(16, block_k_words)
+    bk = block_k_words * per
     kp = lay["kp"]
     k_per_split = triton.cdiv(triton.cdiv(in_features, split_k), bk) * bk
     split_k = triton.cdiv(in_features, k_per_split)
     dot = m > 1
     bm = 16 if dot else 1
-    xs = torch.empty(m, kp, device=x.device, dtype=x.dtype)
+    prescale = mode == "mv1"
+    xs = torch.empty(m, kp, device=x.device, dtype=torch.float32 if prescale else x.dtype)
+    xsum = torch.empty(kp // group_size if prescale else 1, device=x.device, dtype=torch.float32)
     y0 = torch.empty(m, n_out, device=x.device, dtype=torch.float32)
     xb = 256
     has_perm = "perm" in lay
     rb = 4
     _spqr_prologue_kernel[(triton.cdiv(n_out, rb) + triton.cdiv(kp, xb),)](
         x2, xs, y0, bias if bias is not None else y0, lay["perm"] if has_perm else y0, lay["ov"], lay["oc_orig"],
-        lay["optr"], m, n_out, in_features, kp, x2.stride(0), xs.stride(0), y0.stride(0),
-        HAS_PERM=has_perm, HAS_BIAS=bias is not None, BM=bm, OC=64, XB=xb, RB=rb, num_warps=2,
+        lay["optr"], m, n_out, in_features, kp, x2.stride(0), xs.stride(0), y0.stride(0), xsum,
+        HAS_PERM=has_perm, HAS_BIAS=bias is not None, BM=bm, OC=64, XB=xb, RB=rb, PRESCALE=prescale,
+        LANE=lay["lane"], GS=group_size, num_warps=2,
     )  # fmt: skip
     atomic = split_k > 1
     y = y0 if atomic else torch.empty(m, n_out, device=x.device, dtype=x.dtype)
-    _spqr_mv_kernel[(triton.cdiv(n_out, block_out), split_k)](
-        xs, y0, y, lay["codes"], lay["stats"], lay["stats2"],
-        m, n_out, lay["stats2"].shape[1], k_per_split, kp, xs.stride(0), y0.stride(0), 1,
-        LANE=lay["lane"], SHIFT=lay["stats_shift"], GS=group_size, SGS=stats_group_size, ATOMIC=atomic, DOT=dot,
-        FP32_DOT=x.dtype == torch.float32, BM=bm, BN=block_out, BKW=block_k_words, num_warps=num_warps,
-    )  # fmt: skip
+    grid = (triton.cdiv(n_out, block_out), split_k)
+    common = dict(LANE=lay["lane"], SHIFT=lay["stats_shift"], GS=group_size, SGS=stats_group_size, ATOMIC=atomic)
+    n2 = lay["stats2"].shape[1]
+    if mode == "mv1":
+        _spqr_mv1_kernel[grid](
+            xs, xsum, y0, y, lay["codes"], lay["stats"], lay["stats2"], n_out, n2, k_per_split, kp, 1,
+            BN=block_out, BG=bk // group_size, num_warps=num_warps, **common,
+        )  # fmt: skip
+    elif mode == "mma":
+        _spqr_mma_kernel[grid](
+            xs, y0, y, lay["codes"], lay["stats"], lay["stats2"],
+            m, n_out, n2, k_per_split, kp, xs.stride(0), y0.stride(0), 1,
+            FP32=x.dtype == torch.float32, BM=bm, BN=block_out, BKW=block_k_words, num_warps=num_warps, **common,
+        )  # fmt: skip
+    else:
+        _spqr_mv_kernel[grid](
+            xs, y0, y, lay["codes"], lay["stats"], lay["stats2"],
+            m, n_out, n2, k_per_split, kp, xs.stride(0), y0.stride(0), 1,
+            DOT=dot, FP32_DOT=x.dtype == torch.float32, BM=bm, BN=block_out, BKW=block_k_words,
+            num_warps=num_warps, **common,
+        )  # fmt: skip
     if atomic:
         y = y0.to(x.dtype)
     return y.reshape(*lead, n_out)
@@ -623,6 +828,7 @@ def spqr_matmul(
     bias: torch.Tensor | None = None,
     layout: dict[str, Any] | None = None,
     use_triton: bool | None = None,
+    variant: str | None = None,
     **_: Any,
 ) -> torch.Tensor:
     """``x @ W^T (+ bias)`` for a packed SpQR weight; picks the fused decode kernel (<= 16 rows), the dequantize +
@@ -634,6 +840,7 @@ def spqr_matmul(
         layout: their :func:`kernel_layout` (built when ``None``).
         use_triton: ``None`` uses Triton on CUDA tensors and the reference elsewhere; ``True`` forces Triton (the
             interpreter on CPU when ``TRITON_INTERPRET=1``); ``False`` forces the reference.
+        variant: decode-kernel variant for <= 16 rows (see :func:`spqr_gemv_triton`).
 
     Returns:
         (..., out_features) in ``x.dtype``.
@@ -652,7 +859,7 @@ def spqr_matmul(
         return spqr_matmul_reference(x, tensors, bias=bias, **meta)
     rows = x.numel() // in_features if in_features else 0
     if rows <= GEMV_MAX_ROWS:
-        return spqr_gemv_triton(x, tensors, bias=bias, layout=layout, **meta)
+        return spqr_gemv_triton(x, tensors, bias=bias, layout=layout, variant=variant, **meta)
     lay = _layout_for(tensors, layout, meta)
     wt = spqr_dequantize_triton(tensors, dtype=x.dtype, layout=lay, transposed=True, **meta)
     xs = x.index_select(-1, lay["perm"]) if "perm" in lay else x

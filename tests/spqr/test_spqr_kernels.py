@@ -38,7 +38,8 @@ def make_layer(out, inp, *, bits=3, group_size=16, permutation="act_order", thre
         (50, 150, 1, 2, 64, "identity", torch.float32),  # 2-bit lanes
     ],
 )
-def test_gemv_kernel_matches_reference(triton_interpret, out, inp, rows, bits, gs, perm, dtype):
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+def test_gemv_kernel_matches_reference(triton_interpret, out, inp, rows, bits, gs, perm, dtype, variant):
     layer, res = make_layer(out, inp, bits=bits, group_size=gs, permutation=perm)
     layer = layer.to(triton_interpret)
     x = torch.randn(rows, inp, device=triton_interpret).to(dtype)
@@ -46,7 +47,7 @@ def test_gemv_kernel_matches_reference(triton_interpret, out, inp, rows, bits, g
     ref = spqr_matmul_reference(x.float(), t, bias=layer.bias, **meta)
     lay = kernel_layout(t, **meta)
     for split_k in (1, 2):
-        y = spqr_gemv_triton(x, t, bias=layer.bias, split_k=split_k, layout=lay, **meta)
+        y = spqr_gemv_triton(x, t, bias=layer.bias, split_k=split_k, layout=lay, variant=variant, **meta)
         assert y.dtype == dtype and y.shape == (rows, out)
         torch.testing.assert_close(y.float(), ref, rtol=TOL[dtype], atol=TOL[dtype] * ref.abs().max().item())
     if perm == "act_order":
@@ -96,3 +97,22 @@ def test_wrapper_errors():
         spqr_matmul(torch.ones(1, 31), t, **meta)
     with pytest.raises(HfEffllmError, match="at most 16"):
         spqr_gemv_triton(torch.ones(17, 32), t, **meta)
+    with pytest.raises(HfEffllmError, match="variant='v3'"):
+        spqr_gemv_triton(torch.ones(1, 32), t, variant="v3", **meta)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 16])
+def test_v2_kernels_on_long_rows_and_multi_step_splits(triton_interpret, rows):
+    """v2 at several k-steps per split (tensor-core kernel: 128 columns a step; one-row kernel: 64), split-K
+    boundaries inside a row block of statistics, outliers, bias, act-order; through spqr_matmul's dispatch."""
+    layer, res = make_layer(40, 520, bits=3, group_size=16, seed=1)
+    layer = layer.to(triton_interpret)
+    t, meta = layer.packed_tensors(), layer.packed_meta()
+    x = torch.randn(rows, 520, device=triton_interpret)
+    ref = spqr_matmul_reference(x, t, bias=layer.bias, **meta)
+    for split_k in (1, 3):
+        y = spqr_gemv_triton(x, t, bias=layer.bias, split_k=split_k, variant="v2", block_out=16, **meta)
+        torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    y = spqr_matmul(x, t, bias=layer.bias, use_triton=True, variant="v2", **meta)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    assert res.nnz > 0
