@@ -8,7 +8,10 @@ In one run:
 2. a small launch-configuration sweep (heads per program, warps, stages) for each kernel, best config kept;
 3. per S: dense ``sdpa`` flash and cuDNN (``enable_gqa``), the block-sparse kernel at 0/50/90/95% sparsity (mask per
    KV head from random gate scores with ``select_blocks``, diagonal kept, as the model uses it), the block-max
-   kernel, and the gate (pooling + projections + RoPE + softmax + top-k + block index) as a share of attention time.
+   kernel, and the gate (pooling + projections + RoPE + softmax + top-k + block index) as a share of attention time;
+4. up to 32k: the gate step by step (pool / scores+softmax / select / index build), with the aten ops and CUDA
+   kernel launches of each step (torch.profiler) and a host-sync check (CUDA sync debug mode), for the Triton path
+   and for the PyTorch path it replaced.
 
 Usage (repo root)::
 
@@ -37,21 +40,29 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated, so before importing them
 
 import torch.nn.functional as F  # noqa: E402
+from hf_effllm.kernels import seer_blockmax  # noqa: E402
 from hf_effllm.kernels.seer_attention import (  # noqa: E402
     block_sparse_attention,
     block_sparse_attention_reference,
     build_block_index,
+    build_block_index_triton,
+    causal_block_mask,
+    triton_usable,
 )
 from hf_effllm.kernels.seer_blockmax import blockmax_attention, blockmax_attention_reference  # noqa: E402
+from hf_effllm.kernels.seer_gate import block_pool_reference  # noqa: E402
 
 from hf_effllm.attention.seer import SeerAttentionConfig, SeerAttnGate, select_blocks  # noqa: E402
+from hf_effllm.attention.seer.attention import causal_block_count  # noqa: E402
 from hf_effllm.benchmarking import BenchmarkRun, markdown_table, time_ms  # noqa: E402
 
 COLUMNS = [
     "section", "variant", "seq", "sparsity", "ms", "tflops_dense_equiv", "x_vs_flash", "x_vs_cudnn",
-    "ms_vs_cudnn", "gate_share", "rel_err", "ok", "config", "note",
+    "ms_vs_cudnn", "gate_share", "launches", "aten_ops", "rel_err", "ok", "config", "note",
 ]  # fmt: skip
+GATE_BREAKDOWN_MAX_SEQ = 32768
 REL_TOL = 2e-2
+MAP_TOL = 1e-4  # block-max map and pooled Q/K: float32 math on the same inputs
 
 
 def _sync() -> None:
@@ -111,6 +122,122 @@ def sdpa_fn(backend, q, k, v):
     return call
 
 
+def gate_steps(gate: SeerAttnGate, cfg: SeerAttentionConfig, q, k, fast: bool = True, state=None) -> dict[str, object]:
+    """The gate path of ``seer_attention_forward`` (no padding) as separate steps, each a no-argument callable.
+
+    ``fast=False`` runs the PyTorch pooling, scores and softmax and the sort-based block index (the path before
+    the Triton kernels; the CPU always runs it).
+    Each step reads the previous step's output from ``state`` (a dict, given or new), so the steps can be timed
+    one by one.
+    """
+    state = {} if state is None else state
+    bs = cfg.block_size
+    use_kernels = fast and triton_usable(q.device) and q.device.type == "cuda"
+
+    @torch.no_grad()
+    def pool():
+        if use_kernels:
+            state["pooled"] = gate.pool(q, k)
+        else:
+            pq, pk = block_pool_reference(q, bs, cfg.q_pooling), block_pool_reference(k, bs, cfg.k_pooling)
+            state["pooled"] = (pq, pk, torch.ones(q.shape[0], pq.shape[2], dtype=torch.bool, device=q.device))
+
+    @torch.no_grad()
+    def scores():
+        pq, pk, kvalid = state["pooled"]
+        if use_kernels:
+            state["probs"] = gate.probs_from_pooled(pq, pk, kvalid)
+        else:
+            state["probs"] = torch.softmax(gate.logits_from_pooled(pq, pk, kvalid), dim=-1).nan_to_num(0.0)
+
+    @torch.no_grad()
+    def select():
+        state["keep"] = select_blocks(state["probs"], cfg, state["pooled"][2])
+
+    @torch.no_grad()
+    def index():
+        keep = state["keep"]
+        nb = keep.shape[-1]
+        gate.count_blocks(keep.sum(), causal_block_count(None, keep.shape[0], nb) * keep.shape[1])
+        if use_kernels:
+            state["index"] = build_block_index_triton(keep)
+        else:
+            state["index"] = build_block_index(keep & causal_block_mask(nb, keep.device))
+
+    def total():
+        pool(), scores(), select(), index()
+        return state["index"]
+
+    return {"pool": pool, "scores+softmax": scores, "select": select, "index build": index, "gate total": total}
+
+
+def count_ops(fn) -> tuple[int, int | None]:
+    """``(aten ops called from Python, CUDA kernels launched)`` in one call of ``fn`` (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    _sync()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        fn()
+        _sync()
+    events = prof.events()
+
+    def top_level(e) -> bool:
+        par = e.cpu_parent
+        while par is not None:
+            if par.name.startswith("aten::"):
+                return False
+            par = par.cpu_parent
+        return e.name.startswith("aten::")
+
+    aten = sum(1 for e in events if e.device_type.name == "CPU" and top_level(e))
+    if not torch.cuda.is_available():
+        return aten, None
+    kernels = sum(1 for e in events if e.device_type.name == "CUDA" and "memcpy" not in e.name.lower())
+    return aten, kernels
+
+
+def host_syncs(fn) -> str:
+    """'none' when ``fn`` runs without a device-to-host sync (CUDA sync debug mode), else the first sync's error."""
+    if not torch.cuda.is_available():
+        return "n/a (cpu)"
+    fn()
+    _sync()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return "none"
+    except RuntimeError as e:
+        return f"sync: {str(e).splitlines()[0][:80]}"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        _sync()
+
+
+def gate_breakdown(run, s, q, k, gate, bs, quick) -> None:
+    """Time each gate step (the Triton path and the PyTorch path) and count its ops / kernel launches."""
+    cfg = SeerAttentionConfig(block_size=bs, nz_ratio=0.1)
+    for fast in (True, False):
+        steps = gate_steps(gate, cfg, q, k, fast=fast)
+        label = "" if fast else " (PyTorch path)"
+        steps["gate total"]()  # fills the state every step reads
+        for name, fn in steps.items():
+            ms = bench(fn, quick)
+            aten, kernels = count_ops(fn)
+            note = f"host syncs: {host_syncs(fn)}" if name == "gate total" else ""
+            run.add(section="gate", variant=name + label, seq=s, sparsity=0.9, ms=ms, launches=kernels,
+                    aten_ops=aten, note=note)  # fmt: skip
+            print(f"  S={s:6d} gate {name + label:42s} {ms:8.3f} ms  aten ops {aten:4d}  launches {kernels}  {note}")
+
+
+def call_blockmax(q, k, v, cfg: dict, **kwargs):
+    """:func:`blockmax_attention` with a swept launch config (``fold_scale`` is the kernel's softmax arithmetic)."""
+    cfg = dict(cfg)
+    seer_blockmax._FOLD_SCALE = bool(cfg.pop("fold_scale", False))
+    return blockmax_attention(q, k, v, **cfg, **kwargs)
+
+
 def check_correctness(run, dev, dtype, hq, hkv, d, bs, quick) -> bool:
     s = 200 if quick else 1000
     torch.manual_seed(0)
@@ -130,14 +257,39 @@ def check_correctness(run, dev, dtype, hq, hkv, d, bs, quick) -> bool:
         run.add(section="check", variant="seer block-sparse", seq=s, sparsity=sp, rel_err=err, ok=ok,
                 note="batch 2, left padding in row 2, partial last block")  # fmt: skip
         print(f"  check seer sparsity={sp:.2f} rel_err={err:.2e} {'OK' if ok else 'FAIL'}")
-    out, bm = blockmax_attention(q, k, v, key_padding=pad, block_size=bs)
     ro, rb = blockmax_attention_reference(q, k, v, key_padding=pad, block_size=bs)
-    e1, e2 = rel_err(out, ro), rel_err(bm, rb)
-    ok = e1 < REL_TOL and e2 < REL_TOL
+    g = hq // hkv
+    configs = [{}] + [
+        {"heads_per_program": hp, "num_warps": w, "fold_scale": f}
+        for hp in (1, 2, 4) if g % hp == 0 for w in ((4, 8) if dev.type == "cuda" else (4,)) for f in (False, True)
+    ]  # fmt: skip
+    for c in configs:  # every launch config the sweep may pick (the map must match to float32 rounding)
+        out, bm = call_blockmax(q, k, v, c, key_padding=pad, block_size=bs)
+        e1, e2 = rel_err(out, ro), rel_err(bm, rb)
+        ok = e1 < REL_TOL and e2 < MAP_TOL
+        all_ok &= ok
+        run.add(section="check", variant="block-max", seq=s, rel_err=max(e1, e2), ok=ok, config=str(c or "default"),
+                note=f"output rel_err {e1:.2e}, block-max map rel_err {e2:.2e}")  # fmt: skip
+        print(f"  check block-max {c or 'default'} out {e1:.2e} map {e2:.2e} {'OK' if ok else 'FAIL'}")
+    # Gate kernels: Triton pooling and block index against the PyTorch path (same pooled inputs / same mask).
+    gate = SeerAttnGate(hq, hkv, d, SeerAttentionConfig(block_size=bs), rope_theta=500000.0, layer_idx=0).to(dev)
+    cfg = SeerAttentionConfig(block_size=bs, nz_ratio=0.3)
+    sf, ss = {}, {}
+    gate_steps(gate, cfg, q, k, fast=True, state=sf)["pool"]()
+    gate_steps(gate, cfg, q, k, fast=False, state=ss)["pool"]()
+    (pq, pk, _), (rq, rk, _) = sf["pooled"], ss["pooled"]
+    e = max(rel_err(pq, rq), rel_err(pk, rk))
+    keep = make_mask(2, hkv, s, bs, 0.7, dev)
+    nb = keep.shape[-1]
+    ri, rc = build_block_index(keep & causal_block_mask(nb, dev))
+    ti, tc = build_block_index_triton(keep) if triton_usable(dev) else (ri, rc)
+    slots = torch.arange(nb, device=dev) < rc[..., None]
+    same = bool(torch.equal(tc, rc)) and bool(torch.equal(ti[slots], ri[slots]))
+    ok = e < MAP_TOL and same
     all_ok &= ok
-    run.add(section="check", variant="block-max", seq=s, rel_err=max(e1, e2), ok=ok,
-            note=f"output rel_err {e1:.2e}, block-max map rel_err {e2:.2e}")  # fmt: skip
-    print(f"  check block-max out {e1:.2e} map {e2:.2e} {'OK' if ok else 'FAIL'}")
+    run.add(section="check", variant="gate kernels", seq=s, rel_err=e, ok=ok,
+            note=f"pooled Q/K rel_err {e:.2e}; block index identical: {same}")  # fmt: skip
+    print(f"  check gate pooling {e:.2e}, block index identical {same} {'OK' if ok else 'FAIL'}")
     return all_ok
 
 
@@ -173,13 +325,16 @@ def tune(run, dev, dtype, hq, hkv, d, bs, seqs, quick) -> tuple[dict, dict]:
         return lambda: block_sparse_attention(q, k, v, mask, block_index=index, **c)
 
     seer_cfg = sweep(run, f"seer 0% S={s}", seer_fn, configs, quick)
-    s2 = min(8192, max(seqs))
-    q2, k2, v2 = q[:, :, :s2].contiguous(), k[:, :, :s2].contiguous(), v[:, :, :s2].contiguous()
 
     def bmax_fn(c):
-        return lambda: blockmax_attention(q2, k2, v2, **c)
+        return lambda: call_blockmax(q, k, v, c)
 
-    bmax_cfg = sweep(run, f"block-max S={s2}", bmax_fn, configs, quick)
+    # Without the (heads, warps) pairs that spill heavily or ran 1.5-3x slower in the last H200 sweep.
+    bmax_configs = [
+        dict(c, fold_scale=f)
+        for c in configs if (c["heads_per_program"], c["num_warps"]) not in ((1, 8), (4, 4)) for f in (False, True)
+    ]  # fmt: skip
+    bmax_cfg = sweep(run, f"block-max S={s}", bmax_fn, bmax_configs, quick)
     return seer_cfg, bmax_cfg
 
 
@@ -221,11 +376,7 @@ def time_seq(run, s, dev, dtype, hq, hkv, d, bs, sparsities, seer_cfg, bmax_cfg,
         def seer_call(mask=mask, index=index):
             return block_sparse_attention(q, k, v, mask, block_index=index, **seer_cfg)
 
-        def gate_call(cfg=cfg):
-            with torch.no_grad():
-                pq, pk, kv = gate.pool(q, k)
-                keep = select_blocks(torch.softmax(gate.logits_from_pooled(pq, pk, kv), -1), cfg, kv)
-                return build_block_index(keep)
+        gate_call = gate_steps(gate, cfg, q, k)["gate total"]
 
         ms = bench(seer_call, quick)
         gms = bench(gate_call, quick)
@@ -237,8 +388,11 @@ def time_seq(run, s, dev, dtype, hq, hkv, d, bs, sparsities, seer_cfg, bmax_cfg,
             f"x_cudnn {r.get('x_vs_cudnn', 0):6.2f}  gate {gms:.3f} ms ({gms / (gms + ms):.1%})"
         )
 
+    if s <= GATE_BREAKDOWN_MAX_SEQ:
+        gate_breakdown(run, s, q, k, gate, bs, quick)
+
     def bmax_call():
-        return blockmax_attention(q, k, v, **bmax_cfg)
+        return call_blockmax(q, k, v, bmax_cfg)
 
     ms = bench(bmax_call, quick)
     run.add(section="block-max", variant="block-max forward", seq=s, ms=ms, config=str(bmax_cfg), **ratios(ms))
@@ -267,8 +421,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{str(dtype).split('.')[-1]}, batch 1, causal prefill. 'seer' rows: block-sparse kernel, mask per KV "
         "head from top-k of random gate scores (diagonal kept), sparsity = skipped share of causal blocks; kernel "
         "time only (block index prebuilt; its cost is in the gate row). 'block-max': attention output plus the "
-        "64x64 block-max map of the probabilities (distillation target). 'gate': pooling + projections + RoPE + "
-        "softmax + top-k + index for one layer; gate_share = gate / (gate + seer kernel at that sparsity). "
+        "64x64 block-max map of the probabilities (distillation target), one pass over K/V (row maxima kept in a "
+        "scratch). 'gate' in the seer rows: pooling + projections + RoPE + softmax + top-k + index for one layer "
+        "(Triton pooling / scores / index on CUDA); gate_share = gate / (gate + seer kernel at that sparsity). "
+        "'gate' section (S <= 32k, nz_ratio 0.1): the same path step by step, with the aten ops called and the "
+        "CUDA kernels launched per step (torch.profiler) and a host-sync check, for the Triton path and for the "
+        "PyTorch path it replaced ('(PyTorch path)': PyTorch pooling, scores and softmax, sort-based index). "
         "x_vs_flash / x_vs_cudnn: dense time / this time (speed-up); ms_vs_cudnn: this time / cuDNN time. "
         "tflops_dense_equiv: dense causal FLOPs / time. Median of triton do_bench.",
     )

@@ -3,7 +3,8 @@
 The attention map is cut into ``block_size x block_size`` tiles; a boolean ``block_mask`` of shape
 ``(B, Hm, nqb, nkb)`` says which key blocks each query block attends to (``Hm`` is the number of query heads or
 of KV heads: a mask per KV head is shared by its GQA group). The kernel turns the mask into a compact, sorted list
-of kept key-block indices per query block (:func:`build_block_index`) and each program loops over that list only,
+of kept key-block indices per query block (:func:`build_block_index_triton`, one launch, no sort or host sync;
+:func:`build_block_index` is its PyTorch version) and each program loops over that list only,
 so the work is proportional to the kept blocks. Causal masking is applied inside the diagonal block only, a key
 padding mask (``key_padding``, True = real token) handles batches of different lengths, and the last block may be
 partial. K/V are indexed per KV head (``h // group``) and never repeated.
@@ -121,6 +122,81 @@ def build_block_index(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return index, count.contiguous()
 
 
+_CAUSAL_CACHE: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def causal_block_mask(nb: int, device: torch.device) -> torch.Tensor:
+    """Cached lower-triangular bool ``(nb, nb)`` (read-only: never modify it in place)."""
+    key = (nb, torch.device(device))
+    mask = _CAUSAL_CACHE.get(key)
+    if mask is None:
+        if len(_CAUSAL_CACHE) >= 64:
+            _CAUSAL_CACHE.clear()
+        with torch.inference_mode(False):  # a normal tensor, usable later with autograd
+            mask = _CAUSAL_CACHE[key] = torch.ones(nb, nb, dtype=torch.bool, device=device).tril()
+    return mask
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _block_index_kernel(
+        MASK, IDX, CNT, stride_mb, stride_mh, stride_mq, stride_mk, H, NKB,
+        NKB_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+    ):  # fmt: skip
+        # One program per (batch, head, query block): stream compaction of the row with a prefix sum.
+        qb = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        kb = tl.arange(0, NKB_PAD)
+        ok = kb < NKB
+        if CAUSAL:
+            ok = ok & (kb <= qb)
+        m = tl.load(MASK + b * stride_mb + h * stride_mh + qb * stride_mq + kb * stride_mk, mask=ok, other=0)
+        keep = (m != 0).to(tl.int32)
+        pos = tl.cumsum(keep, 0) - 1
+        row = (bh * tl.num_programs(0) + qb).to(tl.int64)
+        tl.store(IDX + row * NKB + pos, kb, mask=keep != 0)
+        tl.store(CNT + row, tl.sum(keep, 0))
+
+
+def build_block_index_triton(block_mask: torch.Tensor, *, causal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`build_block_index` of ``block_mask`` (``& causal`` when ``causal``) in one Triton launch.
+
+    The mask may be a broadcast view (stride 0); only the first ``count`` entries of each index row are defined
+    (the rest is left uninitialised). Used by :func:`block_sparse_attention` on CUDA: no sort, no host sync.
+
+    Args:
+        block_mask: bool ``(B, Hm, nqb, nkb)`` on a device the Triton kernels can use.
+        causal: drop key blocks above the diagonal (``kb > qb``).
+
+    Returns:
+        ``(index, count)`` as :func:`build_block_index` (int32, contiguous).
+    """
+    if block_mask.dtype != torch.bool or block_mask.dim() != 4:
+        raise HfEffllmError(
+            f"build_block_index_triton: block_mask must be a 4-D bool tensor; got {block_mask.dtype} "
+            f"{block_mask.dim()}-D."
+        )
+    if not triton_usable(block_mask.device):
+        raise HfEffllmError(
+            f"build_block_index_triton: block_mask is on {block_mask.device}; the kernel needs CUDA (or "
+            "TRITON_INTERPRET=1). Use build_block_index on the CPU."
+        )
+    b, h, nqb, nkb = block_mask.shape
+    index = torch.empty(b, h, nqb, nkb, dtype=torch.int32, device=block_mask.device)
+    count = torch.empty(b, h, nqb, dtype=torch.int32, device=block_mask.device)
+    if index.numel() == 0:
+        return index, count.zero_()
+    m = block_mask.view(torch.uint8)
+    _block_index_kernel[(nqb, b * h)](
+        m, index, count, m.stride(0), m.stride(1), m.stride(2), m.stride(3), h, nkb,
+        NKB_PAD=max(16, triton.next_power_of_2(nkb)), CAUSAL=causal, num_warps=4,
+    )  # fmt: skip
+    return index, count
+
+
 def _mask_heads(block_mask: torch.Tensor, b: int, hq: int, hkv: int, nb: int, name: str) -> int:
     if block_mask.dtype != torch.bool or block_mask.dim() != 4:
         raise HfEffllmError(
@@ -138,10 +214,10 @@ def _heads_per_program(requested: int | None, hq: int, hkv: int, hm: int, device
     group = hq // hkv
     if requested is None:
         return 2 if (device.type == "cuda" and group % 2 == 0 and hm == hkv) else 1
-    if requested < 1 or group % requested or (requested > 1 and hm != hkv):
+    if requested < 1 or group % requested or requested & (requested - 1) or (requested > 1 and hm != hkv):
         raise HfEffllmError(
-            f"{name}: heads_per_program={requested} must divide the GQA group size {group} (and be 1 when the "
-            "mask has one entry per query head)."
+            f"{name}: heads_per_program={requested} must be a power of two dividing the GQA group size {group} "
+            "(and be 1 when the mask has one entry per query head)."
         )
     return requested
 
@@ -152,7 +228,11 @@ if HAS_TRITON:
     def _seer_block(
         q, acc, m_i, l_i, K, V, kb, offs_m, offs_n, offs_d, pad_ptr, stride_ks, stride_vs, S, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_PAD: tl.constexpr, DIAG: tl.constexpr,
+        FOLD_SCALE: tl.constexpr,
     ):  # fmt: skip
+        # FOLD_SCALE: scale the row max instead of the tile and fold the scale into the exponent (one FMA per
+        # score instead of a multiply and a subtract; max(s) * c == max(s * c) exactly for c > 0). Same results up
+        # to rounding; which is faster depends on register pressure (benchmarks/seer_speed.py sweeps it).
         offs_k = kb * BLOCK + offs_n
         dmask = offs_d < HEAD_DIM
         if DIAG:
@@ -166,7 +246,9 @@ if HAS_TRITON:
         else:
             k = tl.load(K + offs_k[None, :] * stride_ks + offs_d[:, None], mask=dmask[:, None], other=0.0)
             v = tl.load(V + offs_k[:, None] * stride_vs + offs_d[None, :], mask=dmask[None, :], other=0.0)
-        s = tl.dot(q, k) * qk_scale
+        s = tl.dot(q, k)
+        if not FOLD_SCALE:
+            s = s * qk_scale
         if DIAG:
             valid = (offs_k[None, :] <= offs_m[:, None]) & (offs_k[None, :] < S)
             if HAS_PAD:
@@ -176,13 +258,21 @@ if HAS_TRITON:
         elif HAS_PAD:
             pad = tl.load(pad_ptr + offs_k)
             s = tl.where(pad[None, :] != 0, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # The tile's row max (log2 space, masked) is returned too: the block-max kernel stores it, the block-sparse
+        # kernel drops it (dead code, eliminated by the compiler).
+        r = tl.max(s, 1)
+        if FOLD_SCALE:
+            r = r * qk_scale
+        m_new = tl.maximum(m_i, r)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_safe)
-        p = tl.math.exp2(s - m_safe[:, None])
+        if FOLD_SCALE:
+            p = tl.math.exp2(s * qk_scale - m_safe[:, None])
+        else:
+            p = tl.math.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        return acc, m_new, l_i
+        return acc, m_new, l_i, r
 
     @triton.jit
     def _seer_fwd_kernel(
@@ -197,7 +287,7 @@ if HAS_TRITON:
         # are loaded once for HP heads and the tensor-core tiles are taller; the heads share one kept-block list.
         qb = tl.program_id(0)
         bh = tl.program_id(1)
-        b = bh // (H // HP)
+        b = (bh // (H // HP)).to(tl.int64)  # 64-bit: b * stride_qb passes 2^31 at batch 4, 128k, 32 heads
         h0 = (bh % (H // HP)) * HP
         kvh = h0 // GROUP
         mh = h0 // MASK_GROUP
@@ -223,14 +313,14 @@ if HAS_TRITON:
         # Off-diagonal kept blocks (ascending, all below the diagonal): full tiles, no causal mask needed.
         for i in range(0, n_full):
             kb = tl.load(idx_ptr + i)
-            acc, m_i, l_i = _seer_block(
+            acc, m_i, l_i, _ = _seer_block(
                 q, acc, m_i, l_i, Kh, Vh, kb, offs_m, offs_n, offs_d, pad_ptr, stride_ks, stride_vs, S, qk_scale,
-                HEAD_DIM, BLOCK, HAS_PAD, False,
+                HEAD_DIM, BLOCK, HAS_PAD, False, False,
             )  # fmt: skip
         if has_diag:
-            acc, m_i, l_i = _seer_block(
+            acc, m_i, l_i, _ = _seer_block(
                 q, acc, m_i, l_i, Kh, Vh, qb, offs_m, offs_n, offs_d, pad_ptr, stride_ks, stride_vs, S, qk_scale,
-                HEAD_DIM, BLOCK, HAS_PAD, True,
+                HEAD_DIM, BLOCK, HAS_PAD, True, False,
             )  # fmt: skip
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_safe[:, None]
@@ -284,13 +374,12 @@ def block_sparse_attention(
     if block_mask.device != q.device:
         raise HfEffllmError(f"{name}: block_mask is on {block_mask.device}, q on {q.device}; move it to q's device.")
     if block_index is None:
-        causal = torch.ones(nb, nb, dtype=torch.bool, device=q.device).tril()
-        index, count = build_block_index(block_mask & causal)
+        index, count = build_block_index_triton(block_mask, causal=True)
     else:
         index, count = block_index
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty_like(q)
-    pad = key_padding.to(torch.int8).contiguous() if key_padding is not None else count  # dummy pointer when absent
+    pad = key_padding.contiguous().view(torch.uint8) if key_padding is not None else count  # dummy pointer when absent
     scale = d**-0.5 if scale is None else float(scale)
     d_pad = max(16, triton.next_power_of_2(d))
     hp = _heads_per_program(heads_per_program, hq, hkv, hm, q.device, name)
@@ -347,8 +436,7 @@ def block_sparse_attention_reference(
     if block_mask is None:
         block_mask = torch.ones(b, hkv, nb, nb, dtype=torch.bool, device=dev)
     hm = _mask_heads(block_mask, b, hq, hkv, nb, name)
-    causal = torch.ones(nb, nb, dtype=torch.bool, device=dev).tril()
-    index, count = build_block_index(block_mask.to(dev) & causal)
+    index, count = build_block_index(block_mask.to(dev) & causal_block_mask(nb, dev))
     kmax = max(1, int(count.max()))
     index, slot_ok = index[..., :kmax].long(), torch.arange(kmax, device=dev) < count[..., None]
     gq = g if hm == hkv else 1  # query heads sharing one mask head

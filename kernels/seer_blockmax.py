@@ -2,11 +2,12 @@
 
 For causal self-attention with softmax probabilities ``P = softmax(Q K^T * scale)``, the block-max map is
 ``M[b, h, i, j] = max(P[b, h, rows of query block i, cols of key block j])`` (zero above the block diagonal). It is
-the ground truth that SeerAttention's gates are distilled towards. The dense ``P`` is never built: one kernel launch
-runs a FlashAttention forward over the causal key blocks (output, row max and row sum) and then a second pass over
-the same key blocks recomputes ``Q K^T`` tile by tile, normalises it with the final log-sum-exp and keeps one max
-per tile. The second pass costs the ``Q K^T`` product again but no ``P V`` product and no extra HBM traffic besides
-K and the ``nb x nb`` map.
+the ground truth that SeerAttention's gates are distilled towards. The dense ``P`` is never built and ``Q K^T`` is
+computed once: each program runs a FlashAttention forward over the causal key blocks of its query block and, per
+key block, stores the row maxima ``r[i, kb] = max_j s[i, j]`` (log2 space, masked) that the online softmax computes
+anyway into a float32 scratch. After the loop it knows each row's log-sum-exp and reduces its own scratch (just
+written, so mostly in L2) to ``max_i exp2(r[i, kb] - lse_i)``, which equals the max of the normalised probabilities
+over the tile because ``exp2`` is monotone.
 
 Example:
     >>> from hf_effllm.kernels.seer_blockmax import blockmax_attention
@@ -26,6 +27,11 @@ from hf_effllm.kernels.seer_attention import (
     check_attention_inputs,
 )
 
+_SCRATCH_BYTES = 2 << 30  # row-max scratch of one launch; more (batch x heads) than that runs in several launches
+_EPILOGUE_ELEMENTS = 4096  # scratch values reduced per epilogue step (KB_CHUNK key blocks x HP*BLOCK rows)
+# Softmax arithmetic of the main loop (see _seer_block); a module setting so the benchmark can sweep it.
+_FOLD_SCALE = False
+
 if HAS_TRITON:
     import triton
     import triton.language as tl
@@ -33,19 +39,22 @@ if HAS_TRITON:
 
     @triton.jit
     def _blockmax_fwd_kernel(
-        Q, K, V, Out, BM, PAD,
+        Q, K, V, Out, BM, PAD, R,
         stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
         stride_ob, stride_oh, stride_os, stride_mb, stride_mh, stride_mq, stride_pb,
-        H, S, qk_scale,
+        H, S, bh0, qk_scale,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
-        HAS_PAD: tl.constexpr, HP: tl.constexpr,
+        HAS_PAD: tl.constexpr, HP: tl.constexpr, KB_CHUNK: tl.constexpr, FOLD_SCALE: tl.constexpr,
     ):  # fmt: skip
-        qb = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // (H // HP)
+        HPB: tl.constexpr = HP * BLOCK
+        nb = tl.cdiv(S, BLOCK)
+        qb = nb - 1 - tl.program_id(0)  # longest rows first: the short ones fill the tail of the launch
+        slot = tl.program_id(1)  # (batch, head group) within this launch: its scratch slab
+        bh = bh0 + slot
+        b = (bh // (H // HP)).to(tl.int64)  # 64-bit batch offsets (b * stride_qb can pass 2^31)
         h0 = (bh % (H // HP)) * HP
         kvh = h0 // GROUP
-        rows = tl.arange(0, HP * BLOCK)
+        rows = tl.arange(0, HPB)
         hh = h0 + rows // BLOCK
         offs_m = qb * BLOCK + rows % BLOCK
         offs_n = tl.arange(0, BLOCK)
@@ -60,18 +69,22 @@ if HAS_TRITON:
         Kh = K + b * stride_kb + kvh * stride_kh
         Vh = V + b * stride_vb + kvh * stride_vh
         pad_ptr = PAD + b * stride_pb
-        m_i = tl.full([HP * BLOCK], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([HP * BLOCK], dtype=tl.float32)
-        acc = tl.zeros([HP * BLOCK, D_PAD], dtype=tl.float32)
+        # Packed lower triangle: the program of query block qb owns HPB * (qb + 1) floats of its slab.
+        r_ptr = R + (slot.to(tl.int64) * (nb * (nb + 1) // 2) + qb * (qb + 1) // 2) * HPB
+        m_i = tl.full([HPB], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([HPB], dtype=tl.float32)
+        acc = tl.zeros([HPB, D_PAD], dtype=tl.float32)
         for kb in range(0, qb):
-            acc, m_i, l_i = _seer_block(
+            acc, m_i, l_i, r = _seer_block(
                 q, acc, m_i, l_i, Kh, Vh, kb, offs_m, offs_n, offs_d, pad_ptr, stride_ks, stride_vs, S, qk_scale,
-                HEAD_DIM, BLOCK, HAS_PAD, False,
+                HEAD_DIM, BLOCK, HAS_PAD, False, FOLD_SCALE,
             )  # fmt: skip
-        acc, m_i, l_i = _seer_block(
+            tl.store(r_ptr + kb * HPB + rows, r)
+        acc, m_i, l_i, r = _seer_block(
             q, acc, m_i, l_i, Kh, Vh, qb, offs_m, offs_n, offs_d, pad_ptr, stride_ks, stride_vs, S, qk_scale,
-            HEAD_DIM, BLOCK, HAS_PAD, True,
+            HEAD_DIM, BLOCK, HAS_PAD, True, FOLD_SCALE,
         )  # fmt: skip
+        tl.store(r_ptr + qb * HPB + rows, r)
         seen = l_i > 0.0
         l_safe = tl.where(seen, l_i, 1.0)
         out = acc / l_safe[:, None]
@@ -82,20 +95,17 @@ if HAS_TRITON:
         )
         # log2-space log-sum-exp; rows that saw nothing (padding, beyond S) get +inf so their probabilities are 0.
         lse = tl.where(seen & row_ok, m_i + tl.math.log2(l_safe), float("inf"))
-        bm_ptr = BM + b * stride_mb + (h0 + tl.arange(0, HP)) * stride_mh + qb * stride_mq
-        for kb in range(0, qb + 1):
-            offs_k = kb * BLOCK + offs_n
-            kmask = offs_k < S
-            k = tl.load(
-                Kh + offs_k[None, :] * stride_ks + offs_d[:, None], mask=kmask[None, :] & dmask[:, None], other=0.0
-            )
-            s = tl.dot(q, k) * qk_scale
-            valid = (offs_k[None, :] <= offs_m[:, None]) & kmask[None, :]
-            if HAS_PAD:
-                pad = tl.load(pad_ptr + offs_k, mask=kmask, other=0)
-                valid = valid & (pad[None, :] != 0)
-            p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
-            tl.store(bm_ptr + kb, tl.max(tl.reshape(p, (HP, BLOCK * BLOCK)), 1))
+        # The row maxima were stored by other threads of this program: make them visible (bar.sync) first.
+        tl.debug_barrier()
+        # max_i P[i, tile] = max_i exp2(r[i, kb] - lse_i): exp2 is monotone, so the max commutes with it.
+        kk = tl.arange(0, KB_CHUNK)
+        bm_ptr = BM + b * stride_mb + (h0 + tl.arange(0, HP))[None, :] * stride_mh + qb * stride_mq
+        for kb0 in range(0, qb + 1, KB_CHUNK):
+            kbs = kb0 + kk
+            kmask = kbs <= qb
+            r2 = tl.load(r_ptr + kbs[:, None] * HPB + rows[None, :], mask=kmask[:, None], other=float("-inf"))
+            p = tl.math.exp2(r2 - lse[None, :])
+            tl.store(bm_ptr + kbs[:, None], tl.max(tl.reshape(p, (KB_CHUNK, HP, BLOCK)), 2), mask=kmask[:, None])
 
 
 def blockmax_attention(
@@ -110,7 +120,16 @@ def blockmax_attention(
     num_stages: int | None = None,
     heads_per_program: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention output and the block-max map of its probabilities, in one Triton launch.
+    """Causal attention output and the block-max map of its probabilities, in one pass over K/V (Triton).
+
+    Cost: the FLOPs of one causal FlashAttention forward (``4 * Hq * S^2 / 2 * D`` per sequence; the previous
+    two-pass version recomputed ``Q K^T``: ~1.5x). Extra memory traffic: the row-max scratch, ``S * (nb + 1) / 2``
+    float32 per query head, written once and read back once by the same program (just written, so largely from
+    L2), plus the ``nb x nb`` float32 map. At 32k tokens (``nb = 512``): 33.6 MB per head each way, 1.07 GB written
+    and 1.07 GB read for 32 heads (~0.45 ms at the H200's 4.8 TB/s if none of it stayed in L2, against ~14.7 ms
+    for cuDNN's forward), and a 33.6 MB map; the main loop's K/V tile loads are ~34 GB at 4 heads per program
+    (mostly L2 hits). The scratch of one launch is capped at 2 GiB: longer inputs (128k tokens: 537 MB per head)
+    run a few (batch, head group) slots per launch.
 
     Args:
         q: ``(B, Hq, S, D)`` query states, fp16/bf16 (fp32 accepted).
@@ -121,12 +140,13 @@ def blockmax_attention(
         block_size: tile size of the map (16, 32, 64 or 128).
         num_warps: Triton launch option (default 4 for D <= 64, else 8).
         num_stages: Triton launch option (default 3).
-        heads_per_program: query heads of one KV group per program (sharing K/V loads); default 2 on CUDA when
-            the group size is even, else 1.
+        heads_per_program: query heads of one KV group per program (a power of two; they share K/V loads);
+            default 2 on CUDA when the group size is even, else 1.
 
     Returns:
         ``(out, block_max)``: ``out`` ``(B, Hq, S, D)`` in ``q``'s dtype and ``block_max`` float32
-        ``(B, Hq, nb, nb)`` with ``nb = ceil(S / block_size)``, zero above the diagonal.
+        ``(B, Hq, nb, nb)`` with ``nb = ceil(S / block_size)``, zero above the diagonal, for fully masked tiles
+        and for query rows that see no key.
 
     Example:
         >>> out, bmax = blockmax_attention(q, k, v)  # doctest: +SKIP
@@ -139,19 +159,26 @@ def blockmax_attention(
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty_like(q)
     bmax = torch.zeros(b, hq, nb, nb, dtype=torch.float32, device=q.device)
-    pad = key_padding.to(torch.int8).contiguous() if key_padding is not None else bmax
+    pad = key_padding.contiguous().view(torch.uint8) if key_padding is not None else bmax
     scale = d**-0.5 if scale is None else float(scale)
     d_pad = max(16, triton.next_power_of_2(d))
     hp = _heads_per_program(heads_per_program, hq, hkv, hkv, q.device, name)
-    _blockmax_fwd_kernel[(nb, b * hq // hp)](
-        q, k, v, out, bmax, pad,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        bmax.stride(0), bmax.stride(1), bmax.stride(2), pad.stride(0) if key_padding is not None else 0,
-        hq, s, scale * 1.4426950408889634,
-        GROUP=hq // hkv, HEAD_DIM=d, D_PAD=d_pad, BLOCK=block_size, HAS_PAD=key_padding is not None, HP=hp,
-        num_warps=num_warps or (4 if d_pad <= 64 else 8), num_stages=num_stages or 3,
-    )  # fmt: skip
+    slots = b * hq // hp
+    slab = nb * (nb + 1) // 2 * hp * block_size  # floats of scratch per (batch, head group)
+    per_launch = max(1, min(slots, _SCRATCH_BYTES // (4 * slab)))
+    scratch = torch.empty(per_launch * slab, dtype=torch.float32, device=q.device)
+    kb_chunk = max(1, _EPILOGUE_ELEMENTS // (hp * block_size))
+    for bh0 in range(0, slots, per_launch):
+        _blockmax_fwd_kernel[(nb, min(per_launch, slots - bh0))](
+            q, k, v, out, bmax, pad, scratch,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            bmax.stride(0), bmax.stride(1), bmax.stride(2), pad.stride(0) if key_padding is not None else 0,
+            hq, s, bh0, scale * 1.4426950408889634,
+            GROUP=hq // hkv, HEAD_DIM=d, D_PAD=d_pad, BLOCK=block_size, HAS_PAD=key_padding is not None, HP=hp,
+            KB_CHUNK=kb_chunk, FOLD_SCALE=_FOLD_SCALE,
+            num_warps=num_warps or (4 if d_pad <= 64 else 8), num_stages=num_stages or 3,
+        )  # fmt: skip
     return out, bmax
 
 

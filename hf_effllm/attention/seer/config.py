@@ -11,6 +11,9 @@ from ...errors import HfEffllmError
 
 POOLING_CHOICES: tuple[str, ...] = ("avg", "max", "min")
 BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
+ORACLE_CHOICES: tuple[str, ...] = ("kv", "head")
+TARGET_STATS: tuple[str, ...] = ("max", "mass")
+GROUP_REDUCTIONS: tuple[str, ...] = ("max", "mean")
 # Fields that define the gate's parameters; the others only steer inference and may change after training.
 ARCHITECTURE_FIELDS: tuple[str, ...] = ("block_size", "q_pooling", "k_pooling", "gate_hidden_size", "rope_theta")
 
@@ -20,6 +23,10 @@ class SeerAttentionConfig:
     """Configuration of SeerAttention (Gao et al. 2024, "SeerAttention: learning intrinsic sparse attention").
 
     Give ``threshold`` *or* ``nz_ratio``; with neither, ``nz_ratio=0.5`` (half of the causal blocks kept).
+
+    Distillation target: by default the gates learn the per-tile attention *mass* (``target="mass"``, KV group
+    mean), measured better than the paper's block max at 70-90% sparsity (``benchmarks/seer_quality.py``).
+    ``oracle`` is a diagnostic that selects from the true map instead of the gate.
 
     Example:
         >>> cfg = SeerAttentionConfig(nz_ratio=0.1)  # keep 10% of the causal 64x64 blocks: 90% sparsity
@@ -58,6 +65,44 @@ class SeerAttentionConfig:
         metadata={
             "help": "None: blocks chosen by the learned gate. 'sink_local': a predefined baseline at the same "
             "density per row (first block + the most recent blocks), the gate is not used."
+        },
+    )
+    target: str = field(
+        default="mass",
+        metadata={
+            "help": "Block statistic of the true attention map the gates are distilled towards: 'max' (the paper's "
+            "2D max-pooled map) or 'mass' (sum of the probabilities in each tile: the attention a dropped block "
+            "loses). Normalised per block row."
+        },
+    )
+    target_group_reduce: str = field(
+        default="mean",
+        metadata={"help": "How the query heads of a KV group are combined into the per-KV-head target: max or mean."},
+    )
+    distill_forced_blocks: bool = field(
+        default=True,
+        metadata={
+            "help": "Distil the gate on whole block rows (paper). False: leave out the blocks kept anyway (diagonal "
+            "with last_block_dense, block 0 with keep_sink) and renormalise, so the gate learns only the ranking "
+            "of the blocks it chooses; such gates must run with the same keep_sink / last_block_dense (measured: "
+            "no better than True)."
+        },
+    )
+    oracle: str | None = field(
+        default=None,
+        metadata={
+            "help": "Diagnostic, not for deployment: choose blocks from the TRUE attention map of each layer "
+            "(the statistic 'target', computed densely on the actual Q/K) instead of the gate, to bound what any "
+            "gate can reach. 'kv': one mask per KV head from the distillation target itself (reduced with "
+            "target_group_reduce), the bound of a gate trained on it; 'head': one mask per query head."
+        },
+    )
+    keep_sink: bool = field(
+        default=False,
+        metadata={
+            "help": "Always keep key block 0 (the attention sink) in every block row, inside the same per-row count; "
+            "the gate picks the rest. Helps gates distilled on target='max' a lot; with target='mass' the gate "
+            "keeps the sink by itself and forcing it costs a slot at high sparsity."
         },
     )
 
@@ -105,6 +150,21 @@ class SeerAttentionConfig:
             raise HfEffllmError(f"fixed_pattern={self.fixed_pattern!r} is unknown; use None or 'sink_local'.")
         if self.fixed_pattern is not None and self.nz_ratio is None:
             raise HfEffllmError(f"fixed_pattern={self.fixed_pattern!r} needs nz_ratio (the density), not threshold.")
+        if self.target not in TARGET_STATS:
+            raise HfEffllmError(f"target={self.target!r} is unknown; use one of {list(TARGET_STATS)}.")
+        if self.target_group_reduce not in GROUP_REDUCTIONS:
+            raise HfEffllmError(
+                f"target_group_reduce={self.target_group_reduce!r} is unknown; use one of {list(GROUP_REDUCTIONS)}."
+            )
+        if self.oracle not in (None, *ORACLE_CHOICES):
+            raise HfEffllmError(f"oracle={self.oracle!r} is unknown; use None or one of {list(ORACLE_CHOICES)}.")
+        if self.oracle is not None and self.fixed_pattern is not None:
+            raise HfEffllmError(
+                f"oracle={self.oracle!r} and fixed_pattern={self.fixed_pattern!r} are both set; give only one."
+            )
+        for name in ("keep_sink", "distill_forced_blocks", "last_block_dense"):
+            if not isinstance(getattr(self, name), bool):
+                raise HfEffllmError(f"{name}={getattr(self, name)!r} must be True or False.")
         if self.backend not in BACKENDS:
             raise HfEffllmError(f"backend={self.backend!r} is unknown; use one of {list(BACKENDS)}.")
 

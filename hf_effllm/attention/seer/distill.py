@@ -1,9 +1,11 @@
 """Gate distillation (post-training): the base model is frozen, only the gates learn, on ``transformers.Trainer``.
 
 For each training window the frozen model runs once with ``distill`` attention: every layer computes its attention
-output with the block-max kernel (never the dense map) and records the pooled pre-RoPE Q/K and the target
-(block-max map, max over the KV group, normalised per block row). The loss is the KL divergence between target and
-gate distribution, per block row, averaged over rows, heads and layers. Because the target does not depend on the
+output together with the block map of ``config.target`` (never the dense map: the block-max kernel for the paper's
+``"max"``, a chunked computation for the default ``"mass"``, see :mod:`.targets`) and records the pooled pre-RoPE Q/K
+and the target (that map reduced over the KV group by ``config.target_group_reduce``, normalised per block row). The
+loss is the KL divergence between target and gate distribution, per block row, averaged over rows, heads and layers
+(``distill_forced_blocks=False`` leaves out the blocks that are kept anyway). Because the target does not depend on the
 gates, the records of a window can be cached (``cache_features=True``): later epochs over the same windows skip the
 base model entirely, which makes short CPU runs (the quickstart) cheap.
 """

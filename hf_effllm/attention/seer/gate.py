@@ -2,53 +2,46 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
+from ...kernels.seer_attention import triton_usable
+from ...kernels.seer_gate import (
+    block_pool_reference,
+    block_pool_triton,
+    gate_logits_reference,
+    gate_probs_triton,
+)
+from ...kernels.seer_gate import rope_at_blocks as rope_at_blocks  # re-exported: part of the gate's API
 from .config import SeerAttentionConfig
 
 
 def block_pool(x: torch.Tensor, block_size: int, kinds: list[str], valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Pool ``x (B, H, S, D)`` over blocks of ``block_size`` tokens and concatenate the poolings.
+    """Pool ``x (B, H, S, D)`` over blocks of ``block_size`` tokens and concatenate the poolings (float32).
+
+    On CUDA (no gradient needed) one Triton launch reads ``x`` once in its own dtype
+    (:func:`~hf_effllm.kernels.seer_gate.block_pool_triton`); elsewhere the PyTorch reference
+    :func:`~hf_effllm.kernels.seer_gate.block_pool_reference` runs.
 
     Args:
-        x: per-head states (float).
+        x: per-head states (float16/bfloat16/float32).
         block_size: tokens per block; the last block may be partial.
         kinds: poolings to concatenate, in order, from ``avg``, ``max``, ``min``.
         valid: optional bool ``(B, S)``: tokens taking part (padding excluded). Empty blocks pool to zeros.
 
     Returns:
-        ``(B, H, nb, D * len(kinds))`` with ``nb = ceil(S / block_size)``.
+        float32 ``(B, H, nb, D * len(kinds))`` with ``nb = ceil(S / block_size)``.
+
+    Example:
+        >>> pooled = block_pool(k_pre, 64, ["max", "min", "avg"])  # doctest: +SKIP
     """
-    b, h, s, d = x.shape
-    nb = math.ceil(s / block_size)
-    tail = nb * block_size - s
-    xp = nn.functional.pad(x, (0, 0, 0, tail)).reshape(b, h, nb, block_size, d)
-    m = torch.ones(b, s, dtype=torch.bool, device=x.device) if valid is None else valid.to(x.device)
-    m = nn.functional.pad(m, (0, tail), value=False).view(b, 1, nb, block_size, 1)
-    outs = []
-    for kind in kinds:
-        if kind == "avg":
-            count = m.sum(3).clamp_min(1)
-            outs.append((xp * m).sum(3) / count)
-        else:
-            fill = float("-inf") if kind == "max" else float("inf")
-            red = xp.masked_fill(~m, fill)
-            r = red.amax(3) if kind == "max" else red.amin(3)
-            outs.append(torch.where(torch.isinf(r), torch.zeros_like(r), r))
-    return torch.cat(outs, dim=-1)
-
-
-def rope_at_blocks(x: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding (rotate-half convention) of ``x (..., nb, E)`` at positions ``0..nb-1``."""
-    nb, e = x.shape[-2], x.shape[-1]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, e, 2, device=x.device, dtype=torch.float32) / e))
-    ang = torch.arange(nb, device=x.device, dtype=torch.float32)[:, None] * inv_freq[None, :]
-    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
-    x1, x2 = x[..., : e // 2], x[..., e // 2 :]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    fast = (
+        x.device.type == "cuda"
+        and triton_usable(x.device)
+        and len(kinds) <= 3
+        and not (x.requires_grad and torch.is_grad_enabled())
+    )
+    return (block_pool_triton if fast else block_pool_reference)(x, block_size, kinds, valid)
 
 
 class _PendingHook:
@@ -112,8 +105,31 @@ class SeerAttnGate(nn.Module):
 
     def reset_stats(self) -> None:
         """Zero the counters of kept / causal blocks behind :func:`sparsity_report`."""
-        self.kept_blocks = 0
-        self.total_blocks = 0
+        self._kept: int | torch.Tensor = 0  # a device tensor once counted in a forward: read (and synced) lazily
+        self._total: int | torch.Tensor = 0
+
+    def count_blocks(self, kept: int | torch.Tensor, total: int | torch.Tensor) -> None:
+        """Add kept / causal block counts; tensors stay on their device (no host sync in the forward)."""
+        self._kept = self._kept + kept
+        self._total = self._total + total
+
+    @property
+    def kept_blocks(self) -> int:
+        """Kept blocks since the last :meth:`reset_stats` (converted to ``int`` when read)."""
+        return int(self._kept)
+
+    @kept_blocks.setter
+    def kept_blocks(self, value: int) -> None:
+        self._kept = value
+
+    @property
+    def total_blocks(self) -> int:
+        """Causal, non-empty blocks since the last :meth:`reset_stats` (converted to ``int`` when read)."""
+        return int(self._total)
+
+    @total_blocks.setter
+    def total_blocks(self, value: int) -> None:
+        self._total = value
 
     def extra_repr(self) -> str:
         c = self.seer_config
@@ -138,8 +154,8 @@ class SeerAttnGate(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Pooled Q ``(B, Hq, nb, Dq)``, pooled K ``(B, Hkv, nb, Dk)`` and the non-empty key blocks ``(B, nb)``."""
         bs = self.seer_config.block_size
-        pq = block_pool(q_pre.float(), bs, self.seer_config.q_pooling, valid)
-        pk = block_pool(k_pre.float(), bs, self.seer_config.k_pooling, valid)
+        pq = block_pool(q_pre, bs, self.seer_config.q_pooling, valid)
+        pk = block_pool(k_pre, bs, self.seer_config.k_pooling, valid)
         b, s = q_pre.shape[0], q_pre.shape[2]
         nb = pq.shape[2]
         if valid is None:
@@ -149,16 +165,27 @@ class SeerAttnGate(nn.Module):
             kvalid = v.view(b, nb, bs).any(-1)
         return pq, pk, kvalid
 
-    def logits_from_pooled(self, pq: torch.Tensor, pk: torch.Tensor, kvalid: torch.Tensor) -> torch.Tensor:
-        """Masked block scores ``(B, Hkv, nb, nb)``: ``-inf`` above the diagonal and for empty key blocks."""
+    def _project(self, pq: torch.Tensor, pk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, _, nb, dq = pq.shape
         w_q, w_k = self.q_weight, self.k_weight
         qg = torch.einsum("bkgnd,kgde->bkne", pq.view(b, self.num_kv_heads, self.group, nb, dq).to(w_q.dtype), w_q)
         kg = torch.einsum("bknd,kde->bkne", pk.to(w_k.dtype), w_k)
-        qg, kg = rope_at_blocks(qg, self.rope_theta), rope_at_blocks(kg, self.rope_theta)
-        scores = torch.matmul(qg, kg.transpose(-1, -2)) * (qg.shape[-1] ** -0.5)
-        allowed = torch.ones(nb, nb, dtype=torch.bool, device=scores.device).tril() & kvalid[:, None, None, :]
-        return scores.float().masked_fill(~allowed, float("-inf"))
+        return qg, kg
+
+    def logits_from_pooled(self, pq: torch.Tensor, pk: torch.Tensor, kvalid: torch.Tensor) -> torch.Tensor:
+        """Masked block scores ``(B, Hkv, nb, nb)``: ``-inf`` above the diagonal and for empty key blocks."""
+        return gate_logits_reference(*self._project(pq, pk), kvalid, self.rope_theta)
+
+    def probs_from_pooled(self, pq: torch.Tensor, pk: torch.Tensor, kvalid: torch.Tensor) -> torch.Tensor:
+        """Gate probabilities ``(B, Hkv, nb, nb)``: softmax of :meth:`logits_from_pooled`, empty rows 0.
+
+        On CUDA without autograd, RoPE, scores, masking and softmax run as one Triton launch
+        (:func:`~hf_effllm.kernels.seer_gate.gate_probs_triton`).
+        """
+        qg, kg = self._project(pq, pk)
+        if qg.device.type == "cuda" and triton_usable(qg.device) and not (torch.is_grad_enabled() and qg.requires_grad):
+            return gate_probs_triton(qg, kg, kvalid, self.rope_theta)
+        return torch.softmax(gate_logits_reference(qg, kg, kvalid, self.rope_theta), dim=-1).nan_to_num(0.0)
 
     def forward(self, q_pre: torch.Tensor, k_pre: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Gate probabilities ``(B, Hkv, nb, nb)`` (softmax over causal, non-empty key blocks; empty rows are 0).
@@ -168,8 +195,7 @@ class SeerAttnGate(nn.Module):
             k_pre: pre-RoPE keys ``(B, Hkv, S, D)``.
             valid: optional bool ``(B, S)``, True for real tokens.
         """
-        logits = self.logits_from_pooled(*self.pool(q_pre, k_pre, valid))
-        return torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        return self.probs_from_pooled(*self.pool(q_pre, k_pre, valid))
 
 
 def select_blocks(probs: torch.Tensor, config: SeerAttentionConfig, kvalid: torch.Tensor | None = None) -> torch.Tensor:
@@ -178,8 +204,22 @@ def select_blocks(probs: torch.Tensor, config: SeerAttentionConfig, kvalid: torc
     Only causal, non-empty key blocks are kept. In ``nz_ratio`` mode each block row keeps exactly
     ``k = ceil(nz_ratio * n_row)`` blocks (``n_row``: its causal, non-empty key blocks), the diagonal included when
     ``last_block_dense``; then ``k`` is at least ``min(2, n_row)`` so a row never sees only its own block (the local
-    block alone loses the attention sink). With a threshold, the diagonal is added to the blocks above it.
+    block alone loses the attention sink). With ``keep_sink`` key block 0 is also always kept (inside the same ``k``:
+    the gate ranks the others). With a threshold, the diagonal (and the sink) are added to the blocks above it.
+
+    Args:
+        probs: ``(B, H, nb, nb)`` gate probabilities (or any row-normalised scores in ``[0, 1]``, e.g. the oracle's
+            target map).
+        config: gives ``threshold`` / ``nz_ratio``, ``last_block_dense`` and ``keep_sink``.
+        kvalid: optional bool ``(B, nb)``: key blocks holding at least one real token.
+
+    Returns:
+        bool ``(B, H, nb, nb)``, False above the diagonal and for empty key blocks.
+
+    Example:
+        >>> keep = select_blocks(gate(q_pre, k_pre), SeerAttentionConfig(nz_ratio=0.1))  # doctest: +SKIP
     """
+    keep_sink = config.keep_sink
     b, h, nb, _ = probs.shape
     allowed = torch.ones(nb, nb, dtype=torch.bool, device=probs.device).tril()
     if kvalid is not None:
@@ -195,11 +235,16 @@ def select_blocks(probs: torch.Tensor, config: SeerAttentionConfig, kvalid: torc
             k_row = torch.maximum(k_row, n_row.clamp_max(2))
             diag = torch.eye(nb, dtype=torch.bool, device=probs.device) & allowed
             score = score.masked_fill(diag, 2.0)  # probabilities are <= 1: the diagonal ranks first
+        if keep_sink:
+            score[..., 0] = torch.where(allowed[..., 0], score[..., 0].clamp_min(1.5), score[..., 0])  # then the sink
         order = torch.argsort(score, dim=-1, descending=True, stable=True)
         ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(nb, device=probs.device).expand_as(order))
         keep = ranks < k_row
     if config.last_block_dense:
         keep = keep | torch.eye(nb, dtype=torch.bool, device=probs.device)
+    if keep_sink:
+        keep = keep.clone()
+        keep[..., 0] = True
     return keep & allowed
 
 
