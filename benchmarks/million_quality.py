@@ -8,6 +8,8 @@ window is prefilled into the cache (exact attention), the second half is fed thr
 * MILLION 4-bit (M = head_dim/2) and 2-bit (M = head_dim/4), 256 centroids, one codebook per layer and K/V,
   128-token exact window (this package's defaults);
 * the anchor's setting: one codebook shared by all layers, no window (residual_length 0), at 4 and 2 bits;
+* with ``--sink-lengths 0 4 16``: each MILLION/anchor row again with the first N tokens of each window kept exact
+  (attention sinks, ``MillionCache(..., sink_length=N)``; same codebooks), named "..., sinks N";
 * transformers' ``QuantizedCache`` int4/int2 (quanto, HQQ backends) where the backend is installed; a row says
   when it is not.
 
@@ -18,6 +20,7 @@ Usage::
 
     python benchmarks/million_quality.py            # GPU: 2k and 8k contexts, full settings
     python benchmarks/million_quality.py --quick    # CPU: 2k only, fewer tokens and k-means iterations
+    python benchmarks/million_quality.py --contexts 8192 --variants "per head" --sink-lengths 0 4 16  # sinks
 
 Results: ``benchmarks/results/million_quality.{json,md}`` (``million_quality_quick.*`` with ``--quick``).
 """
@@ -60,8 +63,8 @@ def quantized_cache_factories(config) -> dict:
     return out
 
 
-COLS = ["context", "variant", "perplexity", "vs_dense_pct", "bits", "tokens", "distortion_k", "distortion_v",
-        "seconds", "note"]  # fmt: skip
+COLS = ["context", "variant", "perplexity", "vs_dense_pct", "bits", "sinks", "tokens", "distortion_k",
+        "distortion_v", "seconds", "note"]  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -76,13 +79,25 @@ def main(argv=None) -> int:
     p.add_argument(
         "--variants",
         default=None,
-        help="comma-separated substrings; only the MILLION/anchor/QuantizedCache rows whose name contains one of them "
-        "run (the dense row always runs), e.g. '2-bit, per head,anchor'",
+        help="comma-separated substrings (';'-separated when one contains a comma); only the MILLION/anchor/"
+        "QuantizedCache rows whose name contains one of them run (the dense row always runs), e.g. 'per head,anchor' "
+        "or '2-bit, per head;anchor'",
+    )
+    p.add_argument(
+        "--sink-lengths",
+        type=int,
+        nargs="+",
+        default=None,
+        help="run each MILLION/anchor row with these sink lengths (first tokens kept exact; default: 0 only)",
     )
     p.add_argument("--name", default=None, help="results file stem (default million_quality[_quick])")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
-    wanted = [w.strip() for w in args.variants.split(",") if w.strip()] if args.variants else None
+    sep = ";" if args.variants and ";" in args.variants else ","  # ';' to match names that contain commas
+    wanted = [w.strip() for w in args.variants.split(sep) if w.strip()] if args.variants else None
+    sink_lengths = args.sink_lengths or [0]
+    if any(s < 0 for s in sink_lengths):
+        p.error(f"--sink-lengths {sink_lengths}: each must be >= 0")
 
     def chosen(name: str) -> bool:
         return wanted is None or any(w in name for w in wanted)
@@ -108,7 +123,8 @@ def main(argv=None) -> int:
         f"prefilled, the rest scored through the cache in chunks of {chunk}. vs_dense_pct relative to DynamicCache "
         "under the same protocol. Codebooks: train split only.",
     )
-    run.meta.update(eval_tokens=eval_tokens, decode_chunk=chunk, kmeans_iters=iters, dtype=str(dtype), kernel=kernel)
+    run.meta.update(eval_tokens=eval_tokens, decode_chunk=chunk, kmeans_iters=iters, dtype=str(dtype), kernel=kernel,
+                    calibration_windows=windows, max_points=max_points, sink_lengths=sink_lengths)  # fmt: skip
     for ctx_len in contexts:
         t0 = time.perf_counter()
         calib = calibration_batches(tok, nsamples=windows, seqlen=ctx_len, seed=0)
@@ -125,7 +141,7 @@ def main(argv=None) -> int:
                 num_subspaces=d // 4, scope="shared", residual_length=0
             ),
         }
-        if quick:
+        if quick and wanted is None:  # per-head rows only when asked for by --variants on the CPU
             settings.pop("MILLION 2-bit, per head, window 128")
             settings.pop("MILLION 4-bit, per head, window 128")
         settings = {name: cfg for name, cfg in settings.items() if chosen(name)}
@@ -143,22 +159,26 @@ def main(argv=None) -> int:
         run.add(context=ctx_len, variant="dense (DynamicCache)", perplexity=dense.perplexity, vs_dense_pct=0.0,
                 tokens=dense.num_tokens, seconds=time.perf_counter() - t1)  # fmt: skip
         print(f"  dense {dense.perplexity:.3f}")
-        for name, book in books.items():
-            t1 = time.perf_counter()
-            res = hf_effllm.perplexity(
-                model,
-                ids,
-                cache_factory=lambda b=book: hf_effllm.MillionCache(model.config, b, use_kernel=kernel),
-                **common,
-            )
-            cache = hf_effllm.MillionCache(model.config, book)
-            run.add(context=ctx_len, variant=name, perplexity=res.perplexity,
-                    vs_dense_pct=100 * (res.perplexity / dense.perplexity - 1), tokens=res.num_tokens,
-                    bits=book.config.bits_per_element(d),
-                    distortion_k=book.meta["relative_distortion_keys"],
-                    distortion_v=book.meta["relative_distortion_values"],
-                    seconds=time.perf_counter() - t1, note=f"residual_length {cache.residual_length}")  # fmt: skip
-            print(f"  {name}: {res.perplexity:.3f} ({100 * (res.perplexity / dense.perplexity - 1):+.2f}%)")
+        for base, book in books.items():
+            for sinks in sink_lengths:
+                name = f"{base}, sinks {sinks}" if sinks else base
+                t1 = time.perf_counter()
+                res = hf_effllm.perplexity(
+                    model,
+                    ids,
+                    cache_factory=lambda b=book, s=sinks: hf_effllm.MillionCache(
+                        model.config, b, sink_length=s, use_kernel=kernel
+                    ),
+                    **common,
+                )
+                cache = hf_effllm.MillionCache(model.config, book, sink_length=sinks)
+                run.add(context=ctx_len, variant=name, perplexity=res.perplexity,
+                        vs_dense_pct=100 * (res.perplexity / dense.perplexity - 1), tokens=res.num_tokens,
+                        bits=book.config.bits_per_element(d), sinks=sinks,
+                        distortion_k=book.meta["relative_distortion_keys"],
+                        distortion_v=book.meta["relative_distortion_values"],
+                        seconds=time.perf_counter() - t1, note=f"residual_length {cache.residual_length}")  # fmt: skip
+                print(f"  {name}: {res.perplexity:.3f} ({100 * (res.perplexity / dense.perplexity - 1):+.2f}%)")
         model.set_attn_implementation("sdpa")  # QuantizedCache returns dequantized K/V for any attention function
         for name, factory in quantized_cache_factories(model.config).items():
             if not chosen(f"QuantizedCache {name}"):

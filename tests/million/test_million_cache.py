@@ -17,7 +17,8 @@ from hf_effllm.compat import cache_kwargs, output_cache
 from hf_effllm.errors import HfEffllmError
 from hf_effllm.testing import tiny_model
 
-CFG = MillionConfig(num_subspaces=8, nbits=8, residual_length=8, kmeans_iters=8)
+# sink_length=0: these tests pin the plain codes + window layout (sinks: test_million_sinks.py)
+CFG = MillionConfig(num_subspaces=8, nbits=8, residual_length=8, kmeans_iters=8, sink_length=0)
 
 
 @pytest.fixture(autouse=True)

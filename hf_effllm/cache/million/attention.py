@@ -4,7 +4,7 @@ How it reaches the codes (the one trick, kept here). In transformers 5.x an atte
 ``cache.update(key, value, layer_idx, ...)`` and then the function registered in ``AttentionInterface`` under
 ``config._attn_implementation`` with what ``update`` returned; the function never receives the cache. A
 :class:`~hf_effllm.MillionCache` layer, when the model runs with ``attn_implementation="million"``, returns only
-the full-precision part (recent window + new tokens) and leaves a *pending* record of its codes in a thread-local
+the full-precision part (the exact first "sink" tokens, then the recent window + new tokens) and leaves a *pending* record of its codes in a thread-local
 slot; this function takes that record, checks that it belongs to the calling module's ``layer_idx`` and that the
 key tensor it got is the very tensor ``update`` returned (anything else raises: no silent garbage), and computes
 attention over codes + window. Without a pending record (a ``DynamicCache``, no cache, or a fresh prompt with no
@@ -36,12 +36,13 @@ class PendingCodes:
     """What one cache layer leaves for the attention call that follows its ``update``."""
 
     layer_idx: int
-    key: torch.Tensor  # the exact tensor returned by update (window + new tokens)
-    codes_k: torch.Tensor  # (B, Hkv, N, M) uint8, tokens older than the window
+    key: torch.Tensor  # the exact tensor returned by update: (sinks, window + new tokens)
+    codes_k: torch.Tensor  # (B, Hkv, N, M) uint8, the tokens between the sinks and the window
     codes_v: torch.Tensor
     codebook_k: torch.Tensor  # (G, M, K, DSUB) in the model dtype
     codebook_v: torch.Tensor
     use_kernel: bool
+    n_sinks: int = 0  # how many of key's first tokens are sinks (positions before the codes)
 
 
 def set_pending(state: PendingCodes | None) -> None:
@@ -73,25 +74,54 @@ def _allowed(mask: torch.Tensor) -> torch.Tensor:
 
 
 def split_mask(
-    attention_mask: torch.Tensor | None, batch: int, q_len: int, n_codes: int, r_len: int, device: torch.device
+    attention_mask: torch.Tensor | None,
+    batch: int,
+    q_len: int,
+    n_codes: int,
+    r_len: int,
+    device: torch.device,
+    n_sinks: int = 0,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Split a 4-D attention mask over ``n_codes + r_len`` keys into a code mask ``(B, N)`` and a window mask
-    ``(B, Lq, R)``. With no mask the window is causal, bottom-right aligned (the queries are its last tokens)."""
+    """Split a 4-D attention mask into a code mask and a mask of the exact (full-precision) keys.
+
+    The mask covers ``n_sinks + n_codes + r_len`` keys in position order: the exact sink tokens, the coded tokens,
+    the exact window (whose last ``q_len`` tokens are the queries). The exact keys the attention function gets are
+    ``cat(sinks, window)``, so their mask is the sink columns followed by the window columns.
+
+    Args:
+        attention_mask: boolean or additive ``(B, 1 or H, Lq, n_sinks + n_codes + r_len)`` mask, or None.
+        batch, q_len: batch size and number of queries.
+        n_codes, r_len, n_sinks: coded tokens, window tokens (new ones included) and sink tokens.
+        device: where to build the causal mask when ``attention_mask`` is None.
+
+    Returns:
+        ``(code_mask (B, N) or None, exact_mask (B, Lq, n_sinks + R) or None)``; None means "attend everything".
+        With no mask every query sees all sinks and codes and the window causally, bottom-right aligned.
+
+    Example:
+        >>> split_mask(None, 1, 2, 5, 3, torch.device("cpu"), n_sinks=1)[1].int().tolist()
+        [[[1, 1, 1, 0], [1, 1, 1, 1]]]
+    """
     if attention_mask is None:
         if q_len == 1:
             return None, None
         i = torch.arange(q_len, device=device)[:, None] + (r_len - q_len)
         j = torch.arange(r_len, device=device)[None, :]
-        return None, (j <= i)[None].expand(batch, -1, -1)
+        window = j <= i
+        if n_sinks:
+            window = torch.cat([torch.ones(q_len, n_sinks, dtype=torch.bool, device=device), window], dim=1)
+        return None, window[None].expand(batch, -1, -1)
     allowed = _allowed(attention_mask)
-    if allowed.dim() != 4 or allowed.shape[-1] != n_codes + r_len:
+    if allowed.dim() != 4 or allowed.shape[-1] != n_sinks + n_codes + r_len:
         raise HfEffllmError(
-            f"attention mask of shape {tuple(attention_mask.shape)} does not cover {n_codes} coded + {r_len} "
-            "window tokens."
+            f"attention mask of shape {tuple(attention_mask.shape)} does not cover {n_sinks} sink + {n_codes} coded "
+            f"+ {r_len} window tokens."
         )
     allowed = allowed[:, 0].expand(batch, q_len, -1)
-    code_mask = allowed[:, -1, :n_codes]  # padding only: coded tokens precede every query
-    res_mask = allowed[:, :, n_codes:]
+    code_mask = allowed[:, -1, n_sinks : n_sinks + n_codes]  # padding only: coded tokens precede every query
+    res_mask = allowed[:, :, n_sinks + n_codes :]
+    if n_sinks:
+        res_mask = torch.cat([allowed[:, :, :n_sinks], res_mask], dim=-1)
     return (None if bool(code_mask.all()) else code_mask.contiguous()), res_mask.contiguous()
 
 
@@ -111,9 +141,9 @@ def million_attention_forward(
     Args:
         module: the attention module (its ``layer_idx`` identifies the cache layer).
         query: ``(B, Hq, Lq, D)``.
-        key, value: what the cache's ``update`` returned: the full-precision window + new tokens
-            ``(B, Hkv, R, D)`` when codes are pending, else the whole K/V.
-        attention_mask: the ``sdpa``-style mask built for ``n_codes + R`` keys, or None.
+        key, value: what the cache's ``update`` returned: the full-precision sinks, window and new tokens
+            ``(B, Hkv, S + R, D)`` when codes are pending, else the whole K/V.
+        attention_mask: the ``sdpa``-style mask built for ``S + n_codes + R`` keys (position order), or None.
         dropout, scaling, is_causal: as for ``sdpa``.
 
     Returns:
@@ -131,7 +161,8 @@ def million_attention_forward(
         raise HfEffllmError("the 'million' attention function is for inference; dropout > 0 is not supported.")
     b, _, lq, d = query.shape
     scale = scaling if scaling is not None else d**-0.5
-    code_mask, res_mask = split_mask(attention_mask, b, lq, n_codes, key.shape[2], query.device)
+    n_sinks = state.n_sinks
+    code_mask, res_mask = split_mask(attention_mask, b, lq, n_codes, key.shape[2] - n_sinks, query.device, n_sinks)
     args = (query, state.codes_k, state.codes_v, state.codebook_k, state.codebook_v, key, value)
     gq = query.shape[1] // key.shape[1]
     if state.use_kernel and gq * lq <= 128:

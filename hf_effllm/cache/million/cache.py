@@ -2,15 +2,23 @@
 
 Each :class:`MillionLayer` holds
 
+* ``sink_keys``/``sink_values``: the first ``sink_length`` tokens of the sequence, kept in full precision forever
+  (attention sinks: they take a large share of the attention mass and have outlier keys, so their PQ error would
+  shift it);
 * ``codes_k``/``codes_v``: ``uint8`` ``(B, Hkv, capacity, M)`` buffers (grown by doubling; the first ``n_codes``
   tokens are valid), encoded with the layer's codebooks in one batched call per flush (no per-token loop);
 * ``keys``/``values``: the full-precision window of the most recent tokens, ``residual_length`` of them (up to
   ``residual_length // 8`` more between flushes, so decode encodes in blocks instead of one token at a time).
 
-With ``attn_implementation="million"`` the ``update`` call returns only the window (plus the new tokens) and the
-``"million"`` attention function (see :mod:`.attention`) combines it with attention over the codes. With any other
-attention implementation ``update`` returns the decoded cache (codes rebuilt from centroids + window), so the cache
-works everywhere, at the cost of rebuilding K/V every step (a warning says so once).
+Tokens are in position order sinks, codes, window. With ``attn_implementation="million"`` the ``update`` call returns
+only the exact part, ``cat(sinks, window + new tokens)``, and the ``"million"`` attention function (see
+:mod:`.attention`) combines it with attention over the codes. With any other attention implementation ``update``
+returns the decoded cache (sinks + codes rebuilt from centroids + window), so the cache works everywhere, at the
+cost of rebuilding K/V every step (a warning says so once).
+
+Left padding: the sinks are the first ``sink_length`` positions of the cache, the same for every row, so in a
+left-padded batch a padded row's first buffer tokens are padding (masked, as everywhere else) and that row's own
+first tokens may be encoded; rows without padding get the full benefit.
 
 Example:
     >>> model.set_attn_implementation("million")  # doctest: +SKIP
@@ -39,6 +47,7 @@ class MillionLayer(CacheLayerMixin):
     Args:
         codebook_k, codebook_v: ``(G, M, K, DSUB)`` float codebooks of this layer.
         residual_length: recent tokens kept in full precision.
+        sink_length: first tokens of the sequence kept in full precision forever.
         layer_idx: the layer's index (matched against the attention module's ``layer_idx``).
         owner: the :class:`MillionCache`, asked which attention implementation the model runs.
     """
@@ -54,10 +63,14 @@ class MillionLayer(CacheLayerMixin):
         residual_length: int,
         layer_idx: int,
         owner: MillionCache | None = None,
+        sink_length: int = 0,
     ) -> None:
         super().__init__()
         self._cb_src = (codebook_k, codebook_v)
         self.residual_length = residual_length
+        self.sink_length = sink_length
+        self.sink_keys: torch.Tensor | None = None
+        self.sink_values: torch.Tensor | None = None
         self.flush_block = residual_length // 8
         self.layer_idx = layer_idx
         self.owner = owner
@@ -82,6 +95,8 @@ class MillionLayer(CacheLayerMixin):
         self.codebook_v = self._cb_src[1].to(self.device, self.dtype).contiguous()
         self.keys = key_states.new_empty(b, h, 0, d)
         self.values = value_states.new_empty(b, h, 0, d)
+        self.sink_keys = key_states.new_empty(b, h, 0, d)
+        self.sink_values = value_states.new_empty(b, h, 0, d)
         self.codes_k = torch.empty(b, h, 0, m, dtype=torch.uint8, device=self.device)
         self.codes_v = torch.empty_like(self.codes_k)
         self.n_codes = 0
@@ -138,24 +153,37 @@ class MillionLayer(CacheLayerMixin):
         self._check_batch(key_states)
         n_before = self.n_codes
         codes_k, codes_v = self.codes_k[:, :, :n_before], self.codes_v[:, :, :n_before]
+        n_sinks = self.sink_keys.shape[2]
+        if n_sinks < self.sink_length:  # the sequence's first tokens become sinks (codes and window are empty then)
+            take = min(self.sink_length - n_sinks, key_states.shape[2])
+            self.sink_keys = torch.cat([self.sink_keys, key_states[:, :, :take]], dim=-2)
+            self.sink_values = torch.cat([self.sink_values, value_states[:, :, :take]], dim=-2)
+            key_states, value_states = key_states[:, :, take:], value_states[:, :, take:]
         window_k = torch.cat([self.keys, key_states], dim=-2)
         window_v = torch.cat([self.values, value_states], dim=-2)
         self._flush(window_k, window_v)
+        n_sinks = self.sink_keys.shape[2]
+        if n_sinks:  # exact part in position order: sinks, then the window with the new tokens
+            exact_k = torch.cat([self.sink_keys, window_k], dim=-2)
+            exact_v = torch.cat([self.sink_values, window_v], dim=-2)
+        else:
+            exact_k, exact_v = window_k, window_v
         if self.owner is not None and self.owner.uses_million_attention:
             set_pending(
                 PendingCodes(
                     layer_idx=self.layer_idx,
-                    key=window_k,
+                    key=exact_k,
                     codes_k=codes_k,
                     codes_v=codes_v,
                     codebook_k=self.codebook_k,
                     codebook_v=self.codebook_v,
                     use_kernel=self.owner.kernel_enabled(self.device),
+                    n_sinks=n_sinks,
                 )
             )
-            return window_k, window_v
+            return exact_k, exact_v
         if n_before == 0:
-            return window_k, window_v
+            return exact_k, exact_v
         if self.owner is not None and not self.owner._warned_decoded:
             self.owner._warned_decoded = True  # once per cache
             warnings.warn(
@@ -166,7 +194,10 @@ class MillionLayer(CacheLayerMixin):
             )
         dk = pq_decode_reference(codes_k, self.codebook_k)
         dv = pq_decode_reference(codes_v, self.codebook_v)
-        return torch.cat([dk, window_k], dim=-2), torch.cat([dv, window_v], dim=-2)
+        return (
+            torch.cat([self.sink_keys, dk, window_k], dim=-2),
+            torch.cat([self.sink_values, dv, window_v], dim=-2),
+        )
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -174,13 +205,14 @@ class MillionLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         if not self.is_initialized:
             return 0
-        return self.n_codes + self.keys.shape[-2]
+        return self.sink_keys.shape[-2] + self.n_codes + self.keys.shape[-2]
 
     def get_max_length(self) -> int:
         return -1
 
     def reset(self) -> None:
         self.keys = self.values = None
+        self.sink_keys = self.sink_values = None
         self.codes_k = self.codes_v = None
         self.n_codes = 0
         self.is_initialized = False
@@ -190,7 +222,8 @@ class MillionLayer(CacheLayerMixin):
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last ``-tokens_to_remove`` tokens (a positive value is the length to keep, as in 5.17).
 
-        Tokens that remain keep their representation: exact if in the window, codes if already encoded.
+        Tokens that remain keep their representation: exact if a sink or in the window, codes if already encoded.
+        Cropping into the sinks drops all codes and the window; the next tokens refill the sinks first.
         """
         if not self.is_initialized:
             return
@@ -199,15 +232,21 @@ class MillionLayer(CacheLayerMixin):
         keep = max(0, min(total, keep))
         if keep >= total:
             return
-        if keep >= self.n_codes:
-            r = keep - self.n_codes
+        n_sinks = self.sink_keys.shape[2]
+        if keep >= n_sinks + self.n_codes:
+            r = keep - n_sinks - self.n_codes
             self.keys, self.values = self.keys[:, :, :r], self.values[:, :, :r]
+            return
+        self.keys, self.values = self.keys[:, :, :0], self.values[:, :, :0]
+        if keep >= n_sinks:
+            self.n_codes = keep - n_sinks
         else:
-            self.n_codes = keep
-            self.keys, self.values = self.keys[:, :, :0], self.values[:, :, :0]
+            self.n_codes = 0
+            self.sink_keys, self.sink_values = self.sink_keys[:, :, :keep], self.sink_values[:, :, :keep]
 
     def _index_batch(self, fn) -> None:
         self.keys, self.values = fn(self.keys), fn(self.values)
+        self.sink_keys, self.sink_values = fn(self.sink_keys), fn(self.sink_values)
         self.codes_k = fn(self.codes_k[:, :, : self.n_codes])
         self.codes_v = fn(self.codes_v[:, :, : self.n_codes])
         self.batch_size = self.keys.shape[0]
@@ -234,19 +273,20 @@ class MillionLayer(CacheLayerMixin):
     # -- memory ----------------------------------------------------------------------------------------------------
     @property
     def nbytes(self) -> int:
-        """Bytes of the cached state: valid codes plus the full-precision window."""
+        """Bytes of the cached state: valid codes plus the full-precision sinks and window."""
         if not self.is_initialized:
             return 0
         codes = 2 * self.batch_size * self.num_heads * self.n_codes * self.num_subspaces
-        window = (self.keys.numel() + self.values.numel()) * self.keys.element_size()
-        return codes + window
+        exact = self.keys.numel() + self.values.numel() + self.sink_keys.numel() + self.sink_values.numel()
+        return codes + exact * self.keys.element_size()
 
     @property
     def allocated_bytes(self) -> int:
         """Bytes held, including spare code capacity and the codebooks."""
         if not self.is_initialized:
             return 0
-        t = (self.codes_k, self.codes_v, self.keys, self.values, self.codebook_k, self.codebook_v)
+        t = (self.codes_k, self.codes_v, self.keys, self.values, self.sink_keys, self.sink_values, self.codebook_k,
+             self.codebook_v)  # fmt: skip
         return sum(x.numel() * x.element_size() for x in t)
 
 
@@ -261,6 +301,8 @@ class MillionCache(Cache):
         config: the model's config (``model.config``); checked against the codebooks.
         codebooks: :class:`~hf_effllm.million.MillionCodebooks` trained for this model.
         residual_length: recent tokens kept exact (default: the codebooks' config).
+        sink_length: first tokens of each sequence kept exact forever, the attention sinks (default: the
+            codebooks' config); the tokens between them and the recent window are encoded.
         use_kernel: use the Triton decode kernel: ``None`` (default) on CUDA only, ``True`` also under
             ``TRITON_INTERPRET=1`` on the CPU, ``False`` never (PyTorch path).
 
@@ -279,6 +321,7 @@ class MillionCache(Cache):
         codebooks: MillionCodebooks,
         *,
         residual_length: int | None = None,
+        sink_length: int | None = None,
         use_kernel: bool | None = None,
     ) -> None:
         if not isinstance(codebooks, MillionCodebooks):
@@ -297,14 +340,18 @@ class MillionCache(Cache):
         rl = codebooks.config.residual_length if residual_length is None else residual_length
         if not isinstance(rl, int) or rl < 0:
             raise HfEffllmError(f"residual_length={rl!r} must be an integer >= 0.")
+        sl = codebooks.config.sink_length if sink_length is None else sink_length
+        if not isinstance(sl, int) or isinstance(sl, bool) or sl < 0:
+            raise HfEffllmError(f"sink_length={sl!r} must be an integer >= 0 (e.g. 4: the first 4 tokens stay exact).")
         self.model_config = text
         self.codebooks = codebooks
         self.residual_length = rl
+        self.sink_length = sl
         self.use_kernel = use_kernel
         self.signature = ModelSignature.from_config(config)
         self._warned_decoded = False
         layers = [
-            MillionLayer(*codebooks.layer(i), residual_length=rl, layer_idx=i, owner=self)
+            MillionLayer(*codebooks.layer(i), residual_length=rl, sink_length=sl, layer_idx=i, owner=self)
             for i in range(text.num_hidden_layers)
         ]
         super().__init__(layers=layers)
@@ -325,7 +372,7 @@ class MillionCache(Cache):
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the cached state (codes + full-precision window), all layers."""
+        """Bytes of the cached state (codes + full-precision sinks and window), all layers."""
         return sum(layer.nbytes for layer in self.layers)
 
     @property
@@ -342,6 +389,7 @@ class MillionCache(Cache):
         dense = 2 * 2 * first.batch_size * first.num_heads * first.head_dim * tokens * len(self.layers)
         return {
             "tokens": tokens,
+            "sink_tokens": first.sink_keys.shape[2],
             "nbytes": self.nbytes,
             "dense_16bit_bytes": dense,
             "ratio": dense / max(1, self.nbytes),

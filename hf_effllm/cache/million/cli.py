@@ -61,7 +61,8 @@ def million_stage(ctx: StageContext) -> list[dict[str, Any]]:
         res = ctx.evaluate(model, cache_factory=lambda b=book: MillionCache(model.config, b), **common)
         res["vs_dense_pct"] = round(100.0 * (res["perplexity"] / dense["perplexity"] - 1.0), 2)
         m = book.num_subspaces
-        rows.append({"variant": f"MILLION {bits}-bit (M={m}, 256 centroids, window 128)", **res,
+        sinks = book.config.sink_length
+        rows.append({"variant": f"MILLION {bits}-bit (M={m}, 256 centroids, window 128, {sinks} exact sinks)", **res,
                      "seconds": round(time.perf_counter() - t1 + train_s / 2, 1)})  # fmt: skip
     books[4].save_pretrained(ctx.folder / "million-4bit")
     ctx.files.append(("million-4bit/", "MILLION 4-bit codebooks (MillionCodebooks.from_pretrained)"))

@@ -315,6 +315,7 @@ class MillionCodebooks:
             num_subspaces=self.num_subspaces,
             num_centroids=cfg.num_centroids,
             residual_length=cfg.residual_length,
+            sink_length=cfg.sink_length,
             scope=cfg.scope,
             num_layers=self.signature.num_layers,
             num_kv_heads=self.signature.num_kv_heads,
