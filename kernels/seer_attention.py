@@ -228,8 +228,10 @@ if HAS_TRITON:
     def _seer_block(
         q, acc, m_i, l_i, K, V, kb, offs_m, offs_n, offs_d, pad_ptr, stride_ks, stride_vs, S, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_PAD: tl.constexpr, DIAG: tl.constexpr,
-        FOLD_SCALE: tl.constexpr,
+        FOLD_SCALE: tl.constexpr, TILE_LSE: tl.constexpr = False,
     ):  # fmt: skip
+        # TILE_LSE: the fourth result is the tile's row log-sum-exp (log2 space, log2 sum_j 2^s_ij) instead of its row
+        # max (the block-mass map needs it).
         # FOLD_SCALE: scale the row max instead of the tile and fold the scale into the exponent (one FMA per
         # score instead of a multiply and a subtract; max(s) * c == max(s * c) exactly for c > 0). Same results up
         # to rounding; which is faster depends on register pressure (benchmarks/seer_speed.py sweeps it).
@@ -270,8 +272,11 @@ if HAS_TRITON:
             p = tl.math.exp2(s * qk_scale - m_safe[:, None])
         else:
             p = tl.math.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        ps = tl.sum(p, 1)
+        l_i = l_i * alpha + ps
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        if TILE_LSE:  # rows with no valid key in this tile: log2(0) = -inf, i.e. zero mass
+            r = m_safe + tl.math.log2(ps)
         return acc, m_new, l_i, r
 
     @triton.jit

@@ -27,6 +27,8 @@ from hf_effllm.kernels.seer_attention import (
     check_attention_inputs,
 )
 
+from hf_effllm.errors import HfEffllmError
+
 _SCRATCH_BYTES = 2 << 30  # row-max scratch of one launch; more (batch x heads) than that runs in several launches
 _EPILOGUE_ELEMENTS = 4096  # scratch values reduced per epilogue step (KB_CHUNK key blocks x HP*BLOCK rows)
 # Softmax arithmetic of the main loop (see _seer_block); a module setting so the benchmark can sweep it.
@@ -45,6 +47,7 @@ if HAS_TRITON:
         H, S, bh0, qk_scale,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr,
         HAS_PAD: tl.constexpr, HP: tl.constexpr, KB_CHUNK: tl.constexpr, FOLD_SCALE: tl.constexpr,
+        MASS: tl.constexpr,
     ):  # fmt: skip
         HPB: tl.constexpr = HP * BLOCK
         nb = tl.cdiv(S, BLOCK)
@@ -77,12 +80,12 @@ if HAS_TRITON:
         for kb in range(0, qb):
             acc, m_i, l_i, r = _seer_block(
                 q, acc, m_i, l_i, Kh, Vh, kb, offs_m, offs_n, offs_d, pad_ptr, stride_ks, stride_vs, S, qk_scale,
-                HEAD_DIM, BLOCK, HAS_PAD, False, FOLD_SCALE,
+                HEAD_DIM, BLOCK, HAS_PAD, False, FOLD_SCALE, MASS,
             )  # fmt: skip
             tl.store(r_ptr + kb * HPB + rows, r)
         acc, m_i, l_i, r = _seer_block(
             q, acc, m_i, l_i, Kh, Vh, qb, offs_m, offs_n, offs_d, pad_ptr, stride_ks, stride_vs, S, qk_scale,
-            HEAD_DIM, BLOCK, HAS_PAD, True, FOLD_SCALE,
+            HEAD_DIM, BLOCK, HAS_PAD, True, FOLD_SCALE, MASS,
         )  # fmt: skip
         tl.store(r_ptr + qb * HPB + rows, r)
         seen = l_i > 0.0
@@ -105,7 +108,16 @@ if HAS_TRITON:
             kmask = kbs <= qb
             r2 = tl.load(r_ptr + kbs[:, None] * HPB + rows[None, :], mask=kmask[:, None], other=float("-inf"))
             p = tl.math.exp2(r2 - lse[None, :])
-            tl.store(bm_ptr + kbs[:, None], tl.max(tl.reshape(p, (KB_CHUNK, HP, BLOCK)), 2), mask=kmask[:, None])
+            if MASS:  # r2 = the tile's row log-sum-exp: exp2(r2 - lse) is the row's probability mass in the tile
+                stat = tl.sum(tl.reshape(p, (KB_CHUNK, HP, BLOCK)), 2)
+            else:
+                stat = tl.max(tl.reshape(p, (KB_CHUNK, HP, BLOCK)), 2)
+            tl.store(bm_ptr + kbs[:, None], stat, mask=kmask[:, None])
+
+
+def _check_stat(stat: str, name: str) -> None:
+    if stat not in ("max", "mass"):
+        raise HfEffllmError(f"{name}: stat={stat!r} is not supported; use 'max' or 'mass'.")
 
 
 def blockmax_attention(
@@ -119,8 +131,9 @@ def blockmax_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     heads_per_program: int | None = None,
+    stat: str = "max",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention output and the block-max map of its probabilities, in one pass over K/V (Triton).
+    """Causal attention output and the block-max (or block-mass) map of its probabilities, in one pass over K/V.
 
     Cost: the FLOPs of one causal FlashAttention forward (``4 * Hq * S^2 / 2 * D`` per sequence; the previous
     two-pass version recomputed ``Q K^T``: ~1.5x). Extra memory traffic: the row-max scratch, ``S * (nb + 1) / 2``
@@ -142,6 +155,8 @@ def blockmax_attention(
         num_stages: Triton launch option (default 3).
         heads_per_program: query heads of one KV group per program (a power of two; they share K/V loads);
             default 2 on CUDA when the group size is even, else 1.
+        stat: ``"max"`` (each tile's largest probability, the paper's target) or ``"mass"`` (the sum of its
+            probabilities: per row, the tile's log-sum-exp is stored instead of its row max; same cost).
 
     Returns:
         ``(out, block_max)``: ``out`` ``(B, Hq, S, D)`` in ``q``'s dtype and ``block_max`` float32
@@ -153,6 +168,7 @@ def blockmax_attention(
         >>> target = bmax / bmax.sum(-1, keepdim=True)  # doctest: +SKIP
     """
     name = "blockmax_attention"
+    _check_stat(stat, name)
     b, hq, hkv, s, d = check_attention_inputs(q, k, v, block_size=block_size, key_padding=key_padding, name=name)
     _check_triton_inputs(q, name)
     nb = math.ceil(s / block_size)
@@ -176,7 +192,7 @@ def blockmax_attention(
             bmax.stride(0), bmax.stride(1), bmax.stride(2), pad.stride(0) if key_padding is not None else 0,
             hq, s, bh0, scale * 1.4426950408889634,
             GROUP=hq // hkv, HEAD_DIM=d, D_PAD=d_pad, BLOCK=block_size, HAS_PAD=key_padding is not None, HP=hp,
-            KB_CHUNK=kb_chunk, FOLD_SCALE=_FOLD_SCALE,
+            KB_CHUNK=kb_chunk, FOLD_SCALE=_FOLD_SCALE, MASS=stat == "mass",
             num_warps=num_warps or (4 if d_pad <= 64 else 8), num_stages=num_stages or 3,
         )  # fmt: skip
     return out, bmax
@@ -190,12 +206,14 @@ def blockmax_attention_reference(
     scale: float | None = None,
     key_padding: torch.Tensor | None = None,
     block_size: int = 64,
+    stat: str = "max",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch version of :func:`blockmax_attention` (same arguments and results).
 
     Float32, a chunk of query blocks at a time (memory ``O(chunk x S)`` rather than ``O(S^2)`` per head).
     """
     name = "blockmax_attention_reference"
+    _check_stat(stat, name)
     b, hq, hkv, s, d = check_attention_inputs(q, k, v, block_size=block_size, key_padding=key_padding, name=name)
     g = hq // hkv
     nb = math.ceil(s / block_size)
@@ -217,6 +235,7 @@ def blockmax_attention_reference(
         qb0, qb1, kb1 = start // block_size, math.ceil(end / block_size), math.ceil(end / block_size)
         extra_k, extra_q = kb1 * block_size - end, (qb1 - qb0) * block_size - (end - start)
         pp = torch.nn.functional.pad(p, (0, extra_k, 0, extra_q)) if extra_k or extra_q else p
-        pp = pp.reshape(b, hkv, g, qb1 - qb0, block_size, kb1, block_size).amax(dim=(-3, -1))
+        pp = pp.reshape(b, hkv, g, qb1 - qb0, block_size, kb1, block_size)
+        pp = pp.sum(dim=(-3, -1)) if stat == "mass" else pp.amax(dim=(-3, -1))
         bmax[:, :, qb0:qb1, :kb1] = pp.reshape(b, hq, qb1 - qb0, kb1)
     return out, bmax

@@ -106,3 +106,38 @@ def test_blockmax_bf16_on_gpu(monkeypatch, hp, fold):
         ref_out, ref_bm = blockmax_attention_reference(q, k, v, key_padding=pad)
         torch.testing.assert_close(bm, ref_bm, atol=1e-6, rtol=1e-4)
         torch.testing.assert_close(out.float(), ref_out.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", CASES)
+def test_block_mass_matches_references(triton_interpret, case, dtype):
+    """stat="mass": the tile log-sum-exp scratch gives each tile's probability mass (rows of the map sum to 1)."""
+    from hf_effllm.attention.seer.targets import block_attention_map
+
+    b, hq, hkv, s, d, bs, hp, padding = case
+    q, k, v = _inputs(b, hq, hkv, s, d, dtype, seed=s + 1)
+    pad = None
+    if padding is not None:
+        pad = torch.ones(b, s, dtype=torch.bool)
+        pad[-1 if padding == "left" else 0, : bs + 3] = False
+    out, mass = _run(triton_interpret, q, k, v, pad, bs, heads_per_program=hp, stat="mass")
+    ref_out, ref_mass = blockmax_attention_reference(q, k, v, key_padding=pad, block_size=bs, stat="mass")
+    _, map_mass = block_attention_map(q, k, v, stat="mass", key_padding=pad, block_size=bs)
+    torch.testing.assert_close(ref_mass, map_mass, atol=1e-6, rtol=1e-5)  # two independent PyTorch versions
+    torch.testing.assert_close(mass, ref_mass, atol=2e-6, rtol=2e-5 if dtype == torch.float32 else 2e-4)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=tol, rtol=tol)
+    # Each query block row's mass, summed over key blocks, is the number of its query rows that see a key.
+    nb = math.ceil(s / bs)
+    # A row sees a key when some position up to it is a real token.
+    seen = torch.ones(b, s) if pad is None else (torch.cumsum(pad.int(), 1) > 0).float()
+    rows = torch.nn.functional.pad(seen, (0, nb * bs - s)).view(b, nb, bs).sum(-1)
+    torch.testing.assert_close(mass.sum(-1), rows[:, None].expand(b, hq, nb), atol=1e-4, rtol=1e-4)
+
+
+def test_block_map_rejects_unknown_stat(triton_interpret):
+    q, k, v = _inputs(1, 2, 2, 20, 16, torch.float32)
+    with pytest.raises(HfEffllmError, match="stat='sum'"):
+        blockmax_attention(q, k, v, block_size=16, stat="sum")
+    with pytest.raises(HfEffllmError, match="stat='sum'"):
+        blockmax_attention_reference(q, k, v, block_size=16, stat="sum")

@@ -183,10 +183,13 @@ def target_map(
     use_triton: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Attention output (None without ``value``) and the per-query-head block map of ``config.target``."""
-    if config.target == "max":  # the paper's target: the one-pass block-max kernel (values = keys if not needed)
-        fn = blockmax_attention if use_triton else blockmax_attention_reference
-        return fn(query, key, key if value is None else value, scale=scale, key_padding=valid,
-                  block_size=config.block_size)  # fmt: skip
+    if use_triton:  # one-pass Triton kernel for both targets (values = keys when the output is not needed)
+        out, bmap = blockmax_attention(query, key, key if value is None else value, scale=scale, key_padding=valid,
+                                       block_size=config.block_size, stat=config.target)  # fmt: skip
+        return (None if value is None else out), bmap
+    if config.target == "max":
+        return blockmax_attention_reference(query, key, key if value is None else value, scale=scale,
+                                            key_padding=valid, block_size=config.block_size)  # fmt: skip
     return block_attention_map(
         query, key, value, stat=config.target, scale=scale, key_padding=valid, block_size=config.block_size
     )

@@ -6,7 +6,8 @@ attention *mass* of each 64x64 tile instead (the sum of its softmax probabilitie
 attention that dropping the tile would lose, which is what block-sparse attention's error depends on. Both maps are
 reduced over the query heads of a KV group (the gate scores KV heads) and normalised to sum 1 per block row.
 
-:func:`block_attention_map` is a plain PyTorch computation, a chunk of query rows at a time (memory
+:func:`block_attention_map` is the plain PyTorch computation (the CPU path and the reference; on CUDA the same
+one-pass Triton kernel computes either map, ``blockmax_attention(..., stat="mass")``), a chunk of query rows at a time (memory
 ``O(chunk x S)``, never the dense ``S x S`` map per head); it also returns the attention output, so the distillation
 forward computes attention once.
 """
