@@ -101,6 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens (default 4 windows; quick 2)")
     p.add_argument("--variants", type=_variants, default=_variants(DEFAULT_VARIANTS), help="rows, comma-separated")
     p.add_argument("--sparsities", type=_floats, default=[0.5, 0.7, 0.9], help="target sparsities, e.g. 0.5,0.9")
+    p.add_argument(
+        "--top-p",
+        type=_floats,
+        default=[],
+        help="also run the gate/oracle rows with an adaptive budget: per row, the most probable blocks up to this "
+        "probability mass (config top_p), e.g. 0.9,0.95",
+    )
     p.add_argument("--gates", default=None, help="load gates from this folder instead of distilling")
     p.add_argument("--save-gates", default=None, help="save the distilled gates to this folder")
     p.add_argument("--nsamples", type=int, default=None, help="training windows (default 32; quick 4)")
@@ -214,7 +221,26 @@ def main(argv: list[str] | None = None) -> int:
             run.add(variant=label, target_sparsity=target, sparsity=round(sp, 4), vs_dense_pct=round(pct, 2), **r)
             flush()
             print(f"  {label:34s} target {target:.0%} achieved {sp:.1%} ppl {r['perplexity']:.4f} ({pct:+.2f}%)")
-    seer.set_seer_options(model, **{k: getattr(base, k) for k in ("nz_ratio", "fixed_pattern", "oracle", "keep_sink")})
+    for top_p in args.top_p:
+        for name in args.variants:
+            if name == "dense" or VARIANTS[name][1].get("fixed_pattern"):
+                continue  # a fixed pattern has no probabilities to accumulate
+            label, options = VARIANTS[name]
+            opts = {"fixed_pattern": None, "oracle": None, "keep_sink": False, "target": base.target,
+                    "target_group_reduce": base.target_group_reduce, **options}  # fmt: skip
+            seer.set_seer_options(model, top_p=top_p, **opts)
+            seer.sparsity_report(model, reset=True)
+            r = evaluate(model)
+            sp = seer.mean_sparsity(seer.sparsity_report(model, reset=True))
+            pct = 100.0 * (r["perplexity"] / dense["perplexity"] - 1.0)
+            label = f"{label}, top-p {top_p:g}"
+            run.add(variant=label, sparsity=round(sp, 4), vs_dense_pct=round(pct, 2), note="adaptive budget", **r)
+            flush()
+            print(f"  {label:34s} achieved {sp:.1%} ppl {r['perplexity']:.4f} ({pct:+.2f}%)")
+    seer.set_seer_options(
+        model,
+        **{k: getattr(base, k) for k in ("nz_ratio", "threshold", "top_p", "fixed_pattern", "oracle", "keep_sink")},
+    )
     if not args.no_write:
         print("wrote", *run.write(COLUMNS))
     print()

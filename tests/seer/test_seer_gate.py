@@ -103,6 +103,28 @@ def test_select_blocks_nz_ratio_threshold_and_diagonal():
     assert select_blocks(probs, SeerAttentionConfig(nz_ratio=1.0)).sum() == nb * (nb + 1) // 2 * 2
 
 
+def test_select_blocks_top_p_adaptive_budget():
+    torch.manual_seed(1)
+    nb = 9
+    logits = 3 * torch.randn(2, 3, nb, nb)
+    probs = torch.softmax(logits.masked_fill(~torch.ones(nb, nb, dtype=torch.bool).tril(), float("-inf")), -1)
+    for p in (0.5, 0.9, 0.99):
+        keep = select_blocks(probs, SeerAttentionConfig(top_p=p, last_block_dense=False))
+        assert not keep.triu(1).any()
+        kept_mass = (probs * keep).sum(-1)
+        assert (kept_mass >= p - 1e-6).all()  # enough mass in every row ...
+        # ... and minimal: dropping the least probable kept block would fall below p.
+        least = probs.masked_fill(~keep, 2.0).amin(-1)
+        assert (kept_mass - least < p).all()
+        # the kept blocks are each row's most probable ones
+        assert (probs.masked_fill(~keep, 2.0).amin(-1) >= probs.masked_fill(keep, -1.0).amax(-1)).all()
+    counts = select_blocks(probs, SeerAttentionConfig(top_p=0.9, last_block_dense=False)).sum(-1)
+    assert counts.min() < counts.max()  # the budget adapts per row / head
+    with_diag = select_blocks(probs, SeerAttentionConfig(top_p=0.5))
+    assert with_diag.diagonal(dim1=-2, dim2=-1).all()
+    assert select_blocks(probs, SeerAttentionConfig(top_p=1.0)).sum() == 2 * 3 * nb * (nb + 1) // 2
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -115,6 +137,10 @@ def test_select_blocks_nz_ratio_threshold_and_diagonal():
         ({"nz_ratio": 1.5}, "nz_ratio=1.5"),
         ({"threshold": -0.1}, "threshold=-0.1"),
         ({"threshold": 0.1, "nz_ratio": 0.2}, "give only one"),
+        ({"nz_ratio": 0.2, "top_p": 0.9}, "give only one"),
+        ({"top_p": 0.0}, "top_p=0.0"),
+        ({"top_p": 1.5}, "top_p=1.5"),
+        ({"top_p": 0.9, "fixed_pattern": "sink_local"}, "needs nz_ratio"),
         ({"dense_layers": [-1]}, "dense_layers"),
         ({"min_seq_len": -5}, "min_seq_len=-5"),
         ({"backend": "cuda"}, "backend='cuda'"),

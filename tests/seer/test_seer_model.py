@@ -35,6 +35,13 @@ def test_nz_ratio_one_equals_dense_and_sparse_is_sparse(model_type):
     report = seer.sparsity_report(model)
     assert set(report) == {0, 1} and all(0.4 < s < 0.8 for s in report.values())
     assert not torch.allclose(sparse, dense, atol=1e-3)
+    cfg = seer.set_seer_options(model, top_p=1.0)  # adaptive budget; clears nz_ratio; 1.0 keeps every block
+    assert cfg.nz_ratio is None and cfg.top_p == 1.0
+    torch.testing.assert_close(_logits(model, ids), dense, atol=1e-5, rtol=1e-5)
+    seer.sparsity_report(model, reset=True)
+    seer.set_seer_options(model, top_p=0.5)
+    _logits(model, ids)
+    assert all(s > 0.0 for s in seer.sparsity_report(model).values())
     seer.remove_seer_attention(model)
     assert model.config._attn_implementation == base.config._attn_implementation
     torch.testing.assert_close(_logits(model, ids), dense, atol=1e-5, rtol=1e-5)

@@ -98,7 +98,7 @@ def remove_seer_attention(model: nn.Module) -> nn.Module:
 
 
 def set_seer_options(model: nn.Module, **changes: Any) -> SeerAttentionConfig:
-    """Change inference options (``nz_ratio``, ``threshold``, ``dense_layers``, ...) of an applied model.
+    """Change inference options (``nz_ratio``, ``threshold``, ``top_p``, ``dense_layers``, ...) of an applied model.
 
     The new config is validated; architecture fields (pooling, block size, gate width) cannot change here.
 
@@ -110,10 +110,11 @@ def set_seer_options(model: nn.Module, **changes: Any) -> SeerAttentionConfig:
     old = seer_config_of(model)
     if old is None:
         raise HfEffllmError("model has no SeerAttention; call hf_effllm.apply_seer_attention(model, config) first.")
-    if "threshold" in changes and changes["threshold"] is not None and "nz_ratio" not in changes:
-        changes["nz_ratio"] = None
-    if "nz_ratio" in changes and changes["nz_ratio"] is not None and "threshold" not in changes:
-        changes["threshold"] = None
+    selectors = ("threshold", "nz_ratio", "top_p")
+    for name in selectors:  # giving one selection rule clears the others unless they are given too
+        if changes.get(name) is not None:
+            for other in selectors:
+                changes.setdefault(other, None)
     new = replace(old, **changes)
     if new.architecture() != old.architecture():
         raise HfEffllmError(

@@ -22,7 +22,9 @@ ARCHITECTURE_FIELDS: tuple[str, ...] = ("block_size", "q_pooling", "k_pooling", 
 class SeerAttentionConfig:
     """Configuration of SeerAttention (Gao et al. 2024, "SeerAttention: learning intrinsic sparse attention").
 
-    Give ``threshold`` *or* ``nz_ratio``; with neither, ``nz_ratio=0.5`` (half of the causal blocks kept).
+    Give one of ``threshold``, ``nz_ratio`` or ``top_p``; with none, ``nz_ratio=0.5`` (half of the causal blocks
+    kept). ``top_p`` is an adaptive budget: each block row keeps its most probable blocks until their gate
+    probabilities sum to ``top_p``, so rows, heads and layers with concentrated attention keep fewer blocks.
 
     Distillation target: by default the gates learn the per-tile attention *mass* (``target="mass"``, KV group
     mean), measured better than the paper's block max at 70-90% sparsity (``benchmarks/seer_quality.py``).
@@ -48,6 +50,10 @@ class SeerAttentionConfig:
     )
     nz_ratio: float | None = field(
         default=None, metadata={"help": "Fraction of causal blocks kept per block row, top-k (0 < r <= 1)."}
+    )
+    top_p: float | None = field(
+        default=None,
+        metadata={"help": "Keep each row's most probable blocks until their probabilities sum to top_p (0 < p <= 1)."},
     )
     last_block_dense: bool = field(
         default=True, metadata={"help": "Always keep the diagonal block of each block row (the local context)."}
@@ -124,12 +130,16 @@ class SeerAttentionConfig:
             )
         if not isinstance(self.gate_hidden_size, int) or self.gate_hidden_size < 2 or self.gate_hidden_size % 2:
             raise HfEffllmError(f"gate_hidden_size={self.gate_hidden_size!r} must be an even integer >= 2 (RoPE).")
-        if self.threshold is not None and self.nz_ratio is not None:
-            raise HfEffllmError(
-                f"threshold={self.threshold} and nz_ratio={self.nz_ratio} are both set; give only one of them."
-            )
-        if self.threshold is None and self.nz_ratio is None:
+        chosen = {k: getattr(self, k) for k in ("threshold", "nz_ratio", "top_p") if getattr(self, k) is not None}
+        if len(chosen) > 1:
+            given = ", ".join(f"{k}={v}" for k, v in chosen.items())
+            raise HfEffllmError(f"{given} are all set; give only one of threshold, nz_ratio and top_p.")
+        if not chosen:
             self.nz_ratio = 0.5
+        if self.top_p is not None and not (
+            isinstance(self.top_p, (int, float)) and not isinstance(self.top_p, bool) and 0.0 < self.top_p <= 1.0
+        ):
+            raise HfEffllmError(f"top_p={self.top_p!r} is out of range; use 0 < top_p <= 1 (1.0 keeps every block).")
         if self.threshold is not None and not (
             isinstance(self.threshold, (int, float)) and 0.0 < self.threshold <= 1.0
         ):
@@ -149,7 +159,9 @@ class SeerAttentionConfig:
         if self.fixed_pattern not in (None, "sink_local"):
             raise HfEffllmError(f"fixed_pattern={self.fixed_pattern!r} is unknown; use None or 'sink_local'.")
         if self.fixed_pattern is not None and self.nz_ratio is None:
-            raise HfEffllmError(f"fixed_pattern={self.fixed_pattern!r} needs nz_ratio (the density), not threshold.")
+            raise HfEffllmError(
+                f"fixed_pattern={self.fixed_pattern!r} needs nz_ratio (the density), not threshold or top_p."
+            )
         if self.target not in TARGET_STATS:
             raise HfEffllmError(f"target={self.target!r} is unknown; use one of {list(TARGET_STATS)}.")
         if self.target_group_reduce not in GROUP_REDUCTIONS:

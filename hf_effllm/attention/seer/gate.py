@@ -205,12 +205,14 @@ def select_blocks(probs: torch.Tensor, config: SeerAttentionConfig, kvalid: torc
     ``k = ceil(nz_ratio * n_row)`` blocks (``n_row``: its causal, non-empty key blocks), the diagonal included when
     ``last_block_dense``; then ``k`` is at least ``min(2, n_row)`` so a row never sees only its own block (the local
     block alone loses the attention sink). With ``keep_sink`` key block 0 is also always kept (inside the same ``k``:
-    the gate ranks the others). With a threshold, the diagonal (and the sink) are added to the blocks above it.
+    the gate ranks the others). With a threshold, the diagonal (and the sink) are added to the blocks above it; with
+    ``top_p`` each row keeps its most probable blocks until their probabilities sum to ``top_p`` (at least one), and
+    the diagonal (and the sink) are added.
 
     Args:
         probs: ``(B, H, nb, nb)`` gate probabilities (or any row-normalised scores in ``[0, 1]``, e.g. the oracle's
             target map).
-        config: gives ``threshold`` / ``nz_ratio``, ``last_block_dense`` and ``keep_sink``.
+        config: gives ``threshold`` / ``nz_ratio`` / ``top_p``, ``last_block_dense`` and ``keep_sink``.
         kvalid: optional bool ``(B, nb)``: key blocks holding at least one real token.
 
     Returns:
@@ -227,6 +229,13 @@ def select_blocks(probs: torch.Tensor, config: SeerAttentionConfig, kvalid: torc
     allowed = allowed.expand(b, h, nb, nb)
     if config.threshold is not None:
         keep = probs >= config.threshold
+    elif config.top_p is not None and config.top_p >= 1.0:
+        keep = allowed.clone()  # every causal block, also those whose probability underflowed to 0
+    elif config.top_p is not None:  # adaptive: the most probable blocks until their mass reaches top_p
+        score = probs.masked_fill(~allowed, 0.0)
+        srt, order = torch.sort(score, dim=-1, descending=True, stable=True)
+        keep_sorted = ((srt.cumsum(-1) - srt) < config.top_p) & (srt > 0)
+        keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
     else:
         n_row = allowed.sum(-1, keepdim=True)
         k_row = torch.ceil(n_row.float() * config.nz_ratio).long().clamp_min(1)
