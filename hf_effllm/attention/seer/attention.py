@@ -17,7 +17,7 @@ from torch import nn
 
 from ...errors import HfEffllmError
 from ...kernels.seer_attention import block_sparse_attention, block_sparse_attention_reference, triton_usable
-from ...kernels.seer_blockmax import blockmax_attention, blockmax_attention_reference
+from ...kernels.seer_blockmax import blockmax_attention
 from .config import SeerAttentionConfig
 from .gate import SeerAttnGate, select_blocks, sink_local_blocks
 from .targets import block_attention_map, reduce_target
@@ -187,9 +187,6 @@ def target_map(
         out, bmap = blockmax_attention(query, key, key if value is None else value, scale=scale, key_padding=valid,
                                        block_size=config.block_size, stat=config.target)  # fmt: skip
         return (None if value is None else out), bmap
-    if config.target == "max":
-        return blockmax_attention_reference(query, key, key if value is None else value, scale=scale,
-                                            key_padding=valid, block_size=config.block_size)  # fmt: skip
     return block_attention_map(
         query, key, value, stat=config.target, scale=scale, key_padding=valid, block_size=config.block_size
     )

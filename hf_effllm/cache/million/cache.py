@@ -159,15 +159,13 @@ class MillionLayer(CacheLayerMixin):
             self.sink_keys = torch.cat([self.sink_keys, key_states[:, :, :take]], dim=-2)
             self.sink_values = torch.cat([self.sink_values, value_states[:, :, :take]], dim=-2)
             key_states, value_states = key_states[:, :, take:], value_states[:, :, take:]
-        window_k = torch.cat([self.keys, key_states], dim=-2)
-        window_v = torch.cat([self.values, value_states], dim=-2)
-        self._flush(window_k, window_v)
+        # The exact part in position order (sinks, then the window with the new tokens), built with one copy; the
+        # window is a view of it.
         n_sinks = self.sink_keys.shape[2]
-        if n_sinks:  # exact part in position order: sinks, then the window with the new tokens
-            exact_k = torch.cat([self.sink_keys, window_k], dim=-2)
-            exact_v = torch.cat([self.sink_values, window_v], dim=-2)
-        else:
-            exact_k, exact_v = window_k, window_v
+        exact_k = torch.cat([self.sink_keys, self.keys, key_states], dim=-2)
+        exact_v = torch.cat([self.sink_values, self.values, value_states], dim=-2)
+        window_k, window_v = exact_k[:, :, n_sinks:], exact_v[:, :, n_sinks:]
+        self._flush(window_k, window_v)
         if self.owner is not None and self.owner.uses_million_attention:
             set_pending(
                 PendingCodes(
