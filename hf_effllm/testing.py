@@ -1,4 +1,5 @@
-"""Tiny random-weight models for tests: one factory for every architecture the project supports.
+"""Test helpers: tiny random-weight models for every architecture the project supports, and gloo process groups
+confined to the loopback interface.
 
 Example:
     >>> model = tiny_model("llama")  # doctest: +SKIP
@@ -8,6 +9,10 @@ Example:
 
 from __future__ import annotations
 
+import os
+import socket
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -96,3 +101,59 @@ def tiny_model(model_type: str = "llama", *, seed: int = 0, dtype: torch.dtype =
     torch.manual_seed(seed)
     auto = AutoModelForImageTextToText if model_type == "llava" else AutoModelForCausalLM
     return auto.from_config(config, dtype=dtype).eval()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a test's process-group rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def loopback_gloo_env(port: int | None = None) -> dict[str, str]:
+    """Environment variables that keep a gloo process group on this machine's loopback interface.
+
+    Without ``GLOO_SOCKET_IFNAME`` gloo connects its ranks through the address the host name resolves to, which on
+    sandboxed machines can be an interface that drops connections: the rendezvous then waits for its whole timeout.
+
+    Example:
+        >>> env = loopback_gloo_env(29500)
+        >>> env["MASTER_ADDR"], env["MASTER_PORT"]
+        ('127.0.0.1', '29500')
+    """
+    names = [name for _, name in socket.if_nameindex()]
+    loopback = next((n for n in names if n == "lo" or n.startswith("lo")), "lo")
+    port = free_port() if port is None else port
+    return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": loopback}
+
+
+def spawn_gloo(fn: Callable[..., None], args: tuple = (), *, nprocs: int = 2, timeout: float = 300.0) -> None:
+    """Run ``fn(rank, *args)`` in ``nprocs`` spawned processes with :func:`loopback_gloo_env` set; fail after
+    ``timeout`` seconds instead of hanging.
+
+    ``fn`` calls ``torch.distributed.init_process_group("gloo", rank=rank, world_size=nprocs)`` itself. A child that
+    raises re-raises here (``torch.multiprocessing.ProcessRaisedException``); on timeout every child is killed and
+    ``TimeoutError`` names the ranks still running.
+    """
+    import torch.multiprocessing as mp
+
+    if nprocs < 1:
+        raise HfEffllmError(f"nprocs={nprocs} must be at least 1.")
+    if timeout <= 0:
+        raise HfEffllmError(f"timeout={timeout} must be positive (seconds).")
+    saved = dict(os.environ)
+    os.environ.update(loopback_gloo_env())
+    try:
+        ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            alive = [rank for rank, p in enumerate(ctx.processes) if p.is_alive()]
+            for p in ctx.processes:
+                p.kill()
+            for p in ctx.processes:
+                p.join(5)
+            raise TimeoutError(f"ranks {alive} of {nprocs} were still running after timeout={timeout} s; killed.")

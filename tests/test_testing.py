@@ -1,8 +1,10 @@
+from pathlib import Path
+
 import pytest
 import torch
 
 from hf_effllm.errors import HfEffllmError
-from hf_effllm.testing import MOE_TYPES, TINY_MODEL_TYPES, tiny_model
+from hf_effllm.testing import MOE_TYPES, TINY_MODEL_TYPES, spawn_gloo, tiny_model
 
 
 @pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
@@ -34,3 +36,33 @@ def test_moe_models_have_experts():
 def test_unknown_type():
     with pytest.raises(HfEffllmError, match="model_type='gpt5'"):
         tiny_model("gpt5")
+
+
+def _sleeping_worker(rank: int, seconds: float) -> None:
+    import time
+
+    time.sleep(seconds)
+
+
+def _env_worker(rank: int, out: str) -> None:
+    import os
+
+    with open(f"{out}.{rank}", "w") as f:
+        f.write(os.environ["GLOO_SOCKET_IFNAME"] + " " + os.environ["MASTER_ADDR"])
+
+
+@pytest.mark.distributed
+def test_spawn_gloo_sets_loopback_env_and_kills_hung_ranks(tmp_path):
+    import os
+
+    out = str(tmp_path / "env")
+    before = dict(os.environ)
+    spawn_gloo(_env_worker, (out,), nprocs=2, timeout=120)
+    assert os.environ == before  # the parent's environment is restored
+    for rank in range(2):
+        ifname, addr = Path(f"{out}.{rank}").read_text().split()
+        assert addr == "127.0.0.1" and ifname.startswith("lo")
+    with pytest.raises(TimeoutError, match=r"ranks \[0, 1\] of 2"):
+        spawn_gloo(_sleeping_worker, (600.0,), nprocs=2, timeout=3)
+    with pytest.raises(HfEffllmError, match="timeout=0"):
+        spawn_gloo(_sleeping_worker, (0.0,), timeout=0)

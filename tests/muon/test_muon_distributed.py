@@ -8,27 +8,19 @@ AdamW amplifies on rarely used embedding rows.
 
 from __future__ import annotations
 
-import os
-import socket
+from datetime import timedelta
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from hf_effllm.optim import Muon
-from hf_effllm.testing import tiny_model
+from hf_effllm.testing import spawn_gloo, tiny_model
 
 pytestmark = pytest.mark.distributed
 
 WORLD = 2
 STEPS = 3
 LR = 1e-2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _batch() -> torch.Tensor:
@@ -50,12 +42,11 @@ def _single_process() -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _worker(rank: int, port: int, mode: str, out: str) -> None:
+def _worker(rank: int, mode: str, out: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
     try:
         model = tiny_model("deepseek_v3").train()
         if mode == "ddp":
@@ -93,7 +84,7 @@ def _worker(rank: int, port: int, mode: str, out: str) -> None:
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_two_gloo_processes_equal_one(mode, tmp_path):
     out = str(tmp_path / "result")
-    mp.spawn(_worker, args=(_free_port(), mode, out), nprocs=WORLD, join=True)
+    spawn_gloo(_worker, (mode, out), nprocs=WORLD, timeout=300)
     reference = _single_process()
     initial = {n: p.detach() for n, p in tiny_model("deepseek_v3").named_parameters()}
     got = torch.load(out + ".0")

@@ -42,6 +42,7 @@ def main() -> None:
             use_cpu=True,
             disable_tqdm=True,
             ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+            ddp_timeout=120,
         )
         res = seer.distill_gates(model, ids, training_args=args, cache_features=False)
     if int(os.environ.get("RANK", "0")) == 0:

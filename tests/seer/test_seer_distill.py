@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 
 from hf_effllm import SeerAttentionConfig, apply_seer_attention, seer
 from hf_effllm.errors import HfEffllmError
-from hf_effllm.testing import tiny_model
+from hf_effllm.testing import loopback_gloo_env, tiny_model
 
 WORKER = Path(__file__).with_name("_seer_ddp_worker.py")
 
@@ -70,16 +71,31 @@ def test_distill_errors():
 
 @pytest.mark.distributed
 def test_ddp_two_processes_match_single_process(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    gloo = loopback_gloo_env()
+    env = {**os.environ, **gloo, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     single, ddp = tmp_path / "single.pt", tmp_path / "ddp.pt"
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     subprocess.run([sys.executable, str(WORKER), str(single), "2"], check=True, env=env, timeout=300, cwd=root)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
-    out = subprocess.run(
-        cmd + [str(WORKER), str(ddp), "1"], env=env, timeout=300, cwd=root, capture_output=True, text=True
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    cmd += ["--master_port", gloo["MASTER_PORT"]]
+    # Own process group, so that a hang kills torchrun's workers too (they hold the output pipes open).
+    proc = subprocess.Popen(
+        cmd + [str(WORKER), str(ddp), "1"],
+        env=env,
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
-    assert out.returncode == 0, out.stderr[-3000:]
+    try:
+        _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        pytest.fail(f"torchrun did not finish in 300 s:\n{err[-3000:]}")
+    assert proc.returncode == 0, err[-3000:]
     a, b = torch.load(single), torch.load(ddp)
     assert a["state"].keys() == b["state"].keys()
     for k in a["state"]:
