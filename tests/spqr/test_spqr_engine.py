@@ -102,3 +102,19 @@ def test_odd_shapes_and_single_row():
         res = spqr_quantize_matrix(w, None, SpQRConfig(bits=4, group_size=16, stats_group_size=16))
         assert res.weight.shape == w.shape and torch.isfinite(res.weight).all()
         assert sqnr_db(w, res.weight) > 12
+
+
+@pytest.mark.parametrize("group_size", [12, 24])
+def test_group_statistics_see_every_earlier_update(problem, monkeypatch, group_size):
+    """Groups that are neither a divisor nor a multiple of the 16-column sub-blocks: each group's statistics must be
+    fitted on weights updated by every earlier column, exactly as in the unblocked sweep (sub-blocks of one column)."""
+    from hf_effllm.quant.spqr import engine
+
+    w, x, h = problem
+    cfg = SpQRConfig(bits=3, group_size=group_size, outlier_threshold=INF, permutation="identity")
+    blocked = spqr_quantize_matrix(w, h, cfg)
+    monkeypatch.setattr(engine, "_SUB", 1)
+    unblocked = spqr_quantize_matrix(w, h, cfg)
+    for key in ("qscale", "qzero"):
+        assert torch.equal(blocked.tensors[key], unblocked.tensors[key]), key
+    assert out_err(w, x, blocked.weight) == pytest.approx(out_err(w, x, unblocked.weight), rel=1e-3)

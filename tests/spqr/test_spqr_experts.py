@@ -90,3 +90,16 @@ def test_record_names_round_trip_and_mismatched_checkpoint(tmp_path, calib_ids):
         from hf_effllm.quant.spqr.quantizer import _rebuild_modules
 
         _rebuild_modules(other, cfg)
+
+
+def test_dequantize_restores_stacked_expert_parameters(calib_ids):
+    model = tiny_model("qwen3_moe")
+    hf_effllm.quantize_spqr(model, SpQRConfig(bits=4), calibration_ids=calib_ids)
+    with torch.no_grad():
+        before = model(calib_ids[:2]).logits
+    model.dequantize()
+    experts = model.model.layers[0].mlp.experts
+    assert isinstance(experts.gate_up_proj, torch.nn.Parameter) and experts.gate_up_proj.dim() == 3
+    assert not _experts(model) and not any(isinstance(m, SpQRLinear) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(calib_ids[:2]).logits, before, rtol=1e-5, atol=1e-5)

@@ -119,3 +119,49 @@ def test_modules_to_not_convert_keeps_float(calib_ids):
     assert isinstance(model.model.layers[0].mlp.down_proj, torch.nn.Linear)
     assert isinstance(model.model.layers[0].mlp.up_proj, SpQRLinear)
     assert not any(k.endswith("down_proj") for k in cfg.layers)
+
+
+def test_dequantize_gives_a_plain_float_model(tmp_path, calib_ids):
+    """``model.dequantize()`` (transformers' API) turns SpQR layers back into nn.Linear with the same outputs."""
+    model = tiny_model("llama")
+    hf_effllm.quantize_spqr(model, SpQRConfig(bits=3), calibration_ids=calib_ids)
+    with torch.no_grad():
+        before = model(calib_ids[:2]).logits
+    model.dequantize()
+    assert not any(isinstance(m, SpQRLinear) for m in model.modules())
+    assert isinstance(model.model.layers[0].self_attn.q_proj, torch.nn.Linear)
+    assert getattr(model.config, "quantization_config", None) is None and not model.is_quantized
+    with torch.no_grad():
+        torch.testing.assert_close(model(calib_ids[:2]).logits, before, rtol=1e-5, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path)(calib_ids[:2]).logits, before)
+
+
+def test_vision_language_model_picks_the_layers_a_text_forward_reaches(calib_ids):
+    """A VLM whose vision tower has as many layers as its language model: a clear error, and the way out."""
+    model = tiny_model("llava")
+    with pytest.raises(HfEffllmError, match=r"never reached 'model\.vision_tower\.encoder\.layers'"):
+        hf_effllm.quantize_spqr(model, SpQRConfig(bits=4), calibration_ids=calib_ids)
+    cfg = SpQRConfig(bits=4, modules_to_not_convert=["lm_head", "vision_tower"])
+    hf_effllm.quantize_spqr(model, cfg, calibration_ids=calib_ids)
+    assert cfg.layers and all(k.startswith("model.language_model.layers.") for k in cfg.layers)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=calib_ids[:1]).logits).all()
+
+
+def test_dtype_casts_keep_the_packed_fp16_tensors(tmp_path, calib_ids):
+    """``model.to(torch.bfloat16)`` casts float buffers: the fp16 statistics and outliers must stay exact fp16 (or
+    the weights change silently and the saved checkpoint no longer matches its checksums)."""
+    model = tiny_model("llama")
+    hf_effllm.quantize_spqr(model, SpQRConfig(bits=3), calibration_ids=calib_ids)
+    q = model.model.layers[0].self_attn.q_proj
+    weight = q.dequantize()
+    assert q.nnz > 0
+    model.to(torch.bfloat16)
+    assert q.stats2.dtype == q.outlier_values.dtype == torch.float16
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert torch.equal(q.dequantize(), weight)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(loaded.model.layers[0].self_attn.q_proj.dequantize(), weight)

@@ -162,6 +162,8 @@ def _quantize_matrix(weight: torch.Tensor, hessian: torch.Tensor | None, config:
     outlier_mask_t = torch.zeros(n, out, dtype=torch.bool, device=w.device)
     errors_t = torch.zeros_like(wt)
     blocksize = -(-config.blocksize // gs) * gs  # a group never straddles two lazy blocks
+    # every group starts a sub-block or lies inside one, so its statistics see the updates of all earlier columns
+    sub = _SUB if _SUB % gs == 0 or gs % _SUB == 0 else math.gcd(_SUB, gs)
     scale = zero = None
     for b0 in range(0, n, blocksize):
         b1 = min(b0 + blocksize, n)
@@ -200,12 +202,12 @@ def _quantize_matrix(weight: torch.Tensor, hessian: torch.Tensor | None, config:
             err = (col - deq) / u_diag[c]
             errors_t[c] = err
             wt[c] = deq
-            # two-level lazy updates: column by column inside 16-column sub-blocks, then one matmul per sub-block
-            s1 = min((c // _SUB + 1) * _SUB, b1)
+            # two-level lazy updates: column by column inside sub-blocks of <= 16 columns, then one matmul per sub-block
+            s1 = min((c // sub + 1) * sub, b1)
             if c + 1 < s1:
                 wt[c + 1 : s1].addr_(u[c, c + 1 : s1], err, alpha=-1)
             if c + 1 == s1 and s1 < b1:
-                s0 = max((c // _SUB) * _SUB, b0)
+                s0 = max((c // sub) * sub, b0)
                 wt[s1:b1].addmm_(u[s0:s1, s1:b1].T, errors_t[s0:s1], alpha=-1)
         if b1 < n:
             wt[b1:].addmm_(u[b0:b1, b1:].T, errors_t[b0:b1], alpha=-1)
@@ -241,12 +243,14 @@ class _StopForward(Exception):
     pass
 
 
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The longest ``nn.ModuleList`` of blocks that contain ``nn.Linear`` layers (the decoder layers)."""
+def decoder_layers(model: nn.Module, skip: list[str] | None = None) -> tuple[str, nn.ModuleList]:
+    """The longest ``nn.ModuleList`` of blocks that contain ``nn.Linear`` layers (the decoder layers), leaving out
+    lists inside the modules named in ``skip`` (e.g. a VLM's ``"vision_tower"``)."""
     best: tuple[str, nn.ModuleList] | None = None
     for name, module in model.named_modules():
         if (
             isinstance(module, nn.ModuleList)
+            and not _skipped(name, skip or [])
             and len(module) > 0
             and any(isinstance(m, nn.Linear) for m in module[0].modules())
             and (best is None or len(module) > len(best[1]))
@@ -356,8 +360,8 @@ def calibrate_and_quantize(
     """
     if batches is None:
         batches = calibration_data(model, config, tokenizer)
-    layers_name, layers = decoder_layers(model)
     skip = list(config.modules_to_not_convert or default_modules_to_not_convert(model))
+    layers_name, layers = decoder_layers(model, skip)
     prefix = f"{layers_name}." if layers_name else ""
     all_targets = {
         f"{prefix}{i}.{n}": m
@@ -418,6 +422,12 @@ def _calibrate(model, config, batches, layers, prefix, all_targets, all_experts,
     results: dict[str, QuantizedMatrix] = {}
     t0 = time.perf_counter()
     inputs, kwargs_list = _capture_first_layer_inputs(model, layers[0], batches)
+    if not inputs:
+        name = prefix.rstrip(".")
+        raise HfEffllmError(
+            f"the calibration forward (input_ids only) never reached {name!r}, the decoder layers picked for SpQR; "
+            f"if they belong to another tower, leave them out with modules_to_not_convert=['lm_head', {name!r}]."
+        )
     for i, layer in enumerate(layers):
         targets = {k: v for k, v in all_targets.items() if k.startswith(f"{prefix}{i}.")}
         if targets:

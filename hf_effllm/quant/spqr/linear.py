@@ -1,8 +1,10 @@
-"""``SpQRLinear``: the runtime module of a SpQR-quantized ``nn.Linear`` (inference only).
+"""``SpQRLinear``: the runtime module of a SpQR-quantized ``nn.Linear``.
 
 Its buffers are the packed tensors of ``hf_effllm.quant.spqr.format`` (so ``state_dict``/``save_pretrained`` write
 exactly the packed format). On CUDA the forward runs the Triton kernels of ``hf_effllm.kernels.spqr``; elsewhere it
-dequantizes and multiplies in PyTorch.
+dequantizes and multiplies in PyTorch. The packed weight is frozen, but gradients flow through the layer to its
+input (and to a trainable bias), so adapters (LoRA through PEFT, see ``hf_effllm.quant.spqr.lora``) train on top of
+a quantized model: the backward pass multiplies by the dequantized weight, built on the fly and not kept.
 
 Example:
     >>> layer = SpQRLinear.from_linear(torch.nn.Linear(64, 32), SpQRConfig(bits=4))
@@ -20,6 +22,8 @@ from torch import nn
 from ...errors import HfEffllmError
 from .config import SpQRConfig
 from .format import expected_shapes, stored_bits, validate_packed
+
+_FP16_BUFFERS = ("stats2", "outlier_values")  # part of the packed format: never cast with the activations' dtype
 
 
 class SpQRLinear(nn.Module):
@@ -91,7 +95,13 @@ class SpQRLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):  # .to()/.cuda()/.half(): caches describe the old buffers
         self._drop_caches()
-        return super()._apply(fn, recurse)
+        kept = {k: getattr(self, k) for k in _FP16_BUFFERS}
+        super()._apply(fn, recurse)
+        for key, old in kept.items():  # a dtype cast moves the packed fp16 tensors but keeps them exact fp16
+            new = getattr(self, key)
+            if new.dtype != old.dtype:
+                setattr(self, key, new.to(old.dtype) if old.is_meta or new.is_meta else old.to(new.device))
+        return self
 
     def _load_from_state_dict(self, *args, **kwargs):  # new packed values: rebuild the caches on next use
         self._drop_caches()
@@ -204,18 +214,39 @@ class SpQRLinear(nn.Module):
         w = dequantize_weight(self.packed_tensors(), **{k: v for k, v in self.packed_meta().items()})
         return w if self.perm is None else w[:, torch.argsort(self.perm.long())]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ...kernels.spqr import HAS_TRITON, fused_supported, spqr_matmul
+    def _use_triton(self, x: torch.Tensor) -> bool:
+        from ...kernels.spqr import HAS_TRITON, fused_supported
 
+        return x.is_cuda and HAS_TRITON and fused_supported(self.bits, self.group_size)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        from ...kernels.spqr import spqr_matmul
+
+        layout = self.kernel_layout() if self._use_triton(x) else None
+        with torch.no_grad():
+            return spqr_matmul(x, self.packed_tensors(), bias=self.bias, layout=layout, **self.packed_meta())
+
+    def dense_weight(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The dequantized weight (out, in) in the original column order, in ``dtype`` (Triton on CUDA)."""
+        if self._use_triton(torch.empty(0, device=device)):
+            from ...kernels.spqr import spqr_dequantize_triton
+
+            with torch.no_grad():
+                return spqr_dequantize_triton(
+                    self.packed_tensors(), dtype=dtype, layout=self.kernel_layout(), original_order=True,
+                    **self.packed_meta(),
+                )  # fmt: skip
+        return self.dequantize().to(device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cache_weight and not x.is_cuda:
             if self._weight_cache is None or self._weight_cache.dtype != x.dtype:
                 self._weight_cache = self.dequantize().to(x.dtype)
             return nn.functional.linear(x, self._weight_cache, self.bias)
-        layout = None
-        if x.is_cuda and HAS_TRITON and fused_supported(self.bits, self.group_size):
-            layout = self.kernel_layout()
-        with torch.no_grad():
-            return spqr_matmul(x, self.packed_tensors(), bias=self.bias, layout=layout, **self.packed_meta())
+        trainable_bias = self.bias is not None and self.bias.requires_grad
+        if torch.is_grad_enabled() and (x.requires_grad or trainable_bias):
+            return _SpQRLinearFunction.apply(x, self.bias, self)
+        return self._matmul(x)
 
     def extra_repr(self) -> str:
         return (
@@ -223,3 +254,23 @@ class SpQRLinear(nn.Module):
             f"group_size={self.group_size}, stats_bits={self.stats_bits}, stats_group_size={self.stats_group_size}, "
             f"outliers={self.nnz}, permuted={self.permuted}, bias={self.bias is not None}"
         )
+
+
+class _SpQRLinearFunction(torch.autograd.Function):
+    """``y = x W^T + b`` with a frozen packed ``W``: forward through the layer's kernels, backward ``dy W`` with the
+    weight dequantized for that one product (nothing the size of ``W`` is kept between the passes)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, layer: SpQRLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return layer._matmul(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        layer: SpQRLinear = ctx.layer
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.matmul(grad, layer.dense_weight(grad.dtype, grad.device))
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(layer.bias.dtype)
+        return grad_x, grad_bias, None

@@ -20,7 +20,7 @@ from ...compat import save_state_dict_names_as_is
 from ...errors import HfEffllmError
 from .config import METHOD_NAME, SpQRConfig
 from .engine import calibrate_and_quantize, record_results
-from .experts import SpQRExpertWeights, attach, empty_holder, parse_record_name
+from .experts import EXPERT_PARAMS, SpQRExpertWeights, attach, empty_holder, parse_record_name
 from .linear import SpQRLinear
 
 
@@ -164,6 +164,30 @@ def _restore_and_validate(model: nn.Module, config: SpQRConfig) -> None:
             module.validate(name, config)
 
 
+@torch.no_grad()
+def dequantize_model(model: nn.Module, dtype: torch.dtype | str | None = None) -> nn.Module:
+    """Replace every ``SpQRLinear`` by an ``nn.Linear`` and every packed expert set by its 3-D parameter, holding the
+    dequantized weights in ``dtype`` (default: float32), in place; what ``model.dequantize()`` runs."""
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype or torch.float32
+    for module in list(model.modules()):
+        for param in EXPERT_PARAMS:
+            holder = module._modules.get(f"{param}_spqr")
+            if isinstance(holder, SpQRExpertWeights):
+                weight = holder.dequantize(dtype, holder[0].qweight.device)
+                del module._modules[f"{param}_spqr"]
+                module.register_parameter(param, nn.Parameter(weight))
+    for name, module in list(model.named_modules()):
+        if isinstance(module, SpQRLinear):
+            lin = nn.Linear(
+                module.in_features, module.out_features, bias=module.bias is not None, device=module.qweight.device
+            ).to(dtype)
+            lin.weight.copy_(module.dequantize())
+            if module.bias is not None:
+                lin.bias.copy_(module.bias)
+            model.set_submodule(name, lin)
+    return model
+
+
 class SpQRHfQuantizer(HfQuantizer):
     """``HfQuantizer`` of SpQR: quantizes float checkpoints after loading, rebuilds packed ones before loading."""
 
@@ -190,9 +214,14 @@ class SpQRHfQuantizer(HfQuantizer):
         model.config.quantization_config = config
         return model
 
+    def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+        return dequantize_model(model, dtype)
+
     def is_serializable(self, safe_serialization: Any = None) -> bool:
         return True
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        """Adapters train on top of the frozen packed weights (``hf_effllm.quant.spqr.lora``); the Trainer accepts a
+        SpQR model once PEFT adapters are attached."""
+        return True
