@@ -263,14 +263,15 @@ if HAS_TRITON:
         pid_bh = tl.program_id(0)
         pid_n = tl.program_id(1)
         m = tl.program_id(2)
-        b = pid_bh // H
-        h = pid_bh % H
+        b = (pid_bh // H).to(tl.int64)  # 64-bit: b * sx_b passes 2^31 at long prompts / large batches
+        h = (pid_bh % H).to(tl.int64)
+        x_bh = x_ptr + b * sx_b + h * sx_h
+        o_bh = out_ptr + b * so_b + h * so_h
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < N
         j = tl.arange(0, DSUB)
-        x = tl.load(
-            x_ptr + b * sx_b + h * sx_h + n[:, None] * sx_n + m * DSUB + j[None, :], mask=n_ok[:, None], other=0.0
-        ).to(tl.float32)  # (BLOCK_N, DSUB)
+        x = tl.load(x_bh + n[:, None] * sx_n + m * DSUB + j[None, :], mask=n_ok[:, None], other=0.0)
+        x = x.to(tl.float32)  # (BLOCK_N, DSUB)
         if PER_HEAD:
             cb_base = cb_ptr + h * scb_g + m * (K * DSUB)
         else:
@@ -287,7 +288,7 @@ if HAS_TRITON:
             upd = dmin < best
             best = tl.where(upd, dmin, best)
             best_i = tl.where(upd, imin, best_i)
-        tl.store(out_ptr + b * so_b + h * so_h + n * so_n + m, best_i.to(tl.uint8), mask=n_ok)
+        tl.store(o_bh + n * so_n + m, best_i.to(tl.uint8), mask=n_ok)
 
     @triton.jit
     def _million_codes_kernel(
@@ -331,6 +332,9 @@ if HAS_TRITON:
         sp = tl.program_id(1)
         b = pid_bh // HKV
         hkv = pid_bh % HKV
+        # 64-bit: b * sc_b passes 2^31 at batch 3 and 1M cached tokens (Llama-3-8B shape)
+        ck_bh = ck_ptr + b.to(tl.int64) * sc_b + hkv.to(tl.int64) * sc_h
+        cv_bh = cv_ptr + b.to(tl.int64) * scv_b + hkv.to(tl.int64) * scv_h
         rows = tl.arange(0, ROWS)
         row_ok = rows < GQ * LQ
         jh = rows % GQ
@@ -356,9 +360,7 @@ if HAS_TRITON:
         for n0 in range(start, end, BLOCK_N):
             n = n0 + nn
             n_ok = n < end
-            ck = tl.load(
-                ck_ptr + b * sc_b + hkv * sc_h + n[:, None] * sc_n + msub[None, :], mask=n_ok[:, None], other=0
-            )
+            ck = tl.load(ck_bh + n[:, None] * sc_n + msub[None, :], mask=n_ok[:, None], other=0)
             koff = (cb_off[None, :] + ck.to(tl.int32) * DSUB)[:, :, None] + jj[None, None, :]
             k = tl.reshape(tl.load(cbk_ptr + koff), (BLOCK_N, D))  # centroids gathered from the on-chip codebook
             s = tl.dot(q, tl.trans(k)) * scale  # (ROWS, BLOCK_N)
@@ -371,9 +373,7 @@ if HAS_TRITON:
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            cv = tl.load(
-                cv_ptr + b * scv_b + hkv * scv_h + n[:, None] * scv_n + msub[None, :], mask=n_ok[:, None], other=0
-            )
+            cv = tl.load(cv_bh + n[:, None] * scv_n + msub[None, :], mask=n_ok[:, None], other=0)
             voff = (cb_off[None, :] + cv.to(tl.int32) * DSUB)[:, :, None] + jj[None, None, :]
             v = tl.reshape(tl.load(cbv_ptr + voff), (BLOCK_N, D))
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
@@ -505,6 +505,9 @@ if HAS_TRITON:
         sp = tl.program_id(1)
         b = pid_bh // HKV
         hkv = pid_bh % HKV
+        # 64-bit: b * sc_b passes 2^31 at batch 3 and 1M cached tokens (Llama-3-8B shape)
+        ck_bh = ck_ptr + b.to(tl.int64) * sc_b + hkv.to(tl.int64) * sc_h
+        cv_bh = cv_ptr + b.to(tl.int64) * scv_b + hkv.to(tl.int64) * scv_h
         rows = tl.arange(0, ROWS)
         row_ok = rows < GQ * LQ
         jh = rows % GQ
@@ -539,7 +542,7 @@ if HAS_TRITON:
             # no table is live across iterations: register budget)
             tk = tk_base + (n0 >> 31)
             tv = tv_base + (n0 >> 31)
-            kc = ck_ptr + b * sc_b + hkv * sc_h + n[:, None] * sc_n + mc[None, :]
+            kc = ck_bh + n[:, None] * sc_n + mc[None, :]
             s = tl.dot(q0, tl.trans(_centroid_tile(tk, kc, ok2, 0, M, K, MC, DSUB, EBITS, DTYPE)))
             if NCH > 1:
                 s += tl.dot(q1, tl.trans(_centroid_tile(tk, kc, ok2, 1, M, K, MC, DSUB, EBITS, DTYPE)))
@@ -557,7 +560,7 @@ if HAS_TRITON:
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             pd = p.to(DTYPE)
-            vc = cv_ptr + b * scv_b + hkv * scv_h + n[:, None] * scv_n + mc[None, :]
+            vc = cv_bh + n[:, None] * scv_n + mc[None, :]
             a0 = a0 * alpha[:, None] + tl.dot(pd, _centroid_tile(tv, vc, ok2, 0, M, K, MC, DSUB, EBITS, DTYPE))
             if NCH > 1:
                 a1 = a1 * alpha[:, None] + tl.dot(pd, _centroid_tile(tv, vc, ok2, 1, M, K, MC, DSUB, EBITS, DTYPE))

@@ -161,6 +161,8 @@ def test_bad_inputs(model_and_books):
         model(input_ids=torch.randint(0, 256, (3, 1)), **cache_kwargs(cache))
     with pytest.raises(HfEffllmError, match="MillionCodebooks"):
         MillionCache(model.config, {"keys": 1})
+    with pytest.raises(HfEffllmError, match="residual_length=True"):
+        MillionCache(model.config, books, residual_length=True)
     with pytest.raises(HfEffllmError, match="nbits"):
         MillionConfig(nbits=9)
     with pytest.raises(HfEffllmError, match="scope"):

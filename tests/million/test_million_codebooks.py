@@ -81,6 +81,7 @@ def test_save_load_and_card(tmp_path):
     folder = books.push_to_hub("me/tiny-million", dry_run=True, results="| a | b |\n|---|---|\n| 1 | 2 |\n")
     text = (folder / "README.md").read_text()
     assert "hf-effllm-million" in text and "## How to use" in text
+    assert 'MillionCodebooks.from_pretrained("me/tiny-million")' in text  # the card loads from its own repo
     with pytest.raises(HfEffllmError, match="no million_codebooks"):
         MillionCodebooks.from_pretrained(tmp_path)
     (tmp_path / "cb" / "million_config.json").write_text("{not json")
@@ -96,6 +97,9 @@ def test_config_validation():
     for bad in ({"num_subspaces": 0}, {"nbits": 0}, {"residual_length": -1}, {"kmeans_iters": 0}):
         with pytest.raises(HfEffllmError, match=next(iter(bad))):
             MillionConfig(**bad)
+    for name in ("num_subspaces", "nbits", "residual_length", "kmeans_iters", "calibration_samples"):
+        with pytest.raises(HfEffllmError, match=f"{name}=True"):  # a bool is not a count (True would mean 1)
+            MillionConfig(**{name: True})
     sig = ModelSignature(num_layers=2, num_kv_heads=2, head_dim=16)
     with pytest.raises(HfEffllmError, match="do not fit"):
         MillionCodebooks(MillionConfig(num_subspaces=8), sig, torch.zeros(2, 1, 8, 16, 2), torch.zeros(2, 1, 8, 16, 2))

@@ -113,3 +113,30 @@ def test_attention_wrapper_rejects_bad_inputs():
         million_attention(q.expand(2, -1, -1, -1), ck, cv, cbk, cbv, rk, rv, scale=1.0)
     with pytest.raises(HfEffllmError, match="head_dim"):
         pq_encode(torch.randn(1, 2, 3, 12), cbk)
+
+
+def test_kernels_use_64bit_batch_offsets(triton_interpret):
+    """Batch offsets past 2**31 elements (e.g. batch 3 at 1M cached tokens, Llama-3-8B shape): codes and the
+    vectors to encode are views with a batch stride just over 2**30 into a large, mostly untouched (virtual)
+    buffer, so ``b * stride`` overflows int32 at b = 2 unless the kernels compute it in 64 bits."""
+    stride = 2**30 + 4096
+    b, hq, hkv, lq, n, r, d, m, k = 3, 4, 2, 1, 20, 3, 16, 8, 16
+    q, ck, cv, cbk, cbv, rk, rv, cm, rm = _inputs(b, hq, hkv, lq, n, r, d, m, k, 1, torch.float16, seed=7)
+
+    def far_view(x: torch.Tensor) -> torch.Tensor:  # same values, batch stride `stride` (pages touched: 3 rows)
+        buf = torch.empty(2 * stride + x[0].numel(), dtype=x.dtype)
+        view = buf.as_strided(x.shape, (stride, *x[0].contiguous().stride()))
+        view.copy_(x)
+        return view
+
+    ref = million_attention_reference(q, ck, cv, cbk, cbv, rk, rv, scale=0.3, code_mask=cm, res_mask=rm)
+    for variant in ("l1", "smem"):
+        out = million_attention(q, far_view(ck), far_view(cv), cbk, cbv, rk, rv, scale=0.3, code_mask=cm,
+                                res_mask=rm, num_splits=2, use_kernel=True, variant=variant)  # fmt: skip
+        torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+    x = torch.randn(b, hkv, 9, d, generator=torch.Generator().manual_seed(8)).half()
+    codes = pq_encode(far_view(x), cbk, use_kernel=True)
+    assert (codes == pq_encode_reference(x, cbk)).float().mean() > 0.99
+    out = far_view(torch.zeros(b, hkv, 9, m, dtype=torch.uint8))
+    pq_encode(x, cbk, out=out, use_kernel=True)
+    assert torch.equal(out, codes)

@@ -336,7 +336,7 @@ class MillionCache(Cache):
                 f"MillionCache supports full-attention layers only; this model also has {other} layers."
             )
         rl = codebooks.config.residual_length if residual_length is None else residual_length
-        if not isinstance(rl, int) or rl < 0:
+        if not isinstance(rl, int) or isinstance(rl, bool) or rl < 0:
             raise HfEffllmError(f"residual_length={rl!r} must be an integer >= 0.")
         sl = codebooks.config.sink_length if sink_length is None else sink_length
         if not isinstance(sl, int) or isinstance(sl, bool) or sl < 0:

@@ -289,7 +289,7 @@ class MillionCodebooks:
         facts = {"config": self.config.to_dict(), "signature": self.signature.__dict__, "meta": self.meta,
                  "results_markdown": results}  # fmt: skip
         (folder / "results.json").write_text(json.dumps(facts, indent=2, default=str) + "\n", encoding="utf-8")
-        (folder / "README.md").write_text(str(self.model_card(results=results)), encoding="utf-8")
+        (folder / "README.md").write_text(str(self.model_card(results=results, repo_id=repo_id)), encoding="utf-8")
         if dry_run:
             push_folder(folder, repo_id, dry_run=True)  # validates the folder and card
             return folder
@@ -298,8 +298,13 @@ class MillionCodebooks:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # uploaded (or failed): the staging copy is not the user's
 
-    def model_card(self, *, results: str = "") -> Any:
-        """The rendered Hub card (``hub_cards/million.md``) for these codebooks."""
+    def model_card(self, *, results: str = "", repo_id: str | None = None) -> Any:
+        """The rendered Hub card (``hub_cards/million.md``) for these codebooks.
+
+        Args:
+            results: Markdown results to put in the card.
+            repo_id: the repo the codebooks go to (its "How to use" loads them from there); None: a placeholder.
+        """
         from ... import __version__
         from ...hub import render_card
 
@@ -322,6 +327,7 @@ class MillionCodebooks:
             head_dim=self.signature.head_dim,
             calibration_tokens=self.meta.get("calibration_tokens", "unknown"),
             results=results or "No results recorded with these codebooks.",
+            repo_id=repo_id or "THIS_REPO_ID",
         )
 
 

@@ -11,6 +11,11 @@ Scope = Literal["layer", "head", "shared"]
 _SCOPES = ("layer", "head", "shared")
 
 
+def _is_int(value: Any) -> bool:
+    """An ``int`` that is not a ``bool`` (``True`` would silently mean 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass
 class MillionConfig:
     """How keys and values are product-quantized, and how the codebooks are trained.
@@ -58,13 +63,13 @@ class MillionConfig:
     seed: int = field(default=0, metadata={"help": "seed of the k-means initialisation and subsampling"})
 
     def __post_init__(self) -> None:
-        if self.num_subspaces is not None and (not isinstance(self.num_subspaces, int) or self.num_subspaces < 1):
+        if self.num_subspaces is not None and (not _is_int(self.num_subspaces) or self.num_subspaces < 1):
             raise HfEffllmError(f"num_subspaces={self.num_subspaces!r} must be a positive integer or None.")
-        if not isinstance(self.nbits, int) or not 1 <= self.nbits <= 8:
+        if not _is_int(self.nbits) or not 1 <= self.nbits <= 8:
             raise HfEffllmError(f"nbits={self.nbits!r} is out of range; use 1..8 (codes are stored as uint8).")
-        if not isinstance(self.residual_length, int) or self.residual_length < 0:
+        if not _is_int(self.residual_length) or self.residual_length < 0:
             raise HfEffllmError(f"residual_length={self.residual_length!r} must be an integer >= 0.")
-        if not isinstance(self.sink_length, int) or isinstance(self.sink_length, bool) or self.sink_length < 0:
+        if not _is_int(self.sink_length) or self.sink_length < 0:
             raise HfEffllmError(
                 f"sink_length={self.sink_length!r} must be an integer >= 0 (e.g. 4: the first 4 tokens stay exact)."
             )
@@ -72,7 +77,7 @@ class MillionConfig:
             raise HfEffllmError(f"scope={self.scope!r} is not known; use one of {list(_SCOPES)}.")
         for name in ("kmeans_iters", "calibration_samples", "calibration_seqlen", "max_points"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise HfEffllmError(f"{name}={value!r} must be an integer >= 1.")
 
     @property
