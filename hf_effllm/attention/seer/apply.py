@@ -105,11 +105,15 @@ def set_seer_options(model: nn.Module, **changes: Any) -> SeerAttentionConfig:
     Example:
         >>> set_seer_options(model, nz_ratio=0.1, threshold=None)  # doctest: +SKIP
     """
-    from dataclasses import replace
+    from dataclasses import fields, replace
 
     old = seer_config_of(model)
     if old is None:
         raise HfEffllmError("model has no SeerAttention; call hf_effllm.apply_seer_attention(model, config) first.")
+    known = sorted(f.name for f in fields(SeerAttentionConfig))
+    unknown = sorted(set(changes) - set(known))
+    if unknown:
+        raise HfEffllmError(f"set_seer_options got unknown option(s) {unknown}; SeerAttentionConfig fields: {known}.")
     selectors = ("threshold", "nz_ratio", "top_p")
     for name in selectors:  # giving one selection rule clears the others unless they are given too
         if changes.get(name) is not None:

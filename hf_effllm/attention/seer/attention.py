@@ -1,8 +1,8 @@
 """The ``seer_attention`` attention function registered with ``transformers.AttentionInterface``.
 
 Prefill (several query tokens, no earlier cache) runs block-sparse with the blocks the layer's gate keeps; decode
-steps (one query token), chunked prefill over an existing cache, sliding-window layers, ``dense_layers``, short
-prompts and training with attention dropout run dense through transformers' own ``sdpa`` function. In
+steps (one query token), chunked prefill over an existing cache, sliding-window layers whose window is shorter
+than the prompt, ``dense_layers``, short prompts and training with attention dropout run dense through transformers' own ``sdpa`` function. In
 ``distill`` mode the function computes dense attention with the block-max kernel and hands the target map to the
 gate.
 """
@@ -113,10 +113,11 @@ def seer_attention_forward(
     b, hq, sq, d = query.shape
     skv = key.shape[2]
     prefill = pending is not None and sq > 1 and sq == skv and pending[0].shape[2] == sq
+    window = kwargs.get("sliding_window")  # a window covering the whole prompt (q - k < window) changes nothing
     if (
         gate is None
         or not prefill
-        or kwargs.get("sliding_window") is not None
+        or (window is not None and skv > window)
         or (dropout > 0.0 and module.training)
         or gate.mode == "dense"
     ):

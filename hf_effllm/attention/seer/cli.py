@@ -83,6 +83,7 @@ def _configure_distill(p) -> None:
 
 
 def _run_distill(args) -> int:
+    import inspect
     from pathlib import Path
 
     import yaml
@@ -104,15 +105,33 @@ def _run_distill(args) -> int:
     unknown = sorted(set(recipe) - {"seer", "data", "training"})
     if unknown:
         raise HfEffllmError(f"--config {path}: unknown section(s) {unknown}; use seer, data, training.")
+    # Check the whole recipe before loading the model: a typo fails in a second with the key and the allowed ones.
+    sections = {name: recipe.get(name) or {} for name in ("seer", "data", "training")}
+    for name, section in sections.items():
+        if not isinstance(section, dict):
+            raise HfEffllmError(f"--config {path}: section {name!r} must be a mapping; got {section!r}.")
+    try:
+        config = SeerAttentionConfig.from_dict(sections["seer"])
+    except HfEffllmError as e:
+        raise HfEffllmError(f"--config {path}: section 'seer': {e}") from e
+    allowed = {
+        "data": {"texts", "nsamples", "seqlen", "seed"},
+        "training": set(inspect.signature(distill_gates).parameters)
+        - {"model", "data", "tokenizer", "nsamples", "seqlen", "seed", "training_args", "callbacks"},
+    }
+    for name, keys in allowed.items():
+        unknown = sorted(set(sections[name]) - keys)
+        if unknown:
+            raise HfEffllmError(f"--config {path}: section {name!r} has unknown key(s) {unknown}; use {sorted(keys)}.")
     prepare_output_dir(args.output, overwrite=args.overwrite, arg_name="output")
-    data = dict(recipe.get("data") or {})
+    data = dict(sections["data"])
     texts = data.pop("texts", None)
     if texts is not None:
         texts = Path(texts).read_text(encoding="utf-8")
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     tokenizer = load_tokenizer(args.model)
-    apply_seer_attention(model, SeerAttentionConfig(**(recipe.get("seer") or {})))
-    res = distill_gates(model, texts, tokenizer=tokenizer, **data, **(recipe.get("training") or {}))
+    apply_seer_attention(model, config)
+    res = distill_gates(model, texts, tokenizer=tokenizer, **data, **sections["training"])
     save_gates(model, args.output, overwrite=args.overwrite)
     print(f"distilled {res.steps} steps in {res.seconds:.0f} s, final loss {res.final_loss:.4f}; wrote {args.output}")
     return 0

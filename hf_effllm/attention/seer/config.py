@@ -141,16 +141,20 @@ class SeerAttentionConfig:
         ):
             raise HfEffllmError(f"top_p={self.top_p!r} is out of range; use 0 < top_p <= 1 (1.0 keeps every block).")
         if self.threshold is not None and not (
-            isinstance(self.threshold, (int, float)) and 0.0 < self.threshold <= 1.0
+            isinstance(self.threshold, (int, float))
+            and not isinstance(self.threshold, bool)
+            and 0 < self.threshold <= 1
         ):
             raise HfEffllmError(f"threshold={self.threshold!r} is out of range; use 0 < threshold <= 1.")
-        if self.nz_ratio is not None and not (isinstance(self.nz_ratio, (int, float)) and 0.0 < self.nz_ratio <= 1.0):
+        if self.nz_ratio is not None and not (
+            isinstance(self.nz_ratio, (int, float)) and not isinstance(self.nz_ratio, bool) and 0 < self.nz_ratio <= 1
+        ):
             raise HfEffllmError(f"nz_ratio={self.nz_ratio!r} is out of range; use 0 < nz_ratio <= 1 (1.0 = dense).")
-        layers = list(self.dense_layers)
+        layers = list(self.dense_layers) if isinstance(self.dense_layers, (list, tuple, set, range)) else [None]
         if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers):
             raise HfEffllmError(f"dense_layers={self.dense_layers!r} must be a list of layer indices >= 0.")
         self.dense_layers = sorted(set(layers))
-        if not isinstance(self.min_seq_len, int) or self.min_seq_len < 0:
+        if not isinstance(self.min_seq_len, int) or isinstance(self.min_seq_len, bool) or self.min_seq_len < 0:
             raise HfEffllmError(f"min_seq_len={self.min_seq_len!r} must be an integer >= 0.")
         if self.rope_theta is not None and not (
             isinstance(self.rope_theta, (int, float)) and math.isfinite(self.rope_theta) and self.rope_theta > 0

@@ -135,7 +135,14 @@ def _windows(data: Any, tokenizer: Any, nsamples: int, seqlen: int, seed: int) -
             )
         return data.long()
     if data is not None and hasattr(data, "column_names") and "input_ids" in data.column_names:
-        return torch.tensor([list(r) for r in data["input_ids"]], dtype=torch.long)
+        rows = [list(r) for r in data["input_ids"]]
+        lengths = sorted({len(r) for r in rows})
+        if len(lengths) != 1:
+            raise HfEffllmError(
+                f"data['input_ids'] rows have lengths {lengths[:6]}; distillation windows must all have one length "
+                "(give a `text` column instead, or cut the rows to equal windows)."
+            )
+        return torch.tensor(rows, dtype=torch.long)
     if tokenizer is None:
         from ...data import load_tokenizer
 
@@ -203,7 +210,12 @@ def distill_gates(
     gates = gates_of(model)
     if not gates:
         raise HfEffllmError("model has no SeerAttention gates; call hf_effllm.apply_seer_attention(model) first.")
-    for name, value in (("max_steps", max_steps), ("batch_size", batch_size), ("nsamples", nsamples)):
+    for name, value in (
+        ("max_steps", max_steps),
+        ("batch_size", batch_size),
+        ("nsamples", nsamples),
+        ("gradient_accumulation_steps", gradient_accumulation_steps),
+    ):
         if not isinstance(value, int) or value < 1:
             raise HfEffllmError(f"{name}={value!r} must be an integer >= 1.")
     if not (isinstance(learning_rate, (int, float)) and math.isfinite(learning_rate) and learning_rate > 0):

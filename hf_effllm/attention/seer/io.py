@@ -12,7 +12,7 @@ from torch import nn
 
 from ...errors import HfEffllmError
 from ...utils.io import atomic_dir
-from .apply import apply_seer_attention, gates_of, model_signature, seer_config_of
+from .apply import apply_seer_attention, gates_of, model_signature, remove_seer_attention, seer_config_of
 from .config import SeerAttentionConfig
 
 GATES_FILE = "seer_gates.safetensors"
@@ -160,6 +160,8 @@ def load_gates(
     """
     from safetensors.torch import load_file
 
+    if config is not None and not isinstance(config, SeerAttentionConfig):
+        raise HfEffllmError(f"config={config!r} must be a SeerAttentionConfig (or None for the saved one).")
     folder, meta = read_gates_config(source, revision=revision)
     saved_cfg = SeerAttentionConfig.from_dict(meta["seer_config"])
     saved_sig = meta["model_signature"]
@@ -187,20 +189,25 @@ def load_gates(
         from dataclasses import replace
 
         config = replace(config, rope_theta=float(meta["rope_theta_used"]))
-    apply_seer_attention(model, config)
-    tensors = load_file(str(folder / GATES_FILE))
-    gates = gates_of(model)
-    expected = {f"layers.{i}.{w}" for i in gates for w in ("q_weight", "k_weight")}
+    # Read and check the file before touching the model: a damaged file leaves the model as it was.
+    try:
+        tensors = load_file(str(folder / GATES_FILE))
+    except Exception as e:
+        raise HfEffllmError(f"{folder / GATES_FILE} could not be read ({type(e).__name__}: {e}).") from e
+    expected = {f"layers.{i}.{w}" for i in sig["layer_indices"] for w in ("q_weight", "k_weight")}
     if set(tensors) != expected:
         raise HfEffllmError(
             f"{folder / GATES_FILE} holds tensors {sorted(set(tensors) ^ expected)[:6]} that do not match the "
             "model's gates; the file is damaged or from another model."
         )
+    apply_seer_attention(model, config)
+    gates = gates_of(model)
     with torch.no_grad():
         for i, gate in gates.items():
             for w in ("q_weight", "k_weight"):
                 param, t = getattr(gate, w), tensors[f"layers.{i}.{w}"]
                 if param.shape != t.shape:
+                    remove_seer_attention(model)
                     raise HfEffllmError(
                         f"gate {w} of layer {i}: saved shape {tuple(t.shape)} != expected {tuple(param.shape)}."
                     )
