@@ -86,6 +86,8 @@ def check_attention_inputs(
             f"{name}: key_padding must be a bool tensor of shape (batch={b}, seq={s}); got "
             f"{key_padding.dtype} {tuple(key_padding.shape)}."
         )
+    if key_padding is not None and key_padding.device != q.device:
+        raise HfEffllmError(f"{name}: key_padding is on {key_padding.device}, q on {q.device}; move it to q's device.")
     return b, hq, hkv, s, d
 
 

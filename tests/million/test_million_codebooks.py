@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from hf_effllm.kernels.million import pq_decode_reference, pq_encode_reference
@@ -84,9 +86,25 @@ def test_save_load_and_card(tmp_path):
     assert 'MillionCodebooks.from_pretrained("me/tiny-million")' in text  # the card loads from its own repo
     with pytest.raises(HfEffllmError, match="no million_codebooks"):
         MillionCodebooks.from_pretrained(tmp_path)
+    payload = json.loads((tmp_path / "cb" / "million_config.json").read_text())
+    (tmp_path / "cb" / "million_config.json").write_text(json.dumps({**payload, "format_version": 99}))
+    with pytest.raises(HfEffllmError, match="format_version=99"):
+        MillionCodebooks.from_pretrained(tmp_path / "cb")
     (tmp_path / "cb" / "million_config.json").write_text("{not json")
     with pytest.raises(HfEffllmError, match="corrupt"):
         MillionCodebooks.from_pretrained(tmp_path / "cb")
+
+
+def test_collect_kv_is_gradient_free_in_eval_mode_and_restores_training():
+    model = tiny_model("llama", attention_dropout=0.5).train()
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(4))
+    keys, values = million.collect_kv(model, ids)
+    again, _ = million.collect_kv(model, ids)
+    assert model.training  # restored
+    assert not keys[0].requires_grad and keys[0].grad_fn is None  # no autograd graph kept alive
+    assert torch.equal(keys[1], again[1])  # no dropout: layer 1 keys depend on layer 0 attention, deterministic
+    with pytest.raises(HfEffllmError, match="hold no tokens"):
+        million.collect_kv(model, torch.zeros(0, 8, dtype=torch.long))
 
 
 def test_config_validation():

@@ -161,5 +161,7 @@ def test_wrapper_rejects_bad_inputs(triton_interpret):
         blockmax_attention(q, k.half(), v, block_size=16)
     with pytest.raises(HfEffllmError, match="key_padding"):
         blockmax_attention(q, k, v, key_padding=torch.ones(1, 31, dtype=torch.bool), block_size=16)
+    with pytest.raises(HfEffllmError, match="key_padding is on meta"):
+        blockmax_attention(q, k, v, key_padding=torch.ones(1, 32, dtype=torch.bool, device="meta"), block_size=16)
     with pytest.raises(HfEffllmError, match="4-D"):
         block_sparse_attention(q[0], k, v, mask, block_size=16)

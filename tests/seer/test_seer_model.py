@@ -165,3 +165,24 @@ def test_gradients_flow_through_sparse_attention():
     model(input_ids=ids, labels=ids).loss.backward()
     grad = model.model.layers[0].self_attn.q_proj.weight.grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_chunked_prefill_over_a_cache_runs_dense_and_says_so(monkeypatch):
+    from transformers import DynamicCache
+
+    from hf_effllm.attention.seer import attention
+    from hf_effllm.compat import cache_kwargs
+
+    said = []
+    monkeypatch.setattr(attention.logger, "warning_once", lambda msg: said.append(msg))
+    model = apply_seer_attention(tiny_model("llama"), SeerAttentionConfig(block_size=16, nz_ratio=0.2))
+    ids = torch.randint(0, 256, (1, 96), generator=torch.Generator().manual_seed(6))
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids[:, :48], use_cache=True, **cache_kwargs(cache))
+        first = seer.sparsity_report(model)
+        assert not said and all(v > 0 for v in first.values())  # the prompt ran sparse, silently
+        out = model(input_ids=ids[:, 48:], use_cache=True, **cache_kwargs(cache)).logits
+    assert torch.isfinite(out).all()
+    assert seer.sparsity_report(model) == first  # the second chunk skipped no block
+    assert said and "runs dense" in said[0]

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.utils import logging
 
 from ...errors import HfEffllmError
 from ...kernels.seer_attention import block_sparse_attention, block_sparse_attention_reference, triton_usable
@@ -21,6 +22,8 @@ from ...kernels.seer_blockmax import blockmax_attention
 from .config import SeerAttentionConfig
 from .gate import SeerAttnGate, select_blocks, sink_local_blocks
 from .targets import block_attention_map, reduce_target
+
+logger = logging.get_logger(__name__)
 
 ATTENTION_NAME = "seer_attention"
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -114,6 +117,12 @@ def seer_attention_forward(
     skv = key.shape[2]
     prefill = pending is not None and sq > 1 and sq == skv and pending[0].shape[2] == sq
     window = kwargs.get("sliding_window")  # a window covering the whole prompt (q - k < window) changes nothing
+    if gate is not None and pending is not None and 1 < sq < skv and gate.mode != "dense":
+        logger.warning_once(
+            "SeerAttention: a multi-token forward over a longer key cache (a static cache, or chunked prefill over "
+            "earlier tokens) runs dense; block-sparse prefill applies to a prompt processed in one forward with a "
+            "dynamic cache."
+        )
     if (
         gate is None
         or not prefill

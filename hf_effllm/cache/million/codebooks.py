@@ -250,11 +250,17 @@ class MillionCodebooks:
             raise HfEffllmError(f"{folder} has no {CODEBOOK_FILE} and {CONFIG_FILE}; it holds no MILLION codebooks.")
         try:
             payload = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+            version = int(payload.get("format_version", FORMAT_VERSION))
             tensors = load_file(str(folder / CODEBOOK_FILE))
             config = MillionConfig.from_dict(payload["config"])
             signature = ModelSignature(**payload["signature"])
         except (KeyError, TypeError, ValueError, OSError) as e:
             raise HfEffllmError(f"the MILLION codebooks in {folder} are corrupt: {e}") from e
+        if version > FORMAT_VERSION:
+            raise HfEffllmError(
+                f"the MILLION codebooks in {folder} have format_version={version}; this hf-effllm reads up to "
+                f"{FORMAT_VERSION}: upgrade hf-effllm."
+            )
         return cls(config, signature, tensors["keys"], tensors["values"], meta=payload.get("meta", {}))
 
     def push_to_hub(
@@ -358,20 +364,36 @@ def collect_kv(model: Any, ids: torch.Tensor, *, batch_size: int = 4) -> tuple[l
 
     from ...compat import cache_kwargs
 
+    if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise HfEffllmError(
+            f"calibration ids of shape {tuple(ids.shape)} hold no tokens; give (windows, seq_len) with both > 0."
+        )
     dev = next(model.parameters()).device
     keys: list[list[torch.Tensor]] = []
     values: list[list[torch.Tensor]] = []
-    for a in range(0, ids.shape[0], batch_size):
-        cache = DynamicCache(config=model.config)
-        model(input_ids=ids[a : a + batch_size].to(dev), use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
-        for i, lay in enumerate(cache.layers):
-            if len(keys) <= i:
-                keys.append([])
-                values.append([])
-            # (B, H, S, D) -> (H, B*S, D)
-            keys[i].append(lay.keys.float().transpose(0, 1).reshape(lay.keys.shape[1], -1, lay.keys.shape[-1]))
-            values[i].append(lay.values.float().transpose(0, 1).reshape(lay.values.shape[1], -1, lay.values.shape[-1]))
+    was_training = model.training
+    model.eval()  # no dropout in the calibration keys and values
+    try:
+        for a in range(0, ids.shape[0], batch_size):
+            cache = DynamicCache(config=model.config)
+            with torch.no_grad():
+                model(
+                    input_ids=ids[a : a + batch_size].to(dev), use_cache=True, logits_to_keep=1, **cache_kwargs(cache)
+                )
+            _append_layers(cache, keys, values)
+    finally:
+        model.train(was_training)
     return [torch.cat(k, 1) for k in keys], [torch.cat(v, 1) for v in values]
+
+
+def _append_layers(cache: Any, keys: list[list[torch.Tensor]], values: list[list[torch.Tensor]]) -> None:
+    for i, lay in enumerate(cache.layers):
+        if len(keys) <= i:
+            keys.append([])
+            values.append([])
+        # (B, H, S, D) -> (H, B*S, D)
+        keys[i].append(lay.keys.float().transpose(0, 1).reshape(lay.keys.shape[1], -1, lay.keys.shape[-1]))
+        values[i].append(lay.values.float().transpose(0, 1).reshape(lay.values.shape[1], -1, lay.values.shape[-1]))
 
 
 def _subsample(x: torch.Tensor, max_points: int, gen: torch.Generator) -> torch.Tensor:
