@@ -51,3 +51,20 @@ def embedded():
     from hf_effllm.data import load_model, load_tokenizer
 
     return load_model(dtype="float32", device="cpu"), load_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A saved tiny llama with a byte-level tokenizer, usable as ``--model`` by the CLI tests."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from hf_effllm.testing import tiny_model
+
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_model("llama").save_pretrained(path)
+    vocab = {chr(i) if chr(i).isprintable() else f"<{i}>": i for i in range(256)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<0>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<0>").save_pretrained(path)
+    return path

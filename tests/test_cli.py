@@ -6,7 +6,6 @@ import sys
 import pytest
 
 from hf_effllm.cli import main
-from hf_effllm.testing import tiny_model
 
 
 def run_cli(*args, env=None):
@@ -16,21 +15,6 @@ def run_cli(*args, env=None):
         [sys.executable, "-m", "hf_effllm.cli", *args], capture_output=True, text=True, env=full_env, timeout=600
     )
     return proc.returncode, proc.stdout, proc.stderr
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A saved tiny llama with a byte-level tokenizer, usable as --model."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_model("llama").save_pretrained(path)
-    vocab = {chr(i) if chr(i).isprintable() else f"<{i}>": i for i in range(256)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<0>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<0>").save_pretrained(path)
-    return path
 
 
 def test_no_command_is_usage_error(capsys):

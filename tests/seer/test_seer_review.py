@@ -90,21 +90,6 @@ def test_damaged_gate_file_leaves_the_model_untouched(tmp_path):
     assert seer.seer_config_of(fresh) is None
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A saved tiny llama with a byte-level tokenizer, usable as --model (as in tests/test_cli.py)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_model("llama").save_pretrained(path)
-    vocab = {chr(i) if chr(i).isprintable() else f"<{i}>": i for i in range(256)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<0>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<0>").save_pretrained(path)
-    return path
-
-
 def test_seer_distill_command_and_recipe_errors(tiny_dir, tmp_path, capsys):
     from hf_effllm.cli import main
 
