@@ -35,6 +35,9 @@ def test_stacked_experts_are_quantized_and_run(model_type, calib_ids):
     assert (out - ref).abs().mean() < 0.15 * ref.abs().mean()
     assert all("gate_up_proj" not in h.__dict__ for h in holders)  # the float weights are dropped after forward
     assert model.generate(ids[:1, :5], max_new_tokens=3, do_sample=False).shape == (1, 8)
+    scalar_gates = [m for n, m in model.named_modules() if n.endswith("shared_expert_gate")]
+    assert all(isinstance(m, torch.nn.Linear) for m in scalar_gates)  # one-output gates stay float by default
+    assert (len(scalar_gates) > 0) == (model_type == "qwen2_moe")
 
 
 def test_experts_save_reload_is_bit_identical(tmp_path, calib_ids):

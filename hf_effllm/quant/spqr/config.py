@@ -55,7 +55,8 @@ class SpQRConfig(QuantizationConfigMixin):
         seqlen: tokens per calibration window.
         true_sequential: within a decoder layer, quantize the linears in call order, each seeing the inputs produced
             by the already-quantized ones (more accurate, one layer forward per group of linears sharing an input).
-        modules_to_not_convert: module names (or name suffixes) kept in float; ``None`` keeps the output head.
+        modules_to_not_convert: module names (or name suffixes) kept in float; ``None`` keeps the output head
+            and one-output gate layers (qwen2_moe's ``shared_expert_gate``).
         seed: seed of the calibration windows.
         layers: per-layer records filled by quantization (shapes, outlier counts, average bits); needed to rebuild
             the modules of a saved checkpoint. Leave it ``None``.

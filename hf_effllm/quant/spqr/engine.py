@@ -269,9 +269,13 @@ def _skipped(name: str, patterns: list[str]) -> bool:
 
 
 def default_modules_to_not_convert(model: nn.Module) -> list[str]:
-    """The output head (and anything tied to it): kept in float unless the user says otherwise."""
+    """The output head (and anything tied to it) and scalar gates (``nn.Linear`` with one output, e.g. qwen2_moe's
+    ``shared_expert_gate``, whose single row cannot share second-level statistics): kept in float unless the user
+    says otherwise."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return [n for n, m in model.named_modules() if head is not None and m is head] or ["lm_head"]
+    heads = [n for n, m in model.named_modules() if head is not None and m is head] or ["lm_head"]
+    gates = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == 1}
+    return heads + sorted(gates - set(heads))
 
 
 def _layer_output(out: Any) -> torch.Tensor:
