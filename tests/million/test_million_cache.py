@@ -169,6 +169,21 @@ def test_bad_inputs(model_and_books):
         MillionConfig(scope="tensor")
 
 
+def test_codes_not_taken_by_the_attention_raise(model_and_books):
+    """A cache built from a config that says 'million' while the model runs sdpa would silently drop its codes."""
+    import copy
+
+    model, books = model_and_books
+    model.set_attn_implementation("sdpa")
+    config = copy.deepcopy(model.config)
+    config._attn_implementation = "million"
+    cache = MillionCache(config, books)
+    with pytest.raises(HfEffllmError, match="did not take them"):
+        model(input_ids=torch.randint(0, 256, (1, 12)), **cache_kwargs(cache))
+    model.set_attn_implementation("million")  # the consistent setup runs, also right after the failure
+    model(input_ids=torch.randint(0, 256, (1, 12)), **cache_kwargs(MillionCache(model.config, books)))
+
+
 def test_attention_function_dispatch(model_and_books):
     """The one trick: the 'million' function finds codes only through the pending record of the same layer."""
     model, books = model_and_books

@@ -43,10 +43,16 @@ class PendingCodes:
     codebook_v: torch.Tensor
     use_kernel: bool
     n_sinks: int = 0  # how many of key's first tokens are sinks (positions before the codes)
+    owner: Any = None  # the MillionCache that left the record
 
 
 def set_pending(state: PendingCodes | None) -> None:
     _PENDING.state = state
+
+
+def peek_pending() -> PendingCodes | None:
+    """The record left by the last ``update`` and not yet taken by an attention call (None if none)."""
+    return getattr(_PENDING, "state", None)
 
 
 def take_pending(module: Any, key: torch.Tensor) -> PendingCodes | None:

@@ -37,7 +37,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ...errors import HfEffllmError
 from ...kernels.million import pq_decode_reference, pq_encode
-from .attention import ATTENTION_NAME, PendingCodes, set_pending
+from .attention import ATTENTION_NAME, PendingCodes, peek_pending, set_pending
 from .codebooks import MillionCodebooks, ModelSignature
 
 
@@ -147,6 +147,16 @@ class MillionLayer(CacheLayerMixin):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Add the new tokens; return what the attention function needs (see the module docstring)."""
+        left = peek_pending()
+        if left is not None and self.owner is not None and left.owner is self.owner:
+            set_pending(None)
+            raise HfEffllmError(
+                f"MillionCache: layer {left.layer_idx} returned codes for the 'million' attention function, but the "
+                "model's attention did not take them (the model runs another attn_implementation than the config "
+                "the cache was built with, or a forward was interrupted after the cache update). Build the cache "
+                "with the model's own config (MillionCache(model.config, codebooks)) after "
+                "model.set_attn_implementation('million'), and start from a fresh cache after an interruption."
+            )
         set_pending(None)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -177,6 +187,7 @@ class MillionLayer(CacheLayerMixin):
                     codebook_v=self.codebook_v,
                     use_kernel=self.owner.kernel_enabled(self.device),
                     n_sinks=n_sinks,
+                    owner=self.owner,
                 )
             )
             return exact_k, exact_v
