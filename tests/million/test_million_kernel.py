@@ -140,3 +140,18 @@ def test_kernels_use_64bit_batch_offsets(triton_interpret):
     out = far_view(torch.zeros(b, hkv, 9, m, dtype=torch.uint8))
     pq_encode(x, cbk, out=out, use_kernel=True)
     assert torch.equal(out, codes)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["l1", "smem"])
+@pytest.mark.parametrize("m,k", [(64, 256), (32, 256)])  # 4-bit and 2-bit at head_dim 128, 256 centroids
+def test_bf16_kernels_on_gpu(variant, m, k):
+    """bf16 is checked on the GPU only (the Triton interpreter computes bf16 wrongly)."""
+    args = _inputs(2, 8, 2, 1, 3001, 128, 128, m, k, 2, torch.bfloat16)
+    q, ck, cv, cbk, cbv, rk, rv, cm, rm = (t.cuda() if t is not None else None for t in args)
+    ref = million_attention_reference(q.float(), ck, cv, cbk.float(), cbv.float(), rk.float(), rv.float(),
+                                      scale=128**-0.5, code_mask=cm, res_mask=rm)  # fmt: skip
+    out = million_attention(q, ck, cv, cbk, cbv, rk, rv, scale=128**-0.5, code_mask=cm, res_mask=rm,
+                            use_kernel=True, variant=variant)  # fmt: skip
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)

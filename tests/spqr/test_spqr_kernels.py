@@ -116,3 +116,35 @@ def test_v2_kernels_on_long_rows_and_multi_step_splits(triton_interpret, rows):
     y = spqr_matmul(x, t, bias=layer.bias, use_triton=True, variant="v2", **meta)
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
     assert res.nnz > 0
+
+
+def test_cpu_path_takes_bf16_and_fp16_activations():
+    layer, res = make_layer(24, 48)
+    x = torch.randn(2, 7, 48)
+    ref = torch.nn.functional.linear(x, res.weight, layer.bias)
+    for dtype in (torch.bfloat16, torch.float16):
+        y = layer(x.to(dtype))
+        assert y.dtype == dtype
+        torch.testing.assert_close(y.float(), ref, rtol=3e-2, atol=3e-2 * ref.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+@pytest.mark.parametrize("rows", [1, 2, 8, 16, 40])  # decode kernels (<= 16 rows) and the prefill path
+def test_bf16_forward_and_backward_on_gpu(variant, rows):
+    """bf16 is checked on the GPU only (the Triton interpreter computes bf16 wrongly)."""
+    layer, res = make_layer(96, 300, bits=3, group_size=16)
+    layer = layer.cuda()
+    x = torch.randn(rows, 300, device="cuda", dtype=torch.bfloat16)
+    w = res.weight.cuda()
+    ref = torch.nn.functional.linear(x.float(), w, layer.bias.float())
+    t, meta = layer.packed_tensors(), layer.packed_meta()
+    y = spqr_matmul(x, t, bias=layer.bias, layout=layer.kernel_layout(), variant=variant, **meta)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+    xg = x.detach().requires_grad_(True)
+    grad = torch.randn(rows, 96, device="cuda", dtype=torch.bfloat16)
+    layer(xg).backward(grad)  # the backward dequantizes with the Triton kernel
+    torch.testing.assert_close(
+        xg.grad.float(), grad.float() @ w, rtol=2e-2, atol=2e-2 * (grad.float() @ w).abs().max().item()
+    )
