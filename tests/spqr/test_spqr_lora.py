@@ -56,6 +56,8 @@ def test_lora_trains_through_trainer_and_reloads(tmp_path, calib_ids):
     wrapped = peft_model.base_model.model.model.layers[1]
     assert isinstance(wrapped.self_attn.q_proj, SpQRLoraLinear)
     assert isinstance(wrapped.self_attn.q_proj.base_layer, SpQRLinear)
+    with pytest.raises(HfEffllmError, match="adapter_names"):
+        wrapped.self_attn.q_proj(torch.randn(1, 64), adapter_names=["default"])
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
 
@@ -89,6 +91,12 @@ def test_lora_trains_through_trainer_and_reloads(tmp_path, calib_ids):
 
     with pytest.raises(HfEffllmError, match="dequantize"):
         peft_model.merge_and_unload()
+    # the documented way to merge: the adapter on the dequantized model
+    floating = AutoModelForCausalLM.from_pretrained(tmp_path / "q").dequantize()
+    merged = PeftModel.from_pretrained(floating, tmp_path / "adapter").merge_and_unload()
+    assert isinstance(merged.model.layers[1].self_attn.q_proj, torch.nn.Linear)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids[:2]).logits, logits, atol=1e-4, rtol=1e-4)
 
 
 def test_register_lora_rejects_other_configs():

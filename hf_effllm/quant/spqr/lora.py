@@ -30,8 +30,8 @@ from .linear import SpQRLinear
 class SpQRLoraLinear(torch.nn.Module, LoraLayer):
     """A PEFT LoRA layer around a frozen :class:`SpQRLinear`: ``base(x) + scaling * B(A(dropout(x)))``.
 
-    Merging is refused (the sum of a packed weight and a dense update is not a packed weight): dequantize the model
-    first (``model.dequantize()``) to merge into float weights.
+    Merging is refused (the sum of a packed weight and a dense update is not a packed weight): load the adapter onto
+    the dequantized model (``model.dequantize()``) to merge into float weights.
     """
 
     def __init__(self, base_layer: torch.nn.Module, adapter_name: str, config: LoraConfig, r: int = 0,
@@ -47,6 +47,8 @@ class SpQRLoraLinear(torch.nn.Module, LoraLayer):
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if kwargs.get("adapter_names") is not None:
+            raise HfEffllmError("adapter_names=... (a different adapter per sample) is not supported on SpQR layers.")
         result = self.base_layer(x)
         if self.disable_adapters:
             return result
@@ -60,8 +62,9 @@ class SpQRLoraLinear(torch.nn.Module, LoraLayer):
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise HfEffllmError(
-            "LoRA adapters cannot be merged into SpQR-packed weights; call model.dequantize() on the base model "
-            "(float weights) before merge_and_unload(), or keep the adapter unmerged."
+            "LoRA adapters cannot be merged into SpQR-packed weights. To merge: save the adapter, load the SpQR "
+            "model, call .dequantize() on it (float weights), load the adapter onto that float model with "
+            "PeftModel.from_pretrained and call merge_and_unload(); or keep the adapter unmerged."
         )
 
     def unmerge(self) -> None:  # nothing is ever merged
