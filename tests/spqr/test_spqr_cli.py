@@ -25,6 +25,8 @@ def tiny_folder(tmp_path_factory):
 
 def test_quantize_command_writes_a_loadable_folder(tiny_folder, tmp_path, capsys):
     out = tmp_path / "q"
+    text = tmp_path / "calib.txt"
+    text.write_text("In the beginning God created the heaven and the earth. " * 60, encoding="utf-8")
     argv = [
         "quantize",
         "--method",
@@ -46,9 +48,14 @@ def test_quantize_command_writes_a_loadable_folder(tiny_folder, tmp_path, capsys
         "--no-progress",
         "--device",
         "cpu",
+        "--dataset",
+        str(text),
+        "--seed",
+        "3",
     ]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
+    assert results["quantization_config"]["seed"] == 3
     assert [r["variant"] for r in results["rows"]] == ["float", "SpQR 3-bit"]
     card = (out / "README.md").read_text()
     assert "hf_effllm_spqr" in card and str(results["quantization_config"]["avg_bits"]) in card
@@ -62,6 +69,8 @@ def test_quantize_command_bad_bits_is_one_line(tmp_path, capsys):
     assert main(["quantize", "--bits", "1", "--output", str(tmp_path / "x")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("hf-effllm: error:") and "bits=1" in err and "\n" not in err
+    assert main(["quantize", "--dataset", str(tmp_path / "missing.txt"), "--output", str(tmp_path / "y")]) == 1
+    assert "missing.txt" in capsys.readouterr().err
 
 
 def test_quickstart_stage_on_a_tiny_model(tiny_folder, tmp_path):

@@ -48,6 +48,14 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
     p.add_argument("--no-true-sequential", action="store_true", help="one calibration pass per decoder layer")
+    p.add_argument(
+        "--dataset",
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="UTF-8 text files to calibrate on (default: the embedded corpus's train split)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
     p.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens to score; 0 skips (default 16384)")
     p.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload the folder to this Hub repo")
     p.add_argument("--private", action="store_true", help="create the Hub repo as private")
@@ -129,6 +137,19 @@ def _held_out_perplexity(model: Any, eval_ids: torch.Tensor, args: argparse.Name
     return res.perplexity
 
 
+def _read_texts(paths: list[str] | None) -> list[str] | None:
+    """The calibration texts of ``--dataset`` (one text per file), or None for the corpus."""
+    if not paths:
+        return None
+    texts = []
+    for path in paths:
+        try:
+            texts.append(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            raise HfEffllmError(f"--dataset {path!r} cannot be read as UTF-8 text ({type(e).__name__}).") from e
+    return texts
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``hf-effllm quantize``; returns the exit status."""
     from ...data import corpus_text, load_model, load_tokenizer
@@ -147,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
         nsamples=args.nsamples,
         seqlen=args.seqlen,
         true_sequential=not args.no_true_sequential,
+        dataset=_read_texts(args.dataset),
+        seed=args.seed,
     )
     if args.eval_tokens < 0:
         raise HfEffllmError(f"--eval-tokens={args.eval_tokens} must be >= 0.")
