@@ -95,6 +95,24 @@ def test_save_load_and_card(tmp_path):
         MillionCodebooks.from_pretrained(tmp_path / "cb")
 
 
+def test_codebooks_of_another_model_with_the_same_shapes_warn(monkeypatch):
+    from hf_effllm.cache.million import codebooks as cb_module
+
+    said = []
+    monkeypatch.setattr(cb_module.logger, "warning", lambda msg, *a: said.append(msg % a))
+    sig = ModelSignature(num_layers=2, num_kv_heads=2, head_dim=16, model_type="llama", name_or_path="org/a-model")
+    books = MillionCodebooks(
+        MillionConfig(num_subspaces=8, nbits=4), sig, torch.zeros(2, 1, 8, 16, 2), torch.zeros(2, 1, 8, 16, 2)
+    )
+    same = tiny_model("llama", num_hidden_layers=2, num_key_value_heads=2, head_dim=16).config
+    same.name_or_path = "/local/copy/a-model"
+    books.check_compatible(same)
+    assert not said  # the same model from another place
+    same.name_or_path = "org/b-model"
+    books.check_compatible(same)
+    assert said and "org/a-model" in said[0] and "org/b-model" in said[0]
+
+
 def test_collect_kv_is_gradient_free_in_eval_mode_and_restores_training():
     model = tiny_model("llama", attention_dropout=0.5).train()
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(4))

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.utils import logging
 
 from ...errors import HfEffllmError
 from ...kernels.million import pq_decode_reference, pq_encode
@@ -31,6 +32,13 @@ from .config import MillionConfig
 CODEBOOK_FILE = "million_codebooks.safetensors"
 CONFIG_FILE = "million_config.json"
 FORMAT_VERSION = 1
+
+logger = logging.get_logger(__name__)
+
+
+def _basename(name_or_path: str) -> str:
+    """The last component of a local path or Hub id ("org/SmolLM2-135M" and "/models/SmolLM2-135M" agree)."""
+    return name_or_path.rstrip("/").rsplit("/", 1)[-1]
 
 
 def kmeans(
@@ -188,6 +196,15 @@ class MillionCodebooks:
                 + "; ".join(diffs)
                 + ". Train codebooks for this model with hf_effllm.million.train_codebooks."
             )
+        mine, theirs = self.signature, other
+        if (mine.model_type and theirs.model_type and mine.model_type != theirs.model_type) or (
+            mine.name_or_path and theirs.name_or_path and _basename(mine.name_or_path) != _basename(theirs.name_or_path)
+        ):
+            logger.warning(
+                "MILLION codebooks trained for %s (%s) are used with %s (%s): the shapes match, but keys and values "
+                "of another model fall far from these centroids; train codebooks for this model.",
+                mine.name_or_path or "?", mine.model_type or "?", theirs.name_or_path or "?", theirs.model_type or "?",
+            )  # fmt: skip
 
     def encode(self, x: torch.Tensor, layer_idx: int, kind: str = "keys") -> torch.Tensor:
         """uint8 codes ``(B, Hkv, N, M)`` of ``x`` ``(B, Hkv, N, D)`` with layer ``layer_idx``'s ``kind`` codebook."""
