@@ -64,3 +64,18 @@ def test_load_into_mismatched_model_or_config_fails_clearly(tmp_path):
         seer.save_gates(model, folder)
     with pytest.raises(HfEffllmError, match="no SeerAttention gates"):
         seer.save_gates(tiny_model("llama"), tmp_path / "h")
+
+
+def test_save_pretrained_of_a_seer_model_writes_the_base_model_only(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_model("llama")
+    model = apply_seer_attention(base, SeerAttentionConfig(block_size=16))
+    model.save_pretrained(tmp_path / "m")
+    keys = set(load_file(str(tmp_path / "m" / "model.safetensors")))
+    assert keys and not any("seer_gate" in k for k in keys)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert set(reloaded.state_dict()) == {k for k in model.state_dict() if "seer_gate" not in k}
+    seer.remove_seer_attention(model)
+    assert not any("seer_gate" in k for k in (model._keys_to_ignore_on_save or ()))

@@ -91,7 +91,10 @@ def remove_seer_attention(model: nn.Module) -> nn.Module:
     previous = getattr(model, "_seer_previous_attn", None)
     if previous is not None:
         model.set_attn_implementation(previous)
-    for attr in ("_seer_config", "_seer_previous_attn"):
+    ignored = getattr(model, "_seer_ignored_on_save", None)
+    if ignored and getattr(model, "_keys_to_ignore_on_save", None):
+        model._keys_to_ignore_on_save = set(model._keys_to_ignore_on_save) - ignored
+    for attr in ("_seer_config", "_seer_previous_attn", "_seer_ignored_on_save"):
         if hasattr(model, attr):
             delattr(model, attr)
     return model
@@ -199,6 +202,16 @@ def apply_seer_attention(
         ]
     model._seer_previous_attn = model.config._attn_implementation
     model._seer_config = config
+    # save_pretrained writes the base model only (gates go through save_gates): a plain from_pretrained of that
+    # folder then loads without "unexpected keys".
+    gate_keys = {
+        f"{name}.{key}"
+        for name, mod in model.named_modules()
+        if isinstance(mod, SeerAttnGate)
+        for key in mod.state_dict()
+    }
+    model._seer_ignored_on_save = gate_keys
+    model._keys_to_ignore_on_save = set(getattr(model, "_keys_to_ignore_on_save", None) or ()) | gate_keys
     model.set_attn_implementation(ATTENTION_NAME)
     return model
 
