@@ -7,7 +7,9 @@ Variants (all in one run, same held-out text, same calibration windows):
   no error feedback, no outliers;
 * GPTQ 3 / 4 bit: the same format with inverse-Hessian error feedback (act-order), no outliers;
 * SpQR near 3.6 and near 4.6 average bits: error feedback plus 16-bit outliers (groups of 32 columns, so the
-  outliers are paid for by cheaper statistics).
+  outliers are paid for by cheaper statistics);
+* the same with ``tune_epochs=2`` ("tuned"): after each layer, its stored float parts (second-level statistics,
+  outlier values, norm weights) are tuned toward the float layer's output (``hf_effllm/quant/spqr/tuning.py``).
 
 Average bits count every stored byte of the quantized layers (codes, statistics, CSR outliers, permutation); the
 output head and embeddings stay in float and are not counted. Perplexity: held-out books (Romans..Revelation),
@@ -61,7 +63,9 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("SpQR ~3.6 bits", "spqr", dict(bits=3, group_size=32, outlier_threshold=0.45)),
     ("GPTQ 3-bit", "gptq", dict(bits=3, outlier_threshold=INF)),
     ("RTN 3-bit", "rtn", dict(bits=3, permutation="identity", outlier_threshold=INF)),
+    ("SpQR ~3.6 bits tuned", "spqr", dict(bits=3, group_size=32, outlier_threshold=0.45, tune_epochs=2)),
     ("SpQR ~4.6 bits", "spqr", dict(bits=4, group_size=32, outlier_threshold=0.08)),
+    ("SpQR ~4.6 bits tuned", "spqr", dict(bits=4, group_size=32, outlier_threshold=0.08, tune_epochs=2)),
     ("GPTQ 4-bit", "gptq", dict(bits=4, outlier_threshold=INF)),
     ("RTN 4-bit", "rtn", dict(bits=4, permutation="identity", outlier_threshold=INF)),
 ]

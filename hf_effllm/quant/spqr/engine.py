@@ -18,6 +18,7 @@ helpers download wikitext/C4; :func:`hf_effllm.data.calibration_batches` already
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -432,7 +433,14 @@ def _calibrate(model, config, batches, layers, prefix, all_targets, all_experts,
             f"the calibration forward (input_ids only) never reached {name!r}, the decoder layers picked for SpQR; "
             f"if they belong to another tower, leave them out with modules_to_not_convert=['lm_head', {name!r}]."
         )
+    tune = config.tune_epochs > 0
+    float_inputs = list(inputs) if tune else None  # the float model's activations (tuning targets)
     for i, layer in enumerate(layers):
+        float_out = None
+        if tune:
+            float_layer = copy.deepcopy(layer)
+            float_out = [_layer_output(float_layer(x, **kw)) for x, kw in zip(float_inputs, kwargs_list)]
+            del float_layer
         targets = {k: v for k, v in all_targets.items() if k.startswith(f"{prefix}{i}.")}
         if targets:
             # linears fed the same tensor (q/k/v, gate/up) share one Hessian
@@ -464,6 +472,13 @@ def _calibrate(model, config, batches, layers, prefix, all_targets, all_experts,
         experts = {k: v for k, v in all_experts.items() if k.startswith(f"{prefix}{i}.")}
         if experts:
             _quantize_experts(layer, experts, inputs, kwargs_list, config, results)
+        if tune:
+            from .tuning import tune_layer
+
+            here = f"{prefix}{i}."
+            linears = {k[len(here) :]: results[k] for k in targets}
+            tune_layer(layer, linears, inputs, kwargs_list, float_out, config)
+            float_inputs = float_out
         inputs = [_layer_output(layer(x, **kw)) for x, kw in zip(inputs, kwargs_list)]
         if progress:
             print(f"[spqr] layer {i + 1}/{len(layers)} done ({time.perf_counter() - t0:.0f} s)", flush=True)
