@@ -52,10 +52,12 @@ def test_quantize_command_writes_a_loadable_folder(tiny_folder, tmp_path, capsys
         str(text),
         "--seed",
         "3",
+        "--tune-epochs",
+        "1",
     ]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["quantization_config"]["seed"] == 3
+    assert results["quantization_config"]["seed"] == 3 and results["quantization_config"]["tune_epochs"] == 1
     assert [r["variant"] for r in results["rows"]] == ["float", "SpQR 3-bit"]
     card = (out / "README.md").read_text()
     assert "hf_effllm_spqr" in card and str(results["quantization_config"]["avg_bits"]) in card

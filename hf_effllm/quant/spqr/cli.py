@@ -56,6 +56,12 @@ def configure(p: argparse.ArgumentParser) -> None:
         help="UTF-8 text files to calibrate on (default: the embedded corpus's train split)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
+    p.add_argument(
+        "--tune-epochs",
+        type=int,
+        default=0,
+        help="tune each layer's float parts (statistics, outliers, norms) toward the float layer (default 0: off)",
+    )
     p.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens to score; 0 skips (default 16384)")
     p.add_argument("--push-to-hub", default=None, metavar="REPO", help="upload the folder to this Hub repo")
     p.add_argument("--private", action="store_true", help="create the Hub repo as private")
@@ -170,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
         true_sequential=not args.no_true_sequential,
         dataset=_read_texts(args.dataset),
         seed=args.seed,
+        tune_epochs=args.tune_epochs,
     )
     if args.eval_tokens < 0:
         raise HfEffllmError(f"--eval-tokens={args.eval_tokens} must be >= 0.")
