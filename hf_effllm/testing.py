@@ -122,7 +122,7 @@ def loopback_gloo_env(port: int | None = None) -> dict[str, str]:
         ('127.0.0.1', '29500')
     """
     names = [name for _, name in socket.if_nameindex()]
-    loopback = next((n for n in names if n == "lo" or n.startswith("lo")), "lo")
+    loopback = next((n for n in names if n.startswith("lo")), "lo")
     port = free_port() if port is None else port
     return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": loopback}
 

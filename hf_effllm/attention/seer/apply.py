@@ -73,8 +73,20 @@ def gates_of(model: nn.Module) -> dict[int, SeerAttnGate]:
     }
 
 
+def _gate_keys(model: nn.Module) -> set[str]:
+    """The ``state_dict`` keys of the model's gates."""
+    return {
+        f"{name}.{key}"
+        for name, mod in model.named_modules()
+        if isinstance(mod, SeerAttnGate)
+        for key in mod.state_dict()
+    }
+
+
 def remove_seer_attention(model: nn.Module) -> nn.Module:
     """Undo :func:`apply_seer_attention`: drop gates and hooks, restore the previous attention implementation."""
+    if getattr(model, "_keys_to_ignore_on_save", None):
+        model._keys_to_ignore_on_save = set(model._keys_to_ignore_on_save) - _gate_keys(model)
     for m in attention_layers(model):
         gate = getattr(m, "seer_gate", None)
         if gate is None:
@@ -91,10 +103,7 @@ def remove_seer_attention(model: nn.Module) -> nn.Module:
     previous = getattr(model, "_seer_previous_attn", None)
     if previous is not None:
         model.set_attn_implementation(previous)
-    ignored = getattr(model, "_seer_ignored_on_save", None)
-    if ignored and getattr(model, "_keys_to_ignore_on_save", None):
-        model._keys_to_ignore_on_save = set(model._keys_to_ignore_on_save) - ignored
-    for attr in ("_seer_config", "_seer_previous_attn", "_seer_ignored_on_save"):
+    for attr in ("_seer_config", "_seer_previous_attn"):
         if hasattr(model, attr):
             delattr(model, attr)
     return model
@@ -204,14 +213,7 @@ def apply_seer_attention(
     model._seer_config = config
     # save_pretrained writes the base model only (gates go through save_gates): a plain from_pretrained of that
     # folder then loads without "unexpected keys".
-    gate_keys = {
-        f"{name}.{key}"
-        for name, mod in model.named_modules()
-        if isinstance(mod, SeerAttnGate)
-        for key in mod.state_dict()
-    }
-    model._seer_ignored_on_save = gate_keys
-    model._keys_to_ignore_on_save = set(getattr(model, "_keys_to_ignore_on_save", None) or ()) | gate_keys
+    model._keys_to_ignore_on_save = set(getattr(model, "_keys_to_ignore_on_save", None) or ()) | _gate_keys(model)
     model.set_attn_implementation(ATTENTION_NAME)
     return model
 

@@ -2,9 +2,9 @@
 
 Prefill (several query tokens, no earlier cache) runs block-sparse with the blocks the layer's gate keeps; decode
 steps (one query token), chunked prefill over an existing cache, sliding-window layers whose window is shorter
-than the prompt, ``dense_layers``, short prompts and training with attention dropout run dense through transformers' own ``sdpa`` function. In
-``distill`` mode the function computes dense attention with the block-max kernel and hands the target map to the
-gate.
+than the prompt, ``dense_layers``, short prompts and training with attention dropout run dense through
+transformers' own ``sdpa`` function. In ``distill`` mode the function computes dense attention with the block-max
+kernel and hands the target map to the gate.
 """
 
 from __future__ import annotations

@@ -7,9 +7,10 @@ How it reaches the codes (the one trick, kept here). In transformers 5.x an atte
 the full-precision part (the exact first "sink" tokens, then the recent window + new tokens) and leaves a
 *pending* record of its codes in a thread-local slot; this function takes that record, checks that it belongs to
 the calling module's ``layer_idx`` and that the key tensor it got is the very tensor ``update`` returned (anything
-else raises: no silent garbage), and computes attention over codes + window. Without a pending record (a ``DynamicCache``, no cache, or a fresh prompt with no
-codes yet) it is exactly ``sdpa``, so prefill stays exact and fast. Works the same on transformers 5.17 and 5.24
-(``update`` gets different extra arguments there, which the layer ignores).
+else raises: no silent garbage), and computes attention over codes + window. Without a pending record (a
+``DynamicCache``, no cache, or a fresh prompt with no codes yet) it is exactly ``sdpa``, so prefill stays exact and
+fast. Works the same on transformers 5.17 and 5.24 (``update`` gets different extra arguments there, which the
+layer ignores).
 
 Example:
     >>> model.set_attn_implementation("million")  # doctest: +SKIP

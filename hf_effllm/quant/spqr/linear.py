@@ -214,21 +214,21 @@ class SpQRLinear(nn.Module):
         w = dequantize_weight(self.packed_tensors(), **{k: v for k, v in self.packed_meta().items()})
         return w if self.perm is None else w[:, torch.argsort(self.perm.long())]
 
-    def _use_triton(self, x: torch.Tensor) -> bool:
+    def _use_triton(self, device: torch.device) -> bool:
         from ...kernels.spqr import HAS_TRITON, fused_supported
 
-        return x.is_cuda and HAS_TRITON and fused_supported(self.bits, self.group_size)
+        return device.type == "cuda" and HAS_TRITON and fused_supported(self.bits, self.group_size)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         from ...kernels.spqr import spqr_matmul
 
-        layout = self.kernel_layout() if self._use_triton(x) else None
+        layout = self.kernel_layout() if self._use_triton(x.device) else None
         with torch.no_grad():
             return spqr_matmul(x, self.packed_tensors(), bias=self.bias, layout=layout, **self.packed_meta())
 
     def dense_weight(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """The dequantized weight (out, in) in the original column order, in ``dtype`` (Triton on CUDA)."""
-        if self._use_triton(torch.empty(0, device=device)):
+        if self._use_triton(torch.device(device)):
             from ...kernels.spqr import spqr_dequantize_triton
 
             with torch.no_grad():

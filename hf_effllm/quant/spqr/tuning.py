@@ -22,7 +22,8 @@ from torch import nn
 from torch.func import functional_call
 
 from .config import SpQRConfig
-from .format import dequantize_weight, unpack_flat
+from .engine import _layer_output
+from .format import dequantize_stats, dequantize_weight, unpack_flat
 
 
 class _TunableWeight:
@@ -54,9 +55,8 @@ class _TunableWeight:
         """The (out, in) weight in the original column order, differentiable in the statistics and outliers."""
         sgs, gs = self.config.stats_group_size, self.config.group_size
         s2 = self.s2 + self.d_s2 * self.s2_ref
-        rows = [s2[..., k].repeat_interleave(sgs, 0)[: self.out] for k in range(4)]
-        scale = (rows[0] * self.scale_codes + rows[1]).repeat_interleave(gs, 1)[:, : self.n]
-        zero = (rows[2] * self.zero_codes + rows[3]).repeat_interleave(gs, 1)[:, : self.n]
+        scale = dequantize_stats(self.scale_codes, s2[..., 0], s2[..., 1], sgs).repeat_interleave(gs, 1)[:, : self.n]
+        zero = dequantize_stats(self.zero_codes, s2[..., 2], s2[..., 3], sgs).repeat_interleave(gs, 1)[:, : self.n]
         w = scale * (self.codes - zero)
         if self.cols.numel():
             w = w.index_put((self.rows, self.cols), self.ov + self.d_ov * self.ov_ref, accumulate=True)
@@ -74,17 +74,6 @@ class _TunableWeight:
             stats_group_size=c.stats_group_size,
         )  # fmt: skip
         return w if self.inverse is None else w[:, self.inverse]
-
-
-def layer_mse(layer: nn.Module, inputs: list[torch.Tensor], kwargs_list: list[dict[str, Any]], targets: list) -> float:
-    """Mean squared difference between ``layer``'s outputs and ``targets`` over the calibration windows."""
-    total = 0.0
-    with torch.no_grad():
-        for x, kw, y in zip(inputs, kwargs_list, targets):
-            out = layer(x, **kw)
-            out = out[0] if isinstance(out, (tuple, list)) else out
-            total += (out.float() - y.float()).square().mean().item()
-    return total / max(1, len(inputs))
 
 
 def tune_layer(
@@ -131,8 +120,7 @@ def tune_layer(
                 for j in torch.randperm(len(inputs), generator=gen).tolist():
                     swap = {f"{sub}.weight": w.weight().to(dtypes[sub]) for sub, w in weights.items()}
                     swap.update({n: v.to(params[n].dtype) for n, v in vectors.items()})
-                    out = functional_call(layer, swap, (inputs[j],), kwargs_list[j])
-                    out = out[0] if isinstance(out, (tuple, list)) else out
+                    out = _layer_output(functional_call(layer, swap, (inputs[j],), kwargs_list[j]))
                     loss = (out.float() - targets[j].float()).square().mean()
                     loss.backward()
                     opt.step()
