@@ -157,3 +157,23 @@ def spawn_gloo(fn: Callable[..., None], args: tuple = (), *, nprocs: int = 2, ti
             for p in ctx.processes:
                 p.join(5)
             raise TimeoutError(f"ranks {alive} of {nprocs} were still running after timeout={timeout} s; killed.")
+
+
+def end_gloo_worker() -> None:
+    """End a gloo test worker whose results are written: wait for every rank, then leave without tearing down.
+
+    Tearing a gloo process group down can deadlock in torch itself: ``~ProcessGroupGloo`` runs with the GIL held and
+    waits for a worker thread that is still releasing a finished all-gather's tensors, which needs the GIL
+    (pytorch/pytorch#190489; seen here about once in twenty DDP runs on a loaded 2-core machine). A test checks its
+    ranks' numbers, not torch's teardown, so after a barrier this flushes the standard streams and calls
+    ``os._exit(0)``. Call it last, after the results are on disk.
+    """
+    import sys
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from hf_effllm.optim import Muon
-from hf_effllm.testing import spawn_gloo, tiny_model
+from hf_effllm.testing import end_gloo_worker, spawn_gloo, tiny_model
 
 pytestmark = pytest.mark.distributed
 
@@ -47,38 +47,36 @@ def _worker(rank: int, mode: str, out: str) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
-    try:
-        model = tiny_model("deepseek_v3").train()
-        if mode == "ddp":
-            wrapped = torch.nn.parallel.DistributedDataParallel(model)
-        else:
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
+    model = tiny_model("deepseek_v3").train()
+    if mode == "ddp":
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
 
-            mesh = init_device_mesh("cpu", (WORLD,))
-            for layer in model.model.layers:
-                fully_shard(layer, mesh=mesh)
-            wrapped = fully_shard(model, mesh=mesh)
-        opt = Muon.from_model(wrapped, lr=LR, weight_decay=0.1)
-        stats = []
-        for ids in _batch():
-            _loss(wrapped, ids).backward()
-            opt.step()
-            opt.zero_grad()
-            stats.append(dict(opt.last_step_stats))
-        state = {}
-        for n, p in model.named_parameters():
-            full = p.full_tensor() if hasattr(p, "full_tensor") else p
-            state[n.removeprefix("module.")] = full.detach().clone()
-        # Muon's state_dict round-trips under DTensor too.
-        sd = opt.state_dict()
-        opt.load_state_dict(sd)
-        if rank == 0:
-            torch.save({"params": state, "stats": stats}, out + f".{rank}")
-        else:
-            torch.save({"stats": stats}, out + f".{rank}")
-    finally:
-        dist.destroy_process_group()
+        mesh = init_device_mesh("cpu", (WORLD,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        wrapped = fully_shard(model, mesh=mesh)
+    opt = Muon.from_model(wrapped, lr=LR, weight_decay=0.1)
+    stats = []
+    for ids in _batch():
+        _loss(wrapped, ids).backward()
+        opt.step()
+        opt.zero_grad()
+        stats.append(dict(opt.last_step_stats))
+    state = {}
+    for n, p in model.named_parameters():
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        state[n.removeprefix("module.")] = full.detach().clone()
+    # Muon's state_dict round-trips under DTensor too.
+    sd = opt.state_dict()
+    opt.load_state_dict(sd)
+    if rank == 0:
+        torch.save({"params": state, "stats": stats}, out + f".{rank}")
+    else:
+        torch.save({"stats": stats}, out + f".{rank}")
+    end_gloo_worker()  # not destroy_process_group(): see its docstring
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])

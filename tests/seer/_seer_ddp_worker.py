@@ -50,6 +50,10 @@ def main() -> None:
             f"{i}.{n}": p.detach().clone() for i, g in seer.gates_of(model).items() for n, p in g.named_parameters()
         }
         torch.save({"state": state, "losses": res.losses}, out_file)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from hf_effllm.testing import end_gloo_worker
+
+        end_gloo_worker()  # not the interpreter's teardown of the process group: see its docstring
 
 
 if __name__ == "__main__":
