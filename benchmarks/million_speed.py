@@ -2,8 +2,10 @@
 
 Sections (all in one run, baseline measured alongside):
 
-1. correctness first: both code-kernel variants (``l1``: per-lane gathers from the L1-cached codebook; ``smem``:
-   packed centroid words gathered from shared memory) against the PyTorch reference on small odd shapes (fp16
+1. correctness first: the code-kernel variants (``l1``: per-lane gathers from the L1-cached codebook; ``smem``:
+   packed centroid words gathered from shared memory with ``tl.gather``; ``cuda``: the NVRTC-compiled kernel of
+   ``kernels/million_cuda.py``, tables stored to shared memory once per block; GPU only, D 64/128, 256 centroids)
+   against the PyTorch reference on small odd shapes (fp16
    and bf16 on the GPU; fp32 and fp16 under the interpreter with ``--quick``); timings of a failing variant are
    flagged;
 2. decode attention, Llama-3-8B attention shape (32 query / 8 KV heads, head_dim 128): one query token over N
@@ -42,6 +44,7 @@ if not __import__("torch").cuda.is_available():
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from hf_effllm.kernels import million_cuda  # noqa: E402
 from hf_effllm.kernels.million import (  # noqa: E402
     _smem_chunks,
     ideal_bytes,
@@ -58,6 +61,7 @@ HQ, HKV, D, K, WINDOW = 32, 8, 128, 256, 128
 SWEEP = {
     "l1": [(32, 4, None), (64, 4, None), (32, 8, None), (16, 4, None)],
     "smem": [(128, 8, None), (128, 8, 2), (64, 8, None), (64, 4, None), (64, 8, 2)],
+    "cuda": [(32, None, None), (32, 8, None), (32, 16, None)],  # warps: default (12 at Lq=1), 8, 16 (spills 36 B)
 }
 
 
@@ -73,29 +77,39 @@ def _inputs(b, hq, hkv, n, r, d, m, k, dtype, dev, seed=0):
     return q, ck, cv, cbk, cbv, rk, rv
 
 
-VARIANTS = ("l1", "smem")
+VARIANTS = ("l1", "smem", "cuda")
+
+
+def _skip(variant, q, ck, cv, cbk, m, d, k) -> bool:
+    """Whether ``variant`` does not take this shape/dtype/device (the others are compared on it)."""
+    if variant == "smem":
+        return _smem_chunks(m, d // m, k, q.element_size()) is None  # e.g. fp32 with DSUB 4 (128-bit centroids)
+    if variant == "cuda":
+        return million_cuda.supports(q, ck, cv, cbk, q.shape[1] // ck.shape[1], q.shape[2]) is not None
+    return False
 
 
 def check(run, dev, quick) -> dict[str, bool]:
     """Both kernel variants against the reference; returns {variant: passed}."""
-    ok_all = dict.fromkeys(VARIANTS, True)
+    ok_all: dict[str, bool] = {}  # only the variants that ran on some shape here
     dtypes = [torch.float32, torch.float16] if dev.type == "cpu" else [torch.float16, torch.bfloat16]
     shapes = [(1, 4, 2, 45, 7, 16, 8, 16), (2, 6, 2, 77, 13, 32, 8, 32), (1, 6, 2, 150, 9, 64, 32, 32)]
     if not quick:
         shapes += [(2, HQ, HKV, 5000, WINDOW, D, 64, K), (2, HQ, HKV, 3001, WINDOW, D, 32, K)]
+        shapes += [(3, 8, 2, 999, 17, 64, 16, K), (1, 16, 1, 2049, 0, D, 64, K)]  # CUDA variant: D 64, 16 rows
     for dtype in dtypes:
         for b, hq, hkv, n, r, d, m, k in shapes:
             q, ck, cv, cbk, cbv, rk, rv = _inputs(b, hq, hkv, n, r, d, m, k, dtype, dev, seed=n)
             cm = torch.rand(b, n, device=dev) > 0.1
             ref = million_attention_reference(q, ck, cv, cbk, cbv, rk, rv, scale=d**-0.5, code_mask=cm, path="lut")
             for variant in VARIANTS:
-                if variant == "smem" and _smem_chunks(m, d // m, k, q.element_size()) is None:
-                    continue  # e.g. fp32 with DSUB 4 (128-bit centroids): the smem kernel does not take it
+                if _skip(variant, q, ck, cv, cbk, m, d, k):
+                    continue
                 out = million_attention(q, ck, cv, cbk, cbv, rk, rv, scale=d**-0.5, code_mask=cm, use_kernel=True,
                                         variant=variant)  # fmt: skip
                 err = float((out.float() - ref.float()).norm() / ref.float().norm())
                 ok = err < (1e-4 if dtype == torch.float32 else 2e-2)
-                ok_all[variant] &= ok
+                ok_all[variant] = ok_all.get(variant, True) and ok
                 run.add(section="check", variant=f"{variant} kernel vs reference {str(dtype)[6:]}", batch=b, tokens=n,
                         rel_err=err, ok=ok, note=f"Hq={hq} Hkv={hkv} D={d} M={m} K={k} window={r}")  # fmt: skip
                 print(f"  check {variant:4s} {str(dtype)[6:]:8s} B={b} N={n} D={d} M={m}: rel_err {err:.2e} "
@@ -126,8 +140,8 @@ def bench_decode(run, dev, quick, ok):
             for bits, m in ((4, d // 2), (2, d // 4)):
                 _, ck, cv, cbk, cbv, rk, rv = _inputs(b, hq, hkv, n, WINDOW, d, m, k, dtype, dev, seed=n)
                 for variant in VARIANTS:
-                    if variant == "smem" and _smem_chunks(m, d // m, k, q.element_size()) is None:
-                        continue  # fp32 with DSUB 4 (the --quick run on the CPU): no smem kernel for it
+                    if _skip(variant, q, ck, cv, cbk, m, d, k):
+                        continue
                     configs = SWEEP[variant] if not quick else [(16, 4, None)]
                     best = None
                     for bn, warps, chunks in configs:
@@ -148,11 +162,15 @@ def bench_decode(run, dev, quick, ok):
                     ib = ideal_bytes(b, hkv, n, d, m)
                     moved = ib["code_bytes"] + 2 * rk.numel() * rk.element_size()
                     ms, bn, warps, chunks = best
-                    note = f"M={m} block_n={bn} warps={warps}" + (f" chunks={chunks or 'default'}" if variant == "smem"
-                                                                 else "")  # fmt: skip
+                    if variant == "cuda":
+                        note = f"M={m} warps={warps or million_cuda.num_warps(q.shape[1] // hkv)}"
+                    else:
+                        note = f"M={m} block_n={bn} warps={warps}" + (
+                            f" chunks={chunks or 'default'}" if variant == "smem" else ""
+                        )
                     run.add(section="decode", variant=f"MILLION {bits}-bit ({variant})", batch=b, tokens=n, ms=ms,
                             tbps=moved / ms / 1e9, bytes=moved, speedup=base / ms,
-                            note=note + ("" if ok[variant] else "; FAILED correctness"))  # fmt: skip
+                            note=note + ("" if ok.get(variant, False) else "; FAILED or unchecked correctness"))  # fmt: skip
                     print(f"    {bits}-bit {variant:4s}: {ms:.4f} ms  x{base / ms:.2f} vs sdpa  "
                           f"({moved / ms / 1e9:.2f} TB/s, {note})")  # fmt: skip
                 del ck, cv, rk, rv

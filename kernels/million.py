@@ -749,7 +749,7 @@ def pq_encode(
     return out
 
 
-VARIANTS = ("l1", "smem")
+VARIANTS = ("l1", "smem", "cuda")
 DEFAULT_VARIANT = "smem"  # what variant=None picks where the smem kernel supports the shape (else "l1")
 _WORD_DTYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 _TABLES: dict[int, tuple] = {}  # id(codebook) -> (weakref, version, shape, dtype, packed table)
@@ -873,8 +873,10 @@ def million_attention(
         use_kernel: force (True) or forbid (False) the Triton path; default: Triton where it can run.
         variant: which code kernel: ``"l1"`` gathers the centroids with per-lane loads from the L1-cached
             codebook, ``"smem"`` gathers packed centroid words from shared memory (``tl.gather``; needs
-            ``DSUB * element bytes`` of 2, 4 or 8 and ``M / chunks * DSUB >= 16``). None: ``DEFAULT_VARIANT``
-            where it supports the shape, else ``"l1"``.
+            ``DSUB * element bytes`` of 2, 4 or 8 and ``M / chunks * DSUB >= 16``), ``"cuda"`` is the CUDA
+            kernel of :mod:`kernels.million_cuda` (compiled at run time; both tables in shared memory once per
+            block; float16/bfloat16, DSUB 2 or 4, 256 centroids, ``GQ * Lq <= 16``; raises where it does not
+            apply). None: ``DEFAULT_VARIANT`` where it supports the shape, else ``"l1"``.
         chunks: smem variant only: subspace chunks (1, 2 or 4) gathered one after the other (default: 16
             subspaces per chunk).
 
@@ -930,7 +932,7 @@ def million_attention(
             raise HfEffllmError(f"{name}.dtype={t.dtype} differs from q.dtype={q.dtype}; cast them to one dtype.")
 
     if variant not in (None, *VARIANTS):
-        raise HfEffllmError(f"variant={variant!r} is not known; use 'l1', 'smem' or None (default).")
+        raise HfEffllmError(f"variant={variant!r} is not known; use 'l1', 'smem', 'cuda' or None (default).")
     if chunks is not None and chunks not in (1, 2, 4):
         raise HfEffllmError(f"chunks={chunks} is not supported; use 1, 2 or 4 (or None for the default).")
     gq = hq // hkv
@@ -953,10 +955,22 @@ def million_attention(
         q = q.contiguous()
     cbk, cbv = codebook_k.contiguous(), codebook_v.contiguous()
     interp = _interpreting()
-    variant, bn, warps, smem_chunks = _launch_config(
-        variant, rows, d, m, dsub, k, q.element_size(), interp, block_n, num_warps, chunks
-    )
-    splits = num_splits or (_num_splits(n, b * hkv, bn, q.device) if n > 0 else 0)
+    if variant == "cuda":
+        from . import million_cuda
+
+        why = million_cuda.supports(q, codes_k, codes_v, cbk, gq, lq)
+        if why is not None:
+            raise HfEffllmError(f"variant='cuda' does not run here: {why}. Use variant='smem' or 'l1'.")
+        bn, warps, smem_chunks = 32, None, None
+    else:
+        variant, bn, warps, smem_chunks = _launch_config(
+            variant, rows, d, m, dsub, k, q.element_size(), interp, block_n, num_warps, chunks
+        )
+    if variant == "cuda":  # one block per SM (shared memory), all in one wave
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+        splits = num_splits or (max(1, sms // (b * hkv)) if n > 0 else 0)
+    else:
+        splits = num_splits or (_num_splits(n, b * hkv, bn, q.device) if n > 0 else 0)
     splits = min(splits, max(1, triton.cdiv(n, bn))) if n > 0 else 0
     part_o = torch.empty(b * hkv * max(splits, 1) * rows * d, dtype=torch.float32, device=q.device)
     part_m = torch.empty(b * hkv * max(splits, 1) * rows, dtype=torch.float32, device=q.device)
@@ -965,7 +979,16 @@ def million_attention(
     if splits > 0:
         split_len = triton.cdiv(triton.cdiv(n, splits), bn) * bn
         splits = triton.cdiv(n, split_len)
-    if splits > 0 and variant == "smem":
+    if splits > 0 and variant == "cuda":
+        from .million_cuda import million_codes_cuda
+
+        million_codes_cuda(
+            q, codes_k, codes_v, _packed_table(cbk), _packed_table(cbv),
+            cm if code_mask is not None else None, part_o, part_m, part_l,
+            n=n, split_len=split_len, splits=splits, scale=float(scale), hkv=hkv, gq=gq, lq=lq, per_head=g > 1,
+            nwarps=num_warps,
+        )  # fmt: skip
+    elif splits > 0 and variant == "smem":
         tk, tv = _packed_table(cbk), _packed_table(cbv)
         _million_codes_smem_kernel[(b * hkv, splits)](
             q, codes_k, codes_v, tk, tv, cm, part_o, part_m, part_l,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import pytest
 import torch
 from hf_effllm.kernels.million import (
@@ -155,3 +158,50 @@ def test_bf16_kernels_on_gpu(variant, m, k):
                             use_kernel=True, variant=variant)  # fmt: skip
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "b,hq,hkv,lq,n,r,d,m,g,masks",
+    [
+        (2, 8, 2, 1, 3001, 128, 128, 64, 2, True),  # 4 bits, per-head codebooks, masks, N not a multiple of 32
+        (1, 32, 8, 1, 5000, 128, 128, 32, 1, False),  # 2 bits (DSUB 4), Llama-3 GQA
+        (3, 4, 4, 3, 77, 9, 64, 32, 1, True),  # GQ 1 x Lq 3, D 64
+        (1, 16, 1, 1, 1000, 0, 128, 64, 1, True),  # 16 query rows (8 warps), no window
+        (2, 6, 2, 1, 31, 5, 64, 16, 2, False),  # fewer codes than one warp's tile, M = 16 (half the lanes)
+    ],
+)
+def test_cuda_variant_matches_reference_on_gpu(dtype, b, hq, hkv, lq, n, r, d, m, g, masks):
+    args = _inputs(b, hq, hkv, lq, n, r, d, m, 256, g, dtype, seed=n, masks=masks)
+    q, ck, cv, cbk, cbv, rk, rv, cm, rm = (t.cuda() if t is not None else None for t in args)
+    ref = million_attention_reference(q.float(), ck, cv, cbk.float(), cbv.float(), rk.float(), rv.float(),
+                                      scale=d**-0.5, code_mask=cm, res_mask=rm)  # fmt: skip
+    for splits in (None, 3):
+        out = million_attention(q, ck, cv, cbk, cbv, rk, rv, scale=d**-0.5, code_mask=cm, res_mask=rm,
+                                use_kernel=True, variant="cuda", num_splits=splits)  # fmt: skip
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_cuda_variant_refuses_what_it_cannot_run():
+    q, ck, cv, cbk, cbv, rk, rv, cm, rm = _inputs(1, 4, 2, 1, 40, 3, 16, 8, 16, 1, torch.float16)
+    with pytest.raises(HfEffllmError, match="variant='cuda' does not run here"):
+        million_attention(q, ck, cv, cbk, cbv, rk, rv, scale=0.25, use_kernel=True, variant="cuda")
+    with pytest.raises(HfEffllmError, match="'cuda'"):
+        million_attention(q, ck, cv, cbk, cbv, rk, rv, scale=0.25, use_kernel=True, variant="cudnn")
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA compiler) on PATH")
+@pytest.mark.parametrize("d,m,gq,lq,bf16", [(128, 64, 4, 1, True), (128, 32, 8, 2, False), (64, 16, 2, 1, True)])
+def test_cuda_source_compiles_for_sm90_without_spills(tmp_path, d, m, gq, lq, bf16):
+    """The generated source compiles for the H200 (sm_90) with no register spills (no GPU needed)."""
+    from hf_effllm.kernels.million_cuda import cuda_source, num_warps
+
+    src = tmp_path / "k.cu"
+    src.write_text(cuda_source(d=d, m=m, gq=gq, lq=lq, hkv=2, bf16=bf16, per_head=True, has_mask=True,
+                               nwarps=num_warps(gq * lq)))  # fmt: skip
+    res = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin"), str(src)],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "0 bytes spill stores" in res.stderr, res.stderr[-3000:]

@@ -1,0 +1,473 @@
+"""MILLION decode over PQ codes as a CUDA kernel compiled at run time (NVRTC, through torch): ``variant="cuda"``.
+
+Why a CUDA kernel next to the Triton ones: decode over codes is bound by the per-(token, subspace) centroid
+gathers, not by HBM bytes (module docstring of :mod:`kernels.million`). A gather served by shared memory costs one
+wavefront when the 32 lanes of a warp hit 32 different banks; Triton has no per-lane shared-memory indexing except
+``tl.gather``, which stores its table to shared memory again on every call (1 KiB of table stores per token at
+4 bits). Here the two codebook tables are stored to shared memory once per block and every gather is one
+``ld.shared``.
+
+Layout (per block: one (batch, KV head, split of the codes); 8-16 warps, each owning 32 tokens per step):
+
+* shared memory: the K table, code-major and XOR-swizzled (word of centroid ``c`` of subspace ``m`` at
+  ``c * M + (m ^ (c & SWZ))``), and the V table, code-major and plain (``c * M + m``): 256 x D x 4 B = 128 KiB at
+  D=128 for both; per warp a 32 x 16 probability tile, 16 rescale factors and a 32 x M tile of value codes.
+* scores on the tensor cores: ``mma.m16n8k16`` with the (up to 16) query rows of the KV group as the A operand,
+  held in registers for the whole kernel, and the centroid words gathered straight into the B fragments (no
+  decoded key tile is written anywhere). The head dimension is permuted consistently in A and B so that each
+  thread's subspaces are ``M/4`` consecutive code bytes of its token: one 16-byte load of codes per token
+  and thread at 4 bits. Lanes of one gather share four subspaces across eight tokens, so the bank is randomised by
+  the swizzle: about 3.5 wavefronts per gather instruction instead of 8 or 16.
+* online softmax per warp and 32-token tile (rows are spread over groups of four lanes, two shuffles per reduction).
+* values on the CUDA cores: lane ``l`` owns subspaces ``l, l + 32, ...`` (one conflict-free gather per token and
+  subspace: the bank is ``m % 32``), multiplies the centroid by the tile's probabilities (a broadcast read) and
+  accumulates ``GQ * Lq x DSUB`` values per subspace in registers.
+* the warps' (max, sum, accumulator) are merged in shared memory at the end; the block writes one partial per
+  query row in the layout of the Triton kernels, so the same merge kernel adds the full-precision window.
+
+Bytes and gathers per cached token and KV head at 4 bits, D=128: 128 HBM bytes of codes (K and V), 64 K gathers
+(~3.5 wavefronts per 32) and 64 V gathers (1 wavefront per 32), 4 ``mma`` per 8 tokens per 16 dimensions.
+
+Supported: float16/bfloat16, ``DSUB`` 2 or 4 (4 and 2 bits at D = 2M, 4M), 256 centroids, D in (64, 128),
+``GQ * Lq <= 16``, codes rows 16-byte aligned; :func:`supports` says whether a call qualifies, and
+:func:`kernels.million.million_attention` falls back to the Triton kernels otherwise. The PyTorch reference of the
+same function is :func:`kernels.million.million_attention_reference`.
+
+Example:
+    >>> out = million_attention(q, ck, cv, cbk, cbv, rk, rv, scale=D**-0.5, variant="cuda")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from hf_effllm.errors import HfEffllmError
+
+__all__ = ["available", "cuda_source", "million_codes_cuda", "num_warps", "smem_bytes", "supports"]
+
+NWARPS = 16  # the most warps a block may have (the final merge reuses the tables' shared memory)
+ROWS = 16  # query rows per KV head in the partials (the mma's M dimension)
+
+
+def num_warps(rows: int) -> int:
+    """Default warps per block for ``rows = GQ * Lq`` query rows, the most that compile without register spills
+    (ptxas 13.0, sm_90, with masks and per-head codebooks): 12 up to 4 rows (144 registers), else 8 (up to 174)."""
+    return 12 if rows <= 4 else 8
+
+
+_SOURCE = r"""
+#define D_ {D}
+#define M_ {M}
+#define DSUB {DSUB}
+#define GQ {GQ}
+#define LQ {LQ}
+#define NQ (GQ * LQ)
+#define HKV {HKV}
+#define NWARPS {NWARPS}
+#define IS_BF16 {IS_BF16}
+#define PER_HEAD {PER_HEAD}
+#define HAS_MASK {HAS_MASK}
+#define KC 256
+#define WPS (DSUB / 2)
+#define CB (M_ / 4)
+#define KS (D_ / 16)
+#define MV ((M_ + 31) / 32)
+#define SWZ (((M_ < 32 / WPS) ? M_ : (32 / WPS)) - 1)
+#define NEG_INF (-__int_as_float(0x7f800000))
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+
+__device__ __forceinline__ float lo_f(u32 w) {
+#if IS_BF16
+    return __uint_as_float(w << 16);
+#else
+    float f;
+    asm("{ .reg .b16 l, h; mov.b32 {l, h}, %1; cvt.f32.f16 %0, l; }" : "=f"(f) : "r"(w));
+    return f;
+#endif
+}
+
+__device__ __forceinline__ float hi_f(u32 w) {
+#if IS_BF16
+    return __uint_as_float(w & 0xffff0000u);
+#else
+    float f;
+    asm("{ .reg .b16 l, h; mov.b32 {l, h}, %1; cvt.f32.f16 %0, h; }" : "=f"(f) : "r"(w));
+    return f;
+#endif
+}
+
+__device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
+#if IS_BF16
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+#else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+#endif
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ u32 code_byte(const u32* cw, int i) { return (cw[i >> 2] >> ((i & 3) * 8)) & 255u; }
+
+extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_cuda(
+    const u16* __restrict__ q, const u8* __restrict__ ck, const u8* __restrict__ cv,
+    const u32* __restrict__ tk, const u32* __restrict__ tv, const signed char* __restrict__ cmask,
+    float* __restrict__ po, float* __restrict__ pm, float* __restrict__ pl,
+    int n_codes, int split_len, int num_splits, double scale_d,
+    int sq_b, int sq_h, int sq_l, int sc_b, int sc_h, int sc_n, int scv_b, int scv_h, int scv_n,
+    int stab_g, int smask_b) {
+    extern __shared__ __align__(16) u32 smem[];
+    u32* sK = smem;
+    u32* sV = sK + KC * M_ * WPS;
+    float* tiles = (float*)(sV + KC * M_ * WPS);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    float* pS = tiles + warp * (32 * 16 + 16);  // probabilities [32 tokens][16 rows], then 16 rescale factors
+    float* aS = pS + 32 * 16;
+    u8* cvS = (u8*)(tiles + NWARPS * (32 * 16 + 16)) + warp * 32 * M_;
+
+    const int bh = blockIdx.x, sp = blockIdx.y;
+    const int b = bh / HKV, h = bh % HKV;
+    const u32* tkb = tk + (PER_HEAD ? (long long)h * stab_g * WPS : 0);
+    const u32* tvb = tv + (PER_HEAD ? (long long)h * stab_g * WPS : 0);
+    for (int i = threadIdx.x; i < KC * M_; i += NWARPS * 32) {
+        const int c = i / M_, m = i % M_;
+        const int dst = c * M_ + (m ^ (c & SWZ));
+#if WPS == 1
+        sK[dst] = tkb[i];
+        sV[i] = tvb[i];
+#else
+        ((uint2*)sK)[dst] = ((const uint2*)tkb)[i];
+        ((uint2*)sV)[i] = ((const uint2*)tvb)[i];
+#endif
+    }
+
+    // A fragments: the query rows (row r = li * GQ + jh) with the head dimension permuted so that thread t4's
+    // subspaces in k-slice ks are the code bytes t4 * CB + ...: DSUB 2: m = t4*CB + 2ks + khi, dim 2m + e;
+    // DSUB 4: m = t4*CB + ks, dim 4m + 2khi + e (khi: k >= 8 within the slice, e: the pair element).
+    const int g = lane >> 2, t4 = lane & 3;
+    u32 afr[KS][4];
+    #pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+        #pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int row = g + (j & 1) * 8, khi = j >> 1;
+#if DSUB == 2
+            const int dim = 2 * (t4 * CB + 2 * ks + khi);
+#else
+            const int dim = 4 * (t4 * CB + ks) + 2 * khi;
+#endif
+            u32 v = 0;
+            if (row < NQ) {
+                const u16* qr = q + (long long)b * sq_b + (long long)(h * GQ + row % GQ) * sq_h + (long long)(row / GQ) * sq_l;
+                v = (u32)qr[dim] | ((u32)qr[dim + 1] << 16);
+            }
+            afr[ks][j] = v;
+        }
+    }
+    __syncthreads();
+
+    const float scale = (float)scale_d;
+    const long long ckb = (long long)b * sc_b + (long long)h * sc_h;
+    const long long cvb = (long long)b * scv_b + (long long)h * scv_h;
+    const int start = sp * split_len;
+    const int end = min(start + split_len, n_codes);
+    float m_r[2] = {NEG_INF, NEG_INF}, l_r[2] = {0.f, 0.f};
+    float acc[NQ][MV][DSUB];
+    #pragma unroll
+    for (int r = 0; r < NQ; ++r)
+        #pragma unroll
+        for (int mv = 0; mv < MV; ++mv)
+            #pragma unroll
+            for (int e = 0; e < DSUB; ++e) acc[r][mv][e] = 0.f;
+
+    for (int t0 = start + warp * 32; t0 < end; t0 += NWARPS * 32) {
+        // value codes of the 32 tokens -> shared memory (16-byte loads)
+        for (int ci = lane; ci < 32 * (M_ / 16); ci += 32) {
+            const int tok = ci / (M_ / 16), part = ci % (M_ / 16);
+            uint4 w;
+            w.x = w.y = w.z = w.w = 0u;
+            if (t0 + tok < end) w = *(const uint4*)(cv + cvb + (long long)(t0 + tok) * scv_n + part * 16);
+            *(uint4*)(cvS + tok * M_ + part * 16) = w;
+        }
+        // scores of 16 rows x 32 tokens: four n-tiles of 8 tokens
+        float s[4][4];
+        #pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+            const int tok = t0 + nt * 8 + g;
+            u32 cw[CB / 4];
+            #pragma unroll
+            for (int i = 0; i < CB / 4; ++i) cw[i] = 0u;
+            if (tok < end) {
+                const u8* src = ck + ckb + (long long)tok * sc_n + t4 * CB;
+#if CB == 16
+                const uint4 w = *(const uint4*)src;
+                cw[0] = w.x; cw[1] = w.y; cw[2] = w.z; cw[3] = w.w;
+#elif CB == 8
+                const uint2 w = *(const uint2*)src;
+                cw[0] = w.x; cw[1] = w.y;
+#else
+                cw[0] = *(const u32*)src;
+#endif
+            }
+            float c[4] = {0.f, 0.f, 0.f, 0.f};
+            #pragma unroll
+            for (int ks = 0; ks < KS; ++ks) {
+#if DSUB == 2
+                const u32 c0 = code_byte(cw, 2 * ks), c1 = code_byte(cw, 2 * ks + 1);
+                const int m0 = t4 * CB + 2 * ks;
+                const u32 b0 = sK[c0 * M_ + ((m0) ^ (c0 & SWZ))];
+                const u32 b1 = sK[c1 * M_ + ((m0 + 1) ^ (c1 & SWZ))];
+#else
+                const u32 c0 = code_byte(cw, ks);
+                const int m0 = t4 * CB + ks;
+                const uint2 w = ((const uint2*)sK)[c0 * M_ + (m0 ^ (c0 & SWZ))];
+                const u32 b0 = w.x, b1 = w.y;
+#endif
+                mma16816(c, afr[ks], b0, b1);
+            }
+            #pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int tk = t0 + nt * 8 + t4 * 2 + e;
+                bool ok = tk < end;
+#if HAS_MASK
+                if (ok) ok = cmask[(long long)b * smask_b + tk] != 0;
+#endif
+                s[nt][e] = ok ? c[e] * scale : NEG_INF;
+                s[nt][2 + e] = ok ? c[2 + e] * scale : NEG_INF;
+            }
+        }
+        // online softmax: this thread holds rows g and g + 8, tokens nt * 8 + t4 * 2 + e
+        #pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+            float mx = NEG_INF;
+            #pragma unroll
+            for (int nt = 0; nt < 4; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * rr], s[nt][2 * rr + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float m_new = fmaxf(m_r[rr], mx);
+            const float m_safe = m_new == NEG_INF ? 0.f : m_new;
+            const float alpha = __expf(m_r[rr] - m_safe);
+            float sum = 0.f;
+            #pragma unroll
+            for (int nt = 0; nt < 4; ++nt)
+                #pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const float p = __expf(s[nt][2 * rr + e] - m_safe);
+                    sum += p;
+                    pS[(nt * 8 + t4 * 2 + e) * 16 + g + 8 * rr] = p;
+                }
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            l_r[rr] = l_r[rr] * alpha + sum;
+            m_r[rr] = m_new;
+            if (t4 == 0) aS[g + 8 * rr] = alpha;
+        }
+        __syncwarp();
+        // values: lane owns subspaces lane + 32 mv
+        #pragma unroll
+        for (int r = 0; r < NQ; ++r) {
+            const float a = aS[r];
+            #pragma unroll
+            for (int mv = 0; mv < MV; ++mv)
+                #pragma unroll
+                for (int e = 0; e < DSUB; ++e) acc[r][mv][e] *= a;
+        }
+        const int ntok = min(32, end - t0);
+        for (int j = 0; j < ntok; ++j) {
+            float p[NQ];
+            #pragma unroll
+            for (int r = 0; r < NQ; ++r) p[r] = pS[j * 16 + r];
+            #pragma unroll
+            for (int mv = 0; mv < MV; ++mv) {
+                const int m = lane + 32 * mv;
+                if (M_ >= 32 || m < M_) {
+                    const u32 code = cvS[j * M_ + m];
+                    float v[DSUB];
+#if WPS == 1
+                    const u32 w = sV[code * M_ + m];
+                    v[0] = lo_f(w); v[1] = hi_f(w);
+#else
+                    const uint2 w = ((const uint2*)sV)[code * M_ + m];
+                    v[0] = lo_f(w.x); v[1] = hi_f(w.x); v[2] = lo_f(w.y); v[3] = hi_f(w.y);
+#endif
+                    #pragma unroll
+                    for (int r = 0; r < NQ; ++r)
+                        #pragma unroll
+                        for (int e = 0; e < DSUB; ++e) acc[r][mv][e] = fmaf(p[r], v[e], acc[r][mv][e]);
+                }
+            }
+        }
+        __syncwarp();
+    }
+
+    // merge the warps: accumulators [NWARPS][16][D] over the tables, maxima and sums after them
+    __syncthreads();
+    float* red = (float*)smem;
+    float* redM = red + NWARPS * 16 * D_;
+    float* redL = redM + NWARPS * 16;
+    #pragma unroll
+    for (int r = 0; r < NQ; ++r)
+        #pragma unroll
+        for (int mv = 0; mv < MV; ++mv) {
+            const int m = lane + 32 * mv;
+            if (M_ >= 32 || m < M_) {
+                #pragma unroll
+                for (int e = 0; e < DSUB; ++e) red[(warp * 16 + r) * D_ + m * DSUB + e] = acc[r][mv][e];
+            }
+        }
+    if (t4 == 0) {
+        #pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+            redM[warp * 16 + g + 8 * rr] = m_r[rr];
+            redL[warp * 16 + g + 8 * rr] = l_r[rr];
+        }
+    }
+    __syncthreads();
+    const long long part = ((long long)bh * num_splits + sp) * 16;
+    for (int idx = threadIdx.x; idx < 16 * D_; idx += NWARPS * 32) {
+        const int r = idx / D_, d = idx % D_;
+        if (r < NQ) {
+            float mx = NEG_INF;
+            for (int w = 0; w < NWARPS; ++w) mx = fmaxf(mx, redM[w * 16 + r]);
+            const float m_safe = mx == NEG_INF ? 0.f : mx;
+            float o = 0.f, l = 0.f;
+            for (int w = 0; w < NWARPS; ++w) {
+                const float f = __expf(redM[w * 16 + r] - m_safe);
+                o += red[(w * 16 + r) * D_ + d] * f;
+                l += redL[w * 16 + r] * f;
+            }
+            po[(part + r) * D_ + d] = o;
+            if (d == 0) {
+                pm[part + r] = mx;
+                pl[part + r] = l;
+            }
+        } else {
+            po[(part + r) * D_ + d] = 0.f;
+            if (d == 0) {
+                pm[part + r] = NEG_INF;
+                pl[part + r] = 0.f;
+            }
+        }
+    }
+}
+"""
+
+
+def cuda_source(
+    *, d: int, m: int, gq: int, lq: int, hkv: int, bf16: bool, per_head: bool, has_mask: bool, nwarps: int = NWARPS
+) -> str:
+    """The kernel's CUDA source for one shape (constants baked in, like Triton's ``constexpr``)."""
+    return (
+        _SOURCE.replace("{D}", str(d))
+        .replace("{M}", str(m))
+        .replace("{DSUB}", str(d // m))
+        .replace("{GQ}", str(gq))
+        .replace("{LQ}", str(lq))
+        .replace("{HKV}", str(hkv))
+        .replace("{NWARPS}", str(nwarps))
+        .replace("{IS_BF16}", str(int(bf16)))
+        .replace("{PER_HEAD}", str(int(per_head)))
+        .replace("{HAS_MASK}", str(int(has_mask)))
+    )
+
+
+def smem_bytes(d: int, m: int, nwarps: int = NWARPS) -> int:
+    """Dynamic shared memory of one block: both tables, the per-warp probability and value-code tiles."""
+    return 2 * 256 * d * 2 + nwarps * (32 * 16 + 16) * 4 + nwarps * 32 * m
+
+
+def available() -> bool:
+    """Whether this torch can compile CUDA source at run time (NVRTC through ``torch.cuda._compile_kernel``)."""
+    return torch.cuda.is_available() and hasattr(torch.cuda, "_compile_kernel")
+
+
+def supports(
+    q: torch.Tensor, codes_k: torch.Tensor, codes_v: torch.Tensor, codebook_k: torch.Tensor, gq: int, lq: int
+) -> str | None:
+    """None when the CUDA kernel handles these inputs, else the reason it does not."""
+    if not available() or q.device.type != "cuda":
+        return "needs CUDA and torch.cuda._compile_kernel (torch >= 2.8)"
+    _, _, k, dsub = codebook_k.shape
+    d = q.shape[-1]
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"q.dtype={q.dtype}; the CUDA kernel takes float16 or bfloat16"
+    if k != 256 or dsub not in (2, 4) or d not in (64, 128):
+        return f"K={k}, DSUB={dsub}, D={d}; the CUDA kernel takes K=256, DSUB 2 or 4, D 64 or 128"
+    if gq * lq > ROWS:
+        return f"GQ * Lq = {gq * lq} query rows per KV head; the CUDA kernel takes at most {ROWS}"
+    for name, c in (("codes_k", codes_k), ("codes_v", codes_v)):
+        if c.stride(-1) != 1 or any(st % 16 for st in c.stride()[:3]) or c.data_ptr() % 16:
+            return f"{name} rows are not 16-byte aligned"
+    if any(s >= 2**31 for c in (codes_k, codes_v) for s in c.stride()[:3]):
+        return "code strides do not fit 32 bits"
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(source: str, smem: int, device_index: int):
+    with torch.cuda.device(device_index):
+        kernel = torch.cuda._compile_kernel(source, "million_codes_cuda")
+        kernel.set_shared_memory_config(smem)
+    return kernel
+
+
+def million_codes_cuda(
+    q: torch.Tensor,
+    codes_k: torch.Tensor,
+    codes_v: torch.Tensor,
+    table_k: torch.Tensor,
+    table_v: torch.Tensor,
+    code_mask: torch.Tensor | None,
+    part_o: torch.Tensor,
+    part_m: torch.Tensor,
+    part_l: torch.Tensor,
+    *,
+    n: int,
+    split_len: int,
+    splits: int,
+    scale: float,
+    hkv: int,
+    gq: int,
+    lq: int,
+    per_head: bool,
+    nwarps: int | None = None,
+) -> None:
+    """Write the per-split partials (output, max, sum; ``ROWS`` rows per (batch, KV head, split)) of the codes.
+
+    ``table_k``/``table_v`` are the packed code-major tables of :func:`kernels.million._packed_table`; the other
+    arguments are those of the Triton code kernels; ``nwarps`` (1-16) overrides :func:`num_warps`. Callers check
+    :func:`supports` first.
+    """
+    b = q.shape[0]
+    d = q.shape[-1]
+    m = codes_k.shape[-1]
+    if part_o.numel() < b * hkv * splits * ROWS * d:
+        raise HfEffllmError(f"part_o holds {part_o.numel()} floats; need {b * hkv * splits * ROWS * d}.")
+    warps = nwarps or num_warps(gq * lq)
+    if not 1 <= warps <= NWARPS:
+        raise HfEffllmError(f"nwarps={nwarps} is out of range; use 1 to {NWARPS} (or None for the default).")
+    src = cuda_source(
+        d=d, m=m, gq=gq, lq=lq, hkv=hkv, bf16=q.dtype == torch.bfloat16, per_head=per_head,
+        has_mask=code_mask is not None, nwarps=warps,
+    )  # fmt: skip
+    smem = smem_bytes(d, m, warps)
+    kernel = _compiled(src, smem, q.device.index if q.device.index is not None else torch.cuda.current_device())
+    cm = code_mask if code_mask is not None else part_m
+    kernel(
+        grid=(b * hkv, splits, 1),
+        block=(warps * 32, 1, 1),
+        args=[
+            q, codes_k, codes_v, table_k, table_v, cm, part_o, part_m, part_l,
+            int(n), int(split_len), int(splits), float(scale),
+            q.stride(0), q.stride(1), q.stride(2),
+            codes_k.stride(0), codes_k.stride(1), codes_k.stride(2),
+            codes_v.stride(0), codes_v.stride(1), codes_v.stride(2),
+            table_k.stride(0) if per_head else 0, cm.stride(0) if code_mask is not None else 0,
+        ],
+        shared_mem=smem,
+    )  # fmt: skip
