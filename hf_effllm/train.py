@@ -144,23 +144,39 @@ def _peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # process peak RSS on Linux
 
 
-def _decode_tokens_per_s(model: torch.nn.Module, tokens: int, context: int, repeats: int = 3) -> float:
-    """Greedy decoding speed (tokens/s, batch 1, eager): median of ``repeats`` timed runs after a full-length warm-up."""
+def generate_seconds(model: torch.nn.Module, *, batch: int, context: int, tokens: int, seed: int = 0) -> float:
+    """Wall-clock seconds of one greedy ``generate`` of exactly ``tokens`` new tokens after ``batch`` random prompts of
+    ``context`` tokens (eager, default cache; CUDA synchronized before and after).
+
+    Example:
+        >>> seconds = generate_seconds(model, batch=1, context=128, tokens=64)  # doctest: +SKIP
+    """
     device = next(model.parameters()).device
-    ids = torch.randint(0, model.config.vocab_size, (1, context), device=device)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=gen).to(device)
     kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
-    times = []
     with torch.no_grad():
-        for i in range(repeats + 1):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            model.generate(ids, **kwargs)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i:  # the first run is the warm-up
-                times.append(time.perf_counter() - start)
-    return tokens / statistics.median(times)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def decode_tokens_per_s(
+    model: torch.nn.Module, tokens: int, context: int, *, batch: int = 1, repeats: int = 3
+) -> float:
+    """Greedy decoding speed in generated tokens/s over the batch: median of ``repeats`` timed
+    :func:`generate_seconds` runs after one full-length warm-up.
+
+    Example:
+        >>> decode_tokens_per_s(model, 64, 128)  # doctest: +SKIP
+    """
+    generate_seconds(model, batch=batch, context=context, tokens=tokens)  # warm-up
+    times = [generate_seconds(model, batch=batch, context=context, tokens=tokens) for _ in range(repeats)]
+    return batch * tokens / statistics.median(times)
 
 
 def run_recipe(recipe: TrainRecipe, *, callbacks: list[Any] | None = None, progress: bool = True) -> dict[str, Any]:
@@ -227,7 +243,7 @@ def run_recipe(recipe: TrainRecipe, *, callbacks: list[Any] | None = None, progr
         "peak_memory_mib": round(peak / 2**20, 1),
         "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
         "train_tokens_per_s": round(nsamples * recipe.seq_len / train_seconds, 1),
-        "decode_tokens_per_s": round(_decode_tokens_per_s(model, recipe.decode_tokens, 128), 1)
+        "decode_tokens_per_s": round(decode_tokens_per_s(model, recipe.decode_tokens, 128), 1)
         if recipe.decode_tokens
         else None,
         "device": str(device),
