@@ -46,6 +46,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from hf_effllm.kernels import million_cuda  # noqa: E402
 from hf_effllm.kernels.million import (  # noqa: E402
+    _packed_table,
     _smem_chunks,
     ideal_bytes,
     million_attention,
@@ -173,7 +174,48 @@ def bench_decode(run, dev, quick, ok):
                             note=note + ("" if ok.get(variant, False) else "; FAILED or unchecked correctness"))  # fmt: skip
                     print(f"    {bits}-bit {variant:4s}: {ms:.4f} ms  x{base / ms:.2f} vs sdpa  "
                           f"({moved / ms / 1e9:.2f} TB/s, {note})")  # fmt: skip
+                    if variant == "cuda":  # where the time goes: the codes kernel alone (no window, no merge)
+                        codes_ms = _cuda_codes_only_ms(q, ck, cv, cbk, cbv, d, warps)
+                        run.add(section="decode", variant=f"MILLION {bits}-bit (cuda, codes kernel only)", batch=b,
+                                tokens=n, ms=codes_ms, tbps=ib["code_bytes"] / codes_ms / 1e9,
+                                bytes=ib["code_bytes"], speedup=base / codes_ms, note=note)  # fmt: skip
+                        print(f"    {bits}-bit cuda codes kernel only: {codes_ms:.4f} ms")
                 del ck, cv, rk, rv
+
+
+def _cuda_codes_only_ms(q, ck, cv, cbk, cbv, d, warps) -> float:
+    """Time of the CUDA codes kernel alone, with the splits ``million_attention`` would use."""
+    b, hq = q.shape[:2]
+    hkv, n = ck.shape[1], ck.shape[2]
+    splits, split_len = million_cuda.split_plan(n, b * hkv, q.device)
+    po = torch.empty(b * hkv * splits * million_cuda.ROWS * d, dtype=torch.float32, device=q.device)
+    pm = torch.empty(b * hkv * splits * million_cuda.ROWS, dtype=torch.float32, device=q.device)
+    pl = torch.empty_like(pm)
+    tk, tv = _packed_table(cbk), _packed_table(cbv)
+    return time_ms(
+        lambda: million_cuda.million_codes_cuda(
+            q,
+            ck,
+            cv,
+            tk,
+            tv,
+            None,
+            po,
+            pm,
+            pl,
+            n=n,
+            split_len=split_len,
+            splits=splits,
+            scale=d**-0.5,
+            hkv=hkv,
+            gq=hq // hkv,
+            lq=1,
+            per_head=False,
+            nwarps=warps,
+        ),
+        warmup=25,
+        rep=100,
+    )
 
 
 def bench_encode(run, dev, quick):

@@ -966,19 +966,20 @@ def million_attention(
         variant, bn, warps, smem_chunks = _launch_config(
             variant, rows, d, m, dsub, k, q.element_size(), interp, block_n, num_warps, chunks
         )
-    if variant == "cuda":  # one block per SM (shared memory), all in one wave
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-        splits = num_splits or (max(1, sms // (b * hkv)) if n > 0 else 0)
+    if variant == "cuda":
+        from .million_cuda import split_plan
+
+        splits, split_len = split_plan(n, b * hkv, q.device, num_splits)
     else:
         splits = num_splits or (_num_splits(n, b * hkv, bn, q.device) if n > 0 else 0)
-    splits = min(splits, max(1, triton.cdiv(n, bn))) if n > 0 else 0
+        splits = min(splits, max(1, triton.cdiv(n, bn))) if n > 0 else 0
+        if splits > 0:
+            split_len = triton.cdiv(triton.cdiv(n, splits), bn) * bn
+            splits = triton.cdiv(n, split_len)
     part_o = torch.empty(b * hkv * max(splits, 1) * rows * d, dtype=torch.float32, device=q.device)
     part_m = torch.empty(b * hkv * max(splits, 1) * rows, dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
     cm = code_mask.to(torch.int8).contiguous() if code_mask is not None else part_m  # dummy pointer when unused
-    if splits > 0:
-        split_len = triton.cdiv(triton.cdiv(n, splits), bn) * bn
-        splits = triton.cdiv(n, split_len)
     if splits > 0 and variant == "cuda":
         from .million_cuda import million_codes_cuda
 

@@ -45,7 +45,7 @@ import torch
 
 from hf_effllm.errors import HfEffllmError
 
-__all__ = ["available", "cuda_source", "million_codes_cuda", "num_warps", "smem_bytes", "supports"]
+__all__ = ["available", "cuda_source", "million_codes_cuda", "num_warps", "smem_bytes", "split_plan", "supports"]
 
 NWARPS = 16  # the most warps a block may have (the final merge reuses the tables' shared memory)
 ROWS = 16  # query rows per KV head in the partials (the mma's M dimension)
@@ -406,6 +406,23 @@ def supports(
     if any(s >= 2**31 for c in (codes_k, codes_v) for s in c.stride()[:3]):
         return "code strides do not fit 32 bits"
     return None
+
+
+def split_plan(n: int, bh: int, device: torch.device, splits: int | None = None) -> tuple[int, int]:
+    """``(splits, split_len)`` for ``n`` codes and ``bh`` (batch x KV head) blocks: one block per SM (the tables
+    fill its shared memory) and all blocks in one wave, unless ``splits`` is given; ``split_len`` is a multiple of
+    a warp's 32-token tile."""
+    if n <= 0:
+        return 0, 32
+    if splits is None:
+        splits = max(1, torch.cuda.get_device_properties(device).multi_processor_count // bh)
+    splits = max(1, min(splits, _cdiv(n, 32)))
+    split_len = _cdiv(_cdiv(n, splits), 32) * 32
+    return _cdiv(n, split_len), split_len
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(a // -b)
 
 
 @functools.lru_cache(maxsize=64)

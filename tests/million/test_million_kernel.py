@@ -205,3 +205,13 @@ def test_cuda_source_compiles_for_sm90_without_spills(tmp_path, d, m, gq, lq, bf
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     assert "0 bytes spill stores" in res.stderr, res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("n,splits", [(1, 4), (31, 3), (32, 2), (1000, 16), (5000, 7), (100000, 132)])
+def test_cuda_split_plan_covers_every_code_once(n, splits):
+    from hf_effllm.kernels.million_cuda import split_plan
+
+    got, length = split_plan(n, 8, torch.device("cpu"), splits)
+    assert length % 32 == 0 and 1 <= got <= splits
+    assert (got - 1) * length < n <= got * length  # no empty split, every code in one
+    assert split_plan(0, 8, torch.device("cpu"), splits)[0] == 0
