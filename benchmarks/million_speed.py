@@ -14,7 +14,8 @@ Sections (all in one run, baseline measured alongside):
    ``MILLION 4-bit (l1)``, ``MILLION 4-bit (smem)``, ...), vs ``sdpa`` over bf16 K/V of N+128 tokens
    (``enable_gqa``); bytes read (codes vs bf16 K/V) and the achieved TB/s are reported;
 3. prompt encoding: ``pq_encode`` of a 32k-token prompt's K and V for one layer (time-to-first-token overhead per
-   layer) against one layer's sdpa prefill attention on the same prompt;
+   layer), both encode kernels (``loop``: one token per lane; ``chunked``: the first one), checked against the
+   reference's codes, against one layer's sdpa prefill attention on the same prompt;
 4. end-to-end ``generate`` on a Llama-3-8B-shaped random-weight model (bf16) with a 32k prompt: time to first
    token and time per output token with ``DynamicCache`` vs ``MillionCache`` (``attn_implementation="million"``),
    and the cache memory of each.
@@ -46,12 +47,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from hf_effllm.kernels import million_cuda  # noqa: E402
 from hf_effllm.kernels.million import (  # noqa: E402
+    ENCODE_VARIANTS,
     _packed_table,
     _smem_chunks,
     ideal_bytes,
     million_attention,
     million_attention_reference,
     pq_encode,
+    pq_encode_reference,
 )
 
 from hf_effllm.benchmarking import BenchmarkRun, markdown_table, time_ms  # noqa: E402
@@ -191,7 +194,7 @@ def _cuda_codes_only_ms(q, ck, cv, cbk, cbv, d, warps) -> float:
     po = torch.empty(b * hkv * splits * million_cuda.ROWS * d, dtype=torch.float32, device=q.device)
     pm = torch.empty(b * hkv * splits * million_cuda.ROWS, dtype=torch.float32, device=q.device)
     pl = torch.empty_like(pm)
-    tk, tv = _packed_table(cbk), _packed_table(cbv)
+    tk, tv = million_cuda.swizzled_table(_packed_table(cbk)), _packed_table(cbv)
     return time_ms(
         lambda: million_cuda.million_codes_cuda(
             q,
@@ -229,10 +232,17 @@ def bench_encode(run, dev, quick):
     run.add(section="encode", variant="sdpa causal prefill, one layer (reference)", batch=1, tokens=n, ms=prefill)
     for bits, m in ((4, d // 2), (2, d // 4)):
         cb = torch.randn(1, m, k, d // m, device=dev, dtype=dtype)
-        ms = time_ms(lambda cb=cb: (pq_encode(x, cb), pq_encode(x, cb)), warmup=5, rep=20)
-        run.add(section="encode", variant=f"pq_encode K+V {bits}-bit, one layer", batch=1, tokens=n, ms=ms,
-                note=f"{ms / prefill:.2f}x one layer's prefill attention")  # fmt: skip
-        print(f"  encode {bits}-bit N={n}: {ms:.3f} ms (prefill attention {prefill:.3f} ms)")
+        ref = pq_encode_reference(x, cb)
+        for ev in ENCODE_VARIANTS:
+            agree = float((pq_encode(x, cb, use_kernel=True, encode_variant=ev) == ref).float().mean())
+            ms = time_ms(lambda cb=cb, ev=ev: (pq_encode(x, cb, encode_variant=ev), pq_encode(x, cb, encode_variant=ev)),
+                         warmup=5 if not quick else 1, rep=20 if not quick else 1)  # fmt: skip
+            run.add(section="encode", variant=f"pq_encode K+V {bits}-bit, one layer ({ev})", batch=1, tokens=n, ms=ms,
+                    ok=agree > 0.999, note=f"{ms / prefill:.2f}x one layer's prefill attention; codes equal to the "
+                    f"reference's: {100 * agree:.3f}%")  # fmt: skip
+            print(
+                f"  encode {bits}-bit {ev} N={n}: {ms:.3f} ms (prefill attention {prefill:.3f} ms), {agree:.5f} agree"
+            )
 
 
 def bench_e2e(run, dev, quick, prompt_len, new_tokens, layers):

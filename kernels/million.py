@@ -291,6 +291,79 @@ if HAS_TRITON:
         tl.store(o_bh + n * so_n + m, best_i.to(tl.uint8), mask=n_ok)
 
     @triton.jit
+    def _pq_encode_loop_kernel(
+        x_ptr,
+        cb_ptr,
+        out_ptr,
+        N,
+        sx_b,
+        sx_h,
+        sx_n,
+        so_b,
+        so_h,
+        so_n,
+        scb_g,
+        H: tl.constexpr,
+        K: tl.constexpr,
+        DSUB: tl.constexpr,
+        PER_HEAD: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        MB: tl.constexpr,
+    ):
+        """Nearest centroid with one token per lane and a loop over the ``K`` centroids (``DSUB`` 1, 2 or 4).
+
+        Program: ``BLOCK_N`` tokens x ``MB`` subspaces of one (batch, head). Per subspace the token's ``DSUB``
+        elements stay in registers (pre-scaled by -2); each step of the centroid loop loads one centroid (the same
+        address for every lane: an L1 broadcast, amortized over the lane's tokens) and costs ``DSUB`` FMAs, a compare
+        and two selects per token: ``d = ||c||^2 - 2 x.c`` (the reference's distance; the first minimum wins, as
+        ``argmin``). No cross-lane reduction, unlike :func:`_pq_encode_kernel`, whose ``argmin`` over a centroid
+        axis spread across lanes costs shuffles per chunk.
+        """
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_bh = tl.program_id(2)
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < N
+        x_rows = x_ptr + b * sx_b + h * sx_h + n.to(tl.int64) * sx_n
+        o_rows = out_ptr + b * so_b + h * so_h + n.to(tl.int64) * so_n
+        if PER_HEAD:
+            cb_h = cb_ptr + h * scb_g
+        else:
+            cb_h = cb_ptr
+        for mi in tl.static_range(MB):
+            m = pid_m * MB + mi
+            xm = x_rows + m * DSUB
+            x0 = tl.load(xm, mask=n_ok, other=0.0).to(tl.float32) * -2.0
+            if DSUB > 1:
+                x1 = tl.load(xm + 1, mask=n_ok, other=0.0).to(tl.float32) * -2.0
+            if DSUB > 2:
+                x2 = tl.load(xm + 2, mask=n_ok, other=0.0).to(tl.float32) * -2.0
+                x3 = tl.load(xm + 3, mask=n_ok, other=0.0).to(tl.float32) * -2.0
+            cm = cb_h + m * (K * DSUB)
+            best = tl.full([BLOCK_N], float("inf"), tl.float32)
+            best_i = tl.zeros([BLOCK_N], tl.int32)
+            for k in range(K):
+                c0 = tl.load(cm + k * DSUB).to(tl.float32)
+                c2 = c0 * c0
+                d = x0 * c0
+                if DSUB > 1:
+                    c1 = tl.load(cm + k * DSUB + 1).to(tl.float32)
+                    c2 += c1 * c1
+                    d += x1 * c1
+                if DSUB > 2:
+                    c2_ = tl.load(cm + k * DSUB + 2).to(tl.float32)
+                    c3 = tl.load(cm + k * DSUB + 3).to(tl.float32)
+                    c2 += c2_ * c2_ + c3 * c3
+                    d += x2 * c2_ + x3 * c3
+                d += c2
+                upd = d < best
+                best = tl.where(upd, d, best)
+                best_i = tl.where(upd, k, best_i)
+            tl.store(o_rows + m, best_i.to(tl.uint8), mask=n_ok)
+
+    @triton.jit
     def _million_codes_kernel(
         q_ptr,
         ck_ptr,
@@ -687,8 +760,16 @@ def _check_codebook(name: str, cb: torch.Tensor) -> None:
         raise HfEffllmError(f"{name}.dtype={cb.dtype} is not supported; use float16, bfloat16 or float32.")
 
 
+ENCODE_VARIANTS = ("loop", "chunked")
+
+
 def pq_encode(
-    x: torch.Tensor, codebook: torch.Tensor, *, out: torch.Tensor | None = None, use_kernel: bool | None = None
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    *,
+    out: torch.Tensor | None = None,
+    use_kernel: bool | None = None,
+    encode_variant: str | None = None,
 ) -> torch.Tensor:
     """Nearest-centroid PQ codes of ``x`` (Triton on CUDA / under the interpreter, else the PyTorch reference).
 
@@ -697,6 +778,10 @@ def pq_encode(
         codebook: ``(G, M, K, DSUB)`` with ``G`` 1 or ``H``; ``K`` at most 256.
         out: optional ``uint8`` ``(B, H, N, M)`` tensor (may be a strided view into a larger buffer) to write.
         use_kernel: force (True) or forbid (False) the Triton path; default: Triton where it can run.
+        encode_variant: ``"loop"`` (:func:`_pq_encode_loop_kernel`: one token per lane, a loop over the centroids;
+            ``DSUB`` 1, 2 or 4, else the other) or ``"chunked"`` (:func:`_pq_encode_kernel`: chunks of centroids
+            with an ``argmin`` across lanes). None: ``"loop"`` on the GPU, ``"chunked"`` under the Triton
+            interpreter (where a 256-step Python loop per program is the slow one; tests pick each explicitly).
 
     Returns:
         ``uint8`` codes ``(B, H, N, M)`` (``out`` when given).
@@ -706,6 +791,10 @@ def pq_encode(
     """
     if x.dim() != 4:
         raise HfEffllmError(f"x must be (B, H, N, D); got shape {tuple(x.shape)}.")
+    if encode_variant is None:
+        encode_variant = "chunked" if _interpreting() else "loop"
+    if encode_variant not in ENCODE_VARIANTS:
+        raise HfEffllmError(f"encode_variant={encode_variant!r} is not known; use one of {ENCODE_VARIANTS}.")
     _check_codebook("codebook", codebook)
     b, h, n, d = x.shape
     g, m, k, dsub = codebook.shape
@@ -735,6 +824,19 @@ def pq_encode(
     if x.stride(-1) != 1:
         x = x.contiguous()
     cb = codebook.contiguous()
+    if dsub in (1, 2, 4) and encode_variant == "loop":
+        mb = next(c for c in (8, 4, 2, 1) if m % c == 0)
+        block_n = 512 if not _interpreting() else 16
+        # subspace blocks fastest: programs that run together read the same tokens' rows (L2 reuse)
+        _pq_encode_loop_kernel[(m // mb, triton.cdiv(n, block_n), b * h)](
+            x, cb, out, n,
+            x.stride(0), x.stride(1), x.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            cb.stride(0),
+            H=h, K=k, DSUB=dsub, PER_HEAD=g > 1, BLOCK_N=block_n, MB=mb,
+            num_warps=4,
+        )  # fmt: skip
+        return out
     block_n = 64 if not _interpreting() else 16
     block_k = min(k, 64 if dsub <= 4 else 32)
     grid = (b * h, triton.cdiv(n, block_n), m)
@@ -981,10 +1083,10 @@ def million_attention(
     part_l = torch.empty_like(part_m)
     cm = code_mask.to(torch.int8).contiguous() if code_mask is not None else part_m  # dummy pointer when unused
     if splits > 0 and variant == "cuda":
-        from .million_cuda import million_codes_cuda
+        from .million_cuda import million_codes_cuda, swizzled_table
 
         million_codes_cuda(
-            q, codes_k, codes_v, _packed_table(cbk), _packed_table(cbv),
+            q, codes_k, codes_v, swizzled_table(_packed_table(cbk)), _packed_table(cbv),
             cm if code_mask is not None else None, part_o, part_m, part_l,
             n=n, split_len=split_len, splits=splits, scale=float(scale), hkv=hkv, gq=gq, lq=lq, per_head=g > 1,
             nwarps=num_warps,
@@ -1030,7 +1132,7 @@ def million_attention(
         rm.stride(0) if res_mask is not None else 0, rm.stride(1) if res_mask is not None else 0,
         out.stride(0), out.stride(1), out.stride(2),
         HKV=hkv, GQ=gq, LQ=lq, ROWS=rows, D=d, HAS_RMASK=res_mask is not None, BLOCK_R=block_r,
-        num_warps=num_warps or 4,
+        num_warps=(None if variant == "cuda" else num_warps) or 4,  # the cuda variant's warps may be 12
     )  # fmt: skip
     return out
 

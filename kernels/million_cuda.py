@@ -39,13 +39,24 @@ Example:
 
 from __future__ import annotations
 
-import functools
+import struct
+import weakref
+from typing import Any
 
 import torch
 
 from hf_effllm.errors import HfEffllmError
 
-__all__ = ["available", "cuda_source", "million_codes_cuda", "num_warps", "smem_bytes", "split_plan", "supports"]
+__all__ = [
+    "available",
+    "cuda_source",
+    "million_codes_cuda",
+    "num_warps",
+    "smem_bytes",
+    "split_plan",
+    "supports",
+    "swizzled_table",
+]
 
 NWARPS = 16  # the most warps a block may have (the final merge reuses the tables' shared memory)
 ROWS = 16  # query rows per KV head in the partials (the mma's M dimension)
@@ -76,6 +87,8 @@ _SOURCE = r"""
 #define MV ((M_ + 31) / 32)
 #define SWZ (((M_ < 32 / WPS) ? M_ : (32 / WPS)) - 1)
 #define NEG_INF (-__int_as_float(0x7f800000))
+#define PST 20  // floats per token in the probability tile: 16 rows + 4 pad (conflict-free stores, 16-byte rows)
+#define RR ((NQ > 8) ? 2 : 1)  // row halves in use: rows g (and g + 8 when more than 8 query rows)
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -118,7 +131,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_cuda(
     const u16* __restrict__ q, const u8* __restrict__ ck, const u8* __restrict__ cv,
     const u32* __restrict__ tk, const u32* __restrict__ tv, const signed char* __restrict__ cmask,
     float* __restrict__ po, float* __restrict__ pm, float* __restrict__ pl,
-    int n_codes, int split_len, int num_splits, double scale_d,
+    int n_codes, int split_len, int num_splits, int scale_bits,
     int sq_b, int sq_h, int sq_l, int sc_b, int sc_h, int sc_n, int scv_b, int scv_h, int scv_n,
     int stab_g, int smask_b) {
     extern __shared__ __align__(16) u32 smem[];
@@ -126,24 +139,18 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_cuda(
     u32* sV = sK + KC * M_ * WPS;
     float* tiles = (float*)(sV + KC * M_ * WPS);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    float* pS = tiles + warp * (32 * 16 + 16);  // probabilities [32 tokens][16 rows], then 16 rescale factors
-    float* aS = pS + 32 * 16;
-    u8* cvS = (u8*)(tiles + NWARPS * (32 * 16 + 16)) + warp * 32 * M_;
+    float* pS = tiles + warp * (32 * PST + 16);  // probabilities [32 tokens][PST], then 16 rescale factors
+    float* aS = pS + 32 * PST;
+    u8* cvS = (u8*)(tiles + NWARPS * (32 * PST + 16)) + warp * 32 * M_;
 
     const int bh = blockIdx.x, sp = blockIdx.y;
     const int b = bh / HKV, h = bh % HKV;
     const u32* tkb = tk + (PER_HEAD ? (long long)h * stab_g * WPS : 0);
     const u32* tvb = tv + (PER_HEAD ? (long long)h * stab_g * WPS : 0);
-    for (int i = threadIdx.x; i < KC * M_; i += NWARPS * 32) {
-        const int c = i / M_, m = i % M_;
-        const int dst = c * M_ + (m ^ (c & SWZ));
-#if WPS == 1
-        sK[dst] = tkb[i];
-        sV[i] = tvb[i];
-#else
-        ((uint2*)sK)[dst] = ((const uint2*)tkb)[i];
-        ((uint2*)sV)[i] = ((const uint2*)tvb)[i];
-#endif
+    // both tables, linear 16-byte copies (the host stored the K table already swizzled)
+    for (int i = threadIdx.x; i < KC * M_ * WPS / 4; i += NWARPS * 32) {
+        ((uint4*)sK)[i] = ((const uint4*)tkb)[i];
+        ((uint4*)sV)[i] = ((const uint4*)tvb)[i];
     }
 
     // A fragments: the query rows (row r = li * GQ + jh) with the head dimension permuted so that thread t4's
@@ -171,7 +178,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_cuda(
     }
     __syncthreads();
 
-    const float scale = (float)scale_d;
+    const float scale = __int_as_float(scale_bits);
     const long long ckb = (long long)b * sc_b + (long long)h * sc_h;
     const long long cvb = (long long)b * scv_b + (long long)h * scv_h;
     const int start = sp * split_len;
@@ -232,10 +239,10 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_cuda(
             }
             #pragma unroll
             for (int e = 0; e < 2; ++e) {
-                const int tk = t0 + nt * 8 + t4 * 2 + e;
-                bool ok = tk < end;
+                const int tok_c = t0 + nt * 8 + t4 * 2 + e;
+                bool ok = tok_c < end;
 #if HAS_MASK
-                if (ok) ok = cmask[(long long)b * smask_b + tk] != 0;
+                if (ok) ok = cmask[(long long)b * smask_b + tok_c] != 0;
 #endif
                 s[nt][e] = ok ? c[e] * scale : NEG_INF;
                 s[nt][2 + e] = ok ? c[2 + e] * scale : NEG_INF;
@@ -243,7 +250,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_cuda(
         }
         // online softmax: this thread holds rows g and g + 8, tokens nt * 8 + t4 * 2 + e
         #pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
+        for (int rr = 0; rr < RR; ++rr) {
             float mx = NEG_INF;
             #pragma unroll
             for (int nt = 0; nt < 4; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * rr], s[nt][2 * rr + 1]));
@@ -259,7 +266,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_cuda(
                 for (int e = 0; e < 2; ++e) {
                     const float p = __expf(s[nt][2 * rr + e] - m_safe);
                     sum += p;
-                    pS[(nt * 8 + t4 * 2 + e) * 16 + g + 8 * rr] = p;
+                    pS[(nt * 8 + t4 * 2 + e) * PST + g + 8 * rr] = p;
                 }
             sum += __shfl_xor_sync(0xffffffffu, sum, 1);
             sum += __shfl_xor_sync(0xffffffffu, sum, 2);
@@ -281,7 +288,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_cuda(
         for (int j = 0; j < ntok; ++j) {
             float p[NQ];
             #pragma unroll
-            for (int r = 0; r < NQ; ++r) p[r] = pS[j * 16 + r];
+            for (int r = 0; r < NQ; ++r) p[r] = pS[j * PST + r];
             #pragma unroll
             for (int mv = 0; mv < MV; ++mv) {
                 const int m = lane + 32 * mv;
@@ -322,7 +329,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_cuda(
         }
     if (t4 == 0) {
         #pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
+        for (int rr = 0; rr < RR; ++rr) {
             redM[warp * 16 + g + 8 * rr] = m_r[rr];
             redL[warp * 16 + g + 8 * rr] = l_r[rr];
         }
@@ -378,7 +385,30 @@ def cuda_source(
 
 def smem_bytes(d: int, m: int, nwarps: int = NWARPS) -> int:
     """Dynamic shared memory of one block: both tables, the per-warp probability and value-code tiles."""
-    return 2 * 256 * d * 2 + nwarps * (32 * 16 + 16) * 4 + nwarps * 32 * m
+    return 2 * 256 * d * 2 + nwarps * (32 * 20 + 16) * 4 + nwarps * 32 * m
+
+
+_SWIZZLED: dict[int, tuple] = {}  # id(packed table) -> (weakref, version, swizzled copy)
+
+
+def swizzled_table(table: torch.Tensor) -> torch.Tensor:
+    """The packed code-major K table ``(G, K, M)`` with each code's row XOR-swizzled as the kernel reads it: word
+    ``m`` of centroid ``c`` at column ``m ^ (c & SWZ)`` (``SWZ + 1`` = the subspaces one bank sweep holds: 32 for
+    4-byte words, 16 for 8-byte words, at most ``M``). Memoized per table tensor (identity and version)."""
+    key = id(table)
+    hit = _SWIZZLED.get(key)
+    if hit is not None and hit[0]() is table and hit[1] == table._version:
+        return hit[2]
+    k, m = table.shape[-2:]
+    swz = min(m, 32 // (table.element_size() // 4)) - 1
+    c = torch.arange(k, device=table.device)[:, None]
+    idx = torch.arange(m, device=table.device)[None, :] ^ (c & swz)  # involution: source column of each slot
+    out = table.gather(-1, idx.expand(*table.shape[:-2], k, m).contiguous()).contiguous()
+    if len(_SWIZZLED) >= 256:
+        for k_ in [k_ for k_, v in _SWIZZLED.items() if v[0]() is None] or list(_SWIZZLED)[:64]:
+            del _SWIZZLED[k_]
+    _SWIZZLED[key] = (weakref.ref(table), table._version, out)
+    return out
 
 
 def available() -> bool:
@@ -392,6 +422,8 @@ def supports(
     """None when the CUDA kernel handles these inputs, else the reason it does not."""
     if not available() or q.device.type != "cuda":
         return "needs CUDA and torch.cuda._compile_kernel (torch >= 2.8)"
+    if torch.cuda.get_device_capability(q.device) < (8, 0):
+        return "needs a GPU of compute capability 8.0 or newer (bf16/fp16 mma.m16n8k16)"
     _, _, k, dsub = codebook_k.shape
     d = q.shape[-1]
     if q.dtype not in (torch.float16, torch.bfloat16):
@@ -425,11 +457,30 @@ def _cdiv(a: int, b: int) -> int:
     return -(a // -b)
 
 
-@functools.lru_cache(maxsize=64)
-def _compiled(source: str, smem: int, device_index: int):
-    with torch.cuda.device(device_index):
-        kernel = torch.cuda._compile_kernel(source, "million_codes_cuda")
-        kernel.set_shared_memory_config(smem)
+_KERNELS: dict[tuple, Any] = {}
+
+
+def _compiled(key: tuple, device: torch.device) -> Any:
+    """The kernel for ``key = (d, m, gq, lq, hkv, bf16, per_head, has_mask, nwarps)`` on ``device``; the source is
+    generated and compiled on the first call only (a dict lookup afterwards: no per-call source hashing)."""
+    full = (*key, device.index if device.index is not None else torch.cuda.current_device())
+    kernel = _KERNELS.get(full)
+    if kernel is None:
+        d, m, gq, lq, hkv, bf16, per_head, has_mask, nwarps = key
+        src = cuda_source(
+            d=d, m=m, gq=gq, lq=lq, hkv=hkv, bf16=bf16, per_head=per_head, has_mask=has_mask, nwarps=nwarps
+        )
+        with torch.cuda.device(device):
+            kernel = torch.cuda._compile_kernel(src, "million_codes_cuda")
+            smem = smem_bytes(d, m, nwarps)
+            if smem >= 48 * 1024:
+                if not hasattr(kernel, "set_shared_memory_config"):
+                    raise HfEffllmError(
+                        f"this torch ({torch.__version__}) cannot give a run-time compiled kernel {smem} bytes of "
+                        f"shared memory; use variant='smem'."
+                    )
+                kernel.set_shared_memory_config(smem)
+        _KERNELS[full] = kernel
     return kernel
 
 
@@ -456,7 +507,8 @@ def million_codes_cuda(
 ) -> None:
     """Write the per-split partials (output, max, sum; ``ROWS`` rows per (batch, KV head, split)) of the codes.
 
-    ``table_k``/``table_v`` are the packed code-major tables of :func:`kernels.million._packed_table`; the other
+    ``table_v`` is the packed code-major table of :func:`kernels.million._packed_table`, ``table_k`` that table
+    passed through :func:`swizzled_table`; the other
     arguments are those of the Triton code kernels; ``nwarps`` (1-16) overrides :func:`num_warps`. Callers check
     :func:`supports` first.
     """
@@ -468,23 +520,23 @@ def million_codes_cuda(
     warps = nwarps or num_warps(gq * lq)
     if not 1 <= warps <= NWARPS:
         raise HfEffllmError(f"nwarps={nwarps} is out of range; use 1 to {NWARPS} (or None for the default).")
-    src = cuda_source(
-        d=d, m=m, gq=gq, lq=lq, hkv=hkv, bf16=q.dtype == torch.bfloat16, per_head=per_head,
-        has_mask=code_mask is not None, nwarps=warps,
-    )  # fmt: skip
-    smem = smem_bytes(d, m, warps)
-    kernel = _compiled(src, smem, q.device.index if q.device.index is not None else torch.cuda.current_device())
+    if splits > 65535:
+        raise HfEffllmError(f"splits={splits} exceeds the grid limit 65535; use fewer splits.")
+    key = (d, m, gq, lq, hkv, q.dtype == torch.bfloat16, per_head, code_mask is not None, warps)
+    kernel = _compiled(key, q.device)
     cm = code_mask if code_mask is not None else part_m
-    kernel(
-        grid=(b * hkv, splits, 1),
-        block=(warps * 32, 1, 1),
-        args=[
-            q, codes_k, codes_v, table_k, table_v, cm, part_o, part_m, part_l,
-            int(n), int(split_len), int(splits), float(scale),
-            q.stride(0), q.stride(1), q.stride(2),
-            codes_k.stride(0), codes_k.stride(1), codes_k.stride(2),
-            codes_v.stride(0), codes_v.stride(1), codes_v.stride(2),
-            table_k.stride(0) if per_head else 0, cm.stride(0) if code_mask is not None else 0,
-        ],
-        shared_mem=smem,
-    )  # fmt: skip
+    scale_bits = struct.unpack("<i", struct.pack("<f", scale))[0]  # a float argument's C type differs by torch version
+    with torch.cuda.device(q.device):
+        kernel(
+            grid=(b * hkv, splits, 1),
+            block=(warps * 32, 1, 1),
+            args=[
+                q, codes_k, codes_v, table_k, table_v, cm, part_o, part_m, part_l,
+                int(n), int(split_len), int(splits), scale_bits,
+                q.stride(0), q.stride(1), q.stride(2),
+                codes_k.stride(0), codes_k.stride(1), codes_k.stride(2),
+                codes_v.stride(0), codes_v.stride(1), codes_v.stride(2),
+                table_k.stride(0) if per_head else 0, cm.stride(0) if code_mask is not None else 0,
+            ],
+            shared_mem=smem_bytes(d, m, warps),
+        )  # fmt: skip

@@ -37,20 +37,21 @@ def _inputs(b, hq, hkv, lq, n, r, d, m, k, g, dtype, seed=0, masks=True):
     return q, ck, cv, cbk, cbv, rk, rv, cm, rm
 
 
+@pytest.mark.parametrize("variant", ["loop", "chunked"])
 @pytest.mark.parametrize("per_head", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_encode_kernel_matches_reference(triton_interpret, per_head, dtype):
+def test_encode_kernel_matches_reference(triton_interpret, per_head, dtype, variant):
     gen = torch.Generator().manual_seed(1)
     h, d, m, k = 3, 16, 8, 32
     x = torch.randn(2, h, 37, d, generator=gen).to(dtype)
     cb = torch.randn(h if per_head else 1, m, k, d // m, generator=gen).to(dtype)
-    codes = pq_encode(x, cb)
+    codes = pq_encode(x, cb, encode_variant=variant)
     ref = pq_encode_reference(x, cb)
     assert codes.dtype == torch.uint8 and codes.shape == (2, h, 37, m)
     assert (codes == ref).float().mean() > 0.995  # ties between equidistant centroids may differ in fp16
     # writing into a strided view of a larger buffer
     buf = torch.zeros(2, h, 50, m, dtype=torch.uint8)
-    pq_encode(x, cb, out=buf[:, :, 5:42])
+    pq_encode(x, cb, out=buf[:, :, 5:42], encode_variant=variant)
     assert torch.equal(buf[:, :, 5:42], codes) and buf[:, :, :5].eq(0).all()
 
 
@@ -215,3 +216,29 @@ def test_cuda_split_plan_covers_every_code_once(n, splits):
     assert length % 32 == 0 and 1 <= got <= splits
     assert (got - 1) * length < n <= got * length  # no empty split, every code in one
     assert split_plan(0, 8, torch.device("cpu"), splits)[0] == 0
+
+
+@pytest.mark.parametrize("m,dsub", [(64, 2), (32, 4), (16, 4)])
+def test_cuda_swizzled_table_is_the_kernels_layout(m, dsub):
+    """Word m of centroid c sits at column m ^ (c & SWZ) (SWZ + 1: 32 words of 4 bytes or 16 of 8, at most M)."""
+    from hf_effllm.kernels.million import _packed_table
+    from hf_effllm.kernels.million_cuda import swizzled_table
+
+    cb = torch.randn(2, m, 256, dsub).half()
+    table = _packed_table(cb)
+    sw = swizzled_table(table)
+    swz = min(m, 32 // (dsub // 2)) - 1
+    for c in (0, 1, 7, 31, 200, 255):
+        for col in range(m):
+            assert sw[1, c, col ^ (c & swz)] == table[1, c, col]
+    assert swizzled_table(table) is sw  # memoized
+
+
+@pytest.mark.parametrize("dsub,m", [(1, 16), (4, 4), (8, 2)])  # DSUB 8: the loop kernel hands over to "chunked"
+def test_encode_loop_kernel_other_subspace_sizes(triton_interpret, dsub, m):
+    gen = torch.Generator().manual_seed(dsub)
+    x = torch.randn(1, 2, 19, dsub * m, generator=gen)
+    cb = torch.randn(2, m, 16, dsub, generator=gen)
+    assert torch.equal(pq_encode(x, cb, encode_variant="loop"), pq_encode_reference(x, cb))
+    with pytest.raises(HfEffllmError, match="encode_variant='fast'"):
+        pq_encode(x, cb, encode_variant="fast")
