@@ -24,6 +24,8 @@ Usage (repo root)::
     python benchmarks/spqr_quality.py --quick               # smoke check: tiny model, seconds
     python benchmarks/spqr_quality.py --variants float,rtn,gptq --tag a   # split a long run in parts
     python benchmarks/spqr_quality.py --variants float,gptq --set percdamp=0.01 --tag damp   # a setting sweep
+    python benchmarks/spqr_quality.py --reduced --sensitivity --variants "SpQR ~3.6 bits"  # one module type at a
+                                                            # time: where the perplexity loss comes from
 
 Results: ``benchmarks/results/spqr_quality[_reduced|_quick].{json,md}``.
 """
@@ -56,6 +58,7 @@ from hf_effllm.quant.spqr.engine import (  # noqa: E402
 from hf_effllm.quant.spqr.quantizer import _mark_quantized, _replace_with_packed  # noqa: E402
 
 INF = float("inf")
+MODULE_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # 3-bit rows first: a run cut short still compares the methods at equal bits (results are written after each row)
 VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("float", "float", {}),
@@ -101,6 +104,12 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=None, help="override the number of held-out tokens")
     p.add_argument("--tag", default="", help="suffix of the results file name (to split a run into parts)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is faster on a loaded machine)")
+    p.add_argument(
+        "--sensitivity",
+        action="store_true",
+        help="quantize one module type at a time (q/k/v/o/gate/up/down_proj; the rest stays float) with each SpQR "
+        "variant selected by --variants: which layers the perplexity loss comes from",
+    )
     p.add_argument(
         "--set",
         default="",
@@ -148,7 +157,18 @@ def main() -> None:
     )
     run.meta.update(calibration=calib, eval_tokens=int(eval_ids.numel()), context_length=ctx, device=str(dev))
     float_ppl = None
-    for label, kind, fields in VARIANTS:
+    plan = VARIANTS
+    if args.sensitivity:
+        run.name += "_sensitivity"
+        types = [t for t in MODULE_TYPES if any(t in n for n, _ in base.named_modules())]
+        plan = [v for v in VARIANTS if v[1] == "float"]
+        for label, kind, fields in VARIANTS:
+            if kind == "spqr" and (not wanted or label in wanted) and "tune_epochs" not in fields:
+                for t in types:
+                    others = ["lm_head", *(o for o in types if o != t)]
+                    plan.append((f"{label}, {t} only", kind, {**fields, "modules_to_not_convert": others}))
+        wanted = None
+    for label, kind, fields in plan:
         if wanted and label not in wanted and kind not in wanted:
             continue
         model = base if kind == "float" else copy.deepcopy(base)
@@ -174,7 +194,8 @@ def main() -> None:
             outlier_pct=round(100 * nnz / params, 3) if params else None,
             size_mb=disk_mb(model),
             quantize_s=round(seconds, 1),
-            settings=", ".join(f"{k}={v}" for k, v in fields.items()),
+            params_m=round(params / 1e6, 2) if params else None,
+            settings=", ".join(f"{k}={v}" for k, v in fields.items() if k != "modules_to_not_convert"),
         )
         print(markdown_table([row]), flush=True)
         run.meta["complete"] = False  # rewritten after each row, so a run cut short keeps what it measured
