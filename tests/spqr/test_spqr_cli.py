@@ -54,15 +54,19 @@ def test_quantize_command_writes_a_loadable_folder(tiny_folder, tmp_path, capsys
         "3",
         "--tune-epochs",
         "1",
+        "--dynamic",
+        '{"\\\\.v_proj$": {"bits": 4}}',
     ]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["quantization_config"]["seed"] == 3 and results["quantization_config"]["tune_epochs"] == 1
+    assert results["quantization_config"]["dynamic"] == {"\\.v_proj$": {"bits": 4}}
     assert [r["variant"] for r in results["rows"]] == ["float", "SpQR 3-bit"]
     card = (out / "README.md").read_text()
     assert "hf_effllm_spqr" in card and str(results["quantization_config"]["avg_bits"]) in card
     model = AutoModelForCausalLM.from_pretrained(out)
     assert isinstance(model.model.layers[0].self_attn.q_proj, SpQRLinear)
+    assert model.model.layers[0].self_attn.v_proj.bits == 4 and model.model.layers[0].self_attn.q_proj.bits == 3
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
 
@@ -73,6 +77,11 @@ def test_quantize_command_bad_bits_is_one_line(tmp_path, capsys):
     assert err.startswith("hf-effllm: error:") and "bits=1" in err and "\n" not in err
     assert main(["quantize", "--dataset", str(tmp_path / "missing.txt"), "--output", str(tmp_path / "y")]) == 1
     assert "missing.txt" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["quantize", "--dynamic", "{not json", "--output", str(tmp_path / "z")])
+    assert "--dynamic" in capsys.readouterr().err
+    assert main(["quantize", "--dynamic", '{"v_proj": {"bits": 9}}', "--output", str(tmp_path / "w")]) == 1
+    assert "dynamic['v_proj']: bits=9" in capsys.readouterr().err
 
 
 def test_quickstart_stage_on_a_tiny_model(tiny_folder, tmp_path):

@@ -23,6 +23,18 @@ from .config import PERMUTATIONS, SpQRConfig
 from .linear import SpQRLinear
 
 
+def _json_rules(text: str) -> dict:
+    try:
+        rules = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(
+            f'--dynamic {text!r} is not JSON ({e}); e.g. \'{{"v_proj": {{"bits": 4}}}}\''
+        ) from None
+    if not isinstance(rules, dict):
+        raise argparse.ArgumentTypeError(f"--dynamic {text!r} must be a JSON object {{regex: {{field: value}}}}")
+    return rules
+
+
 def _threshold(text: str) -> float:
     try:
         return float(text)
@@ -45,6 +57,13 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--outlier-threshold", type=_threshold, default=0.2, help="relative threshold; inf disables")
     p.add_argument("--permutation", default="act_order", choices=list(PERMUTATIONS), help="column order")
     p.add_argument("--percdamp", type=float, default=0.01, help="Hessian dampening / mean diagonal (default 0.01)")
+    p.add_argument(
+        "--dynamic",
+        type=_json_rules,
+        default=None,
+        metavar="JSON",
+        help='per-module settings, e.g. \'{"\\\\.v_proj$": {"bits": 4}}\' (SpQRConfig.dynamic)',
+    )
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
     p.add_argument("--no-true-sequential", action="store_true", help="one calibration pass per decoder layer")
@@ -177,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
         dataset=_read_texts(args.dataset),
         seed=args.seed,
         tune_epochs=args.tune_epochs,
+        dynamic=args.dynamic,
     )
     if args.eval_tokens < 0:
         raise HfEffllmError(f"--eval-tokens={args.eval_tokens} must be >= 0.")

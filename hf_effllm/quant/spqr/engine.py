@@ -416,9 +416,10 @@ def _quantize_experts(layer, experts, inputs, kwargs_list, config, results) -> N
         for param in EXPERT_PARAMS:
             weight = getattr(mod, param)
             for e in range(weight.shape[0]):
-                res = spqr_quantize_matrix(weight[e], hessians[param][e][0], config)
+                rec = record_name(name, param, e)
+                res = spqr_quantize_matrix(weight[e], hessians[param][e][0], config.for_module(rec))
                 weight.data[e].copy_(res.weight.to(weight.dtype))
-                results[record_name(name, param, e)] = res
+                results[rec] = res
 
 
 def _calibrate(model, config, batches, layers, prefix, all_targets, all_experts, progress):
@@ -466,7 +467,7 @@ def _calibrate(model, config, batches, layers, prefix, all_targets, all_experts,
                     hess = hessians.pop(h) * (2.0 / counts[h]) if counts[h] else None
                     for n in members:
                         lin = targets[n]
-                        res = spqr_quantize_matrix(lin.weight, hess, config)
+                        res = spqr_quantize_matrix(lin.weight, hess, config.for_module(n))
                         lin.weight.data.copy_(res.weight.to(lin.weight.dtype))
                         results[n] = res
         experts = {k: v for k, v in all_experts.items() if k.startswith(f"{prefix}{i}.")}
@@ -477,7 +478,7 @@ def _calibrate(model, config, batches, layers, prefix, all_targets, all_experts,
 
             here = f"{prefix}{i}."
             linears = {k[len(here) :]: results[k] for k in targets}
-            tune_layer(layer, linears, inputs, kwargs_list, float_out, config)
+            tune_layer(layer, linears, inputs, kwargs_list, float_out, config, prefix=here)
             float_inputs = float_out
         inputs = [_layer_output(layer(x, **kw)) for x, kw in zip(inputs, kwargs_list)]
         if progress:

@@ -116,9 +116,15 @@ def attach(module: nn.Module, param: str, holder: SpQRExpertWeights) -> None:
         module._hf_effllm_spqr_hooks = True
 
 
-def empty_holder(num_experts: int, records: dict[int, dict[str, Any]], config: SpQRConfig) -> SpQRExpertWeights:
-    """Meta-device ``SpQRLinear`` shells sized by the records (for loading a packed checkpoint)."""
-    shells = [SpQRLinear.from_record(records[e], config, bias=False) for e in range(num_experts)]
+def empty_holder(
+    num_experts: int, records: dict[int, dict[str, Any]], config: SpQRConfig, module_name: str = "", param: str = ""
+) -> SpQRExpertWeights:
+    """Meta-device ``SpQRLinear`` shells sized by the records (for loading a packed checkpoint); ``module_name`` and
+    ``param`` name the records for ``config.dynamic``."""
+    shells = [
+        SpQRLinear.from_record(records[e], config.for_module(record_name(module_name, param, e)), bias=False)
+        for e in range(num_experts)
+    ]
     return SpQRExpertWeights(shells)
 
 

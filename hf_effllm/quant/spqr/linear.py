@@ -205,7 +205,7 @@ class SpQRLinear(nn.Module):
         record = (config.layers or {}).get(name)
         if record is None:
             raise HfEffllmError(f"quantization_config.layers has no record for {name!r}.")
-        validate_packed(name, self.packed_tensors(), record, config)
+        validate_packed(name, self.packed_tensors(), record, config.for_module(name))
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight (out, in) in the original column order."""

@@ -20,7 +20,7 @@ from ...compat import save_state_dict_names_as_is
 from ...errors import HfEffllmError
 from .config import METHOD_NAME, SpQRConfig
 from .engine import calibrate_and_quantize, record_results
-from .experts import EXPERT_PARAMS, SpQRExpertWeights, attach, empty_holder, parse_record_name
+from .experts import EXPERT_PARAMS, SpQRExpertWeights, attach, empty_holder, parse_record_name, record_name
 from .linear import SpQRLinear
 
 
@@ -40,12 +40,18 @@ def _replace_with_packed(model: nn.Module, results: dict[str, Any], config: SpQR
             continue
         lin = model.get_submodule(name)
         model.set_submodule(
-            name, SpQRLinear.from_packed(res.tensors, config, in_features=lin.in_features, bias=lin.bias)
+            name,
+            SpQRLinear.from_packed(res.tensors, config.for_module(name), in_features=lin.in_features, bias=lin.bias),
         )
     for (module_name, param), per_expert in stacked.items():
         holder = SpQRExpertWeights(
-            SpQRLinear.from_packed(r.tensors, config, in_features=r.weight.shape[1], bias=None)
-            for _, r in sorted(per_expert.items())
+            SpQRLinear.from_packed(
+                r.tensors,
+                config.for_module(record_name(module_name, param, e)),
+                in_features=r.weight.shape[1],
+                bias=None,
+            )
+            for e, r in sorted(per_expert.items())
         )
         attach(model.get_submodule(module_name), param, holder)
     if stacked:
@@ -126,7 +132,10 @@ def _rebuild_modules(model: nn.Module, config: SpQRConfig) -> None:
                 f"has {lin!r} there; the config does not belong to this architecture."
             )
         new = SpQRLinear.from_record(
-            rec, config, bias=lin.bias is not None, dtype=lin.bias.dtype if lin.bias is not None else None
+            rec,
+            config.for_module(name),
+            bias=lin.bias is not None,
+            dtype=lin.bias.dtype if lin.bias is not None else None,
         )
         model.set_submodule(name, new)
     for (module_name, param), records in stacked.items():
@@ -149,7 +158,7 @@ def _rebuild_modules(model: nn.Module, config: SpQRConfig) -> None:
                 f"{module_name}.{param}, but the model has {None if weight is None else tuple(weight.shape)}; the "
                 "config does not belong to this architecture."
             )
-        attach(module, param, empty_holder(weight.shape[0], records, config))
+        attach(module, param, empty_holder(weight.shape[0], records, config, module_name, param))
     if stacked:
         save_state_dict_names_as_is(model)
 

@@ -83,6 +83,7 @@ def tune_layer(
     kwargs_list: list[dict[str, Any]],
     targets: list[torch.Tensor],
     config: SpQRConfig,
+    prefix: str = "",
 ) -> None:
     """Tune one quantized decoder layer toward the float layer's outputs (see the module docstring).
 
@@ -92,10 +93,13 @@ def tune_layer(
             tensors and ``weight`` are updated in place, and so are the linears' weights.
         inputs / kwargs_list: the quantized model's inputs of this layer, one per calibration window.
         targets: the float layer's outputs on the float model's inputs, one per window.
-        config: gives ``tune_epochs``, ``tune_lr``, ``tune_norm_lr`` and ``seed``.
+        config: gives ``tune_epochs``, ``tune_lr``, ``tune_norm_lr`` and ``seed`` (and, through
+            ``config.for_module(prefix + path)``, each linear's stored format).
+        prefix: the layer's module path with a trailing dot (for ``config.dynamic``).
     """
     weights = {
-        sub: _TunableWeight(res.tensors, config, layer.get_submodule(sub).in_features) for sub, res in quantized.items()
+        sub: _TunableWeight(res.tensors, config.for_module(prefix + sub), layer.get_submodule(sub).in_features)
+        for sub, res in quantized.items()
     }
     dtypes = {sub: layer.get_submodule(sub).weight.dtype for sub in weights}
     # float32 master copies of the layer's float vectors (norm weights, biases): a bf16 model could not take steps
