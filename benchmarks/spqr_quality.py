@@ -58,6 +58,7 @@ from hf_effllm.quant.spqr.engine import (  # noqa: E402
 from hf_effllm.quant.spqr.quantizer import _mark_quantized, _replace_with_packed  # noqa: E402
 
 INF = float("inf")
+KV4 = {r"\.(k|v)_proj$": {"bits": 4}}
 MODULE_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # 3-bit rows first: a run cut short still compares the methods at equal bits (results are written after each row)
 VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
@@ -67,6 +68,13 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("GPTQ 3-bit", "gptq", dict(bits=3, outlier_threshold=INF)),
     ("RTN 3-bit", "rtn", dict(bits=3, permutation="identity", outlier_threshold=INF)),
     ("SpQR ~3.6 bits tuned", "spqr", dict(bits=3, group_size=32, outlier_threshold=0.45, tune_epochs=2)),
+    # the per-parameter most sensitive matrices (v_proj, k_proj: spqr_quality_reduced_cpu_sensitivity.md) at 4 bits
+    ("SpQR ~3.6 bits kv4", "spqr", dict(bits=3, group_size=32, outlier_threshold=0.45, dynamic=KV4)),
+    (
+        "SpQR ~3.6 bits kv4 tuned",
+        "spqr",
+        dict(bits=3, group_size=32, outlier_threshold=0.45, dynamic=KV4, tune_epochs=2),
+    ),
     ("SpQR ~4.6 bits", "spqr", dict(bits=4, group_size=32, outlier_threshold=0.08)),
     ("SpQR ~4.6 bits tuned", "spqr", dict(bits=4, group_size=32, outlier_threshold=0.08, tune_epochs=2)),
     ("GPTQ 4-bit", "gptq", dict(bits=4, outlier_threshold=INF)),
@@ -83,7 +91,7 @@ def rtn_quantize(model: torch.nn.Module, cfg: SpQRConfig) -> None:
         for sub, lin in layer.named_modules():
             full = f"{name}.{i}.{sub}"
             if isinstance(lin, torch.nn.Linear) and not any(f".{h}." in f".{full}." for h in head):
-                results[full] = spqr_quantize_matrix(lin.weight, None, cfg)
+                results[full] = spqr_quantize_matrix(lin.weight, None, cfg.for_module(full))
     record_results(cfg, results)
     _replace_with_packed(model, results, cfg)
     _mark_quantized(model, cfg)
