@@ -852,7 +852,9 @@ def pq_encode(
 
 
 VARIANTS = ("l1", "smem", "cuda")
-DEFAULT_VARIANT = "smem"  # what variant=None picks where the smem kernel supports the shape (else "l1")
+# What variant=None picks: the first of these that supports the call ("cuda": kernels/million_cuda.py's conditions;
+# "smem": see _smem_chunks; "l1" takes every shape). "cuda" goes first once a GPU run has measured it faster.
+DEFAULT_ORDER = ("smem", "l1")
 _WORD_DTYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 _TABLES: dict[int, tuple] = {}  # id(codebook) -> (weakref, version, shape, dtype, packed table)
 
@@ -921,7 +923,7 @@ def _launch_config(
             f"chunk; got M={m}, DSUB={dsub}, K={k}, {elem_bytes}-byte elements, chunks={chunks}. Use variant='l1'."
         )
     if variant is None:
-        variant = DEFAULT_VARIANT if smem_chunks is not None else "l1"
+        variant = "smem" if smem_chunks is not None else "l1"
     if variant == "smem":
         bn = block_n or (16 if interp else (128 if rows == 16 else 64))  # 128 x 32 rows spills at D=128
         warps = num_warps or 8
@@ -929,6 +931,24 @@ def _launch_config(
         bn = block_n or (16 if interp else (16 if rows >= 128 and d >= 128 else (32 if d >= 128 or rows >= 64 else 64)))
         warps = num_warps or 4
     return variant, bn, warps, smem_chunks
+
+
+def _default_variant(q, codes_k, codes_v, cbk, gq: int, lq: int, chunks: int | None) -> str:
+    """The first variant of ``DEFAULT_ORDER`` that takes this call (``"l1"`` takes every shape)."""
+    for v in DEFAULT_ORDER:
+        if v == "smem":
+            _, m, k, dsub = cbk.shape
+            smem = _smem_chunks(m, dsub, k, q.element_size())
+            if smem is not None and (chunks is None or (m % chunks == 0 and (m // chunks) * dsub >= 16)):
+                return v
+        elif v == "cuda":
+            from .million_cuda import supports
+
+            if supports(q, codes_k, codes_v, cbk, gq, lq) is None:
+                return v
+        else:
+            return v
+    return "l1"
 
 
 def _num_splits(n: int, bh: int, block_n: int, device: torch.device) -> int:
@@ -978,7 +998,7 @@ def million_attention(
             ``DSUB * element bytes`` of 2, 4 or 8 and ``M / chunks * DSUB >= 16``), ``"cuda"`` is the CUDA
             kernel of :mod:`kernels.million_cuda` (compiled at run time; both tables in shared memory once per
             block; float16/bfloat16, DSUB 2 or 4, 256 centroids, ``GQ * Lq <= 16``; raises where it does not
-            apply). None: ``DEFAULT_VARIANT`` where it supports the shape, else ``"l1"``.
+            apply). None: the first variant of ``DEFAULT_ORDER`` that supports the call.
         chunks: smem variant only: subspace chunks (1, 2 or 4) gathered one after the other (default: 16
             subspaces per chunk).
 
@@ -1057,6 +1077,8 @@ def million_attention(
         q = q.contiguous()
     cbk, cbv = codebook_k.contiguous(), codebook_v.contiguous()
     interp = _interpreting()
+    if variant is None:
+        variant = _default_variant(q, codes_k, codes_v, cbk, gq, lq, chunks)
     if variant == "cuda":
         from . import million_cuda
 

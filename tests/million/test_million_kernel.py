@@ -242,3 +242,15 @@ def test_encode_loop_kernel_other_subspace_sizes(triton_interpret, dsub, m):
     assert torch.equal(pq_encode(x, cb, encode_variant="loop"), pq_encode_reference(x, cb))
     with pytest.raises(HfEffllmError, match="encode_variant='fast'"):
         pq_encode(x, cb, encode_variant="fast")
+
+
+def test_default_variant_is_the_first_of_the_order_that_takes_the_call(triton_interpret, monkeypatch):
+    import hf_effllm.kernels.million as km
+
+    q, ck, cv, cbk, cbv, rk, rv, cm, rm = _inputs(1, 4, 2, 1, 40, 3, 16, 8, 16, 1, torch.float32)
+    monkeypatch.setattr(km, "DEFAULT_ORDER", ("cuda", "smem", "l1"))
+    assert km._default_variant(q, ck, cv, cbk, 2, 1, None) == "smem"  # no CUDA here
+    assert km._default_variant(q, ck, cv, cbk, 2, 1, 3) == "l1"  # smem does not take 3 chunks of M=8
+    ref = million_attention_reference(q, ck, cv, cbk, cbv, rk, rv, scale=0.25, code_mask=cm, res_mask=rm)
+    out = million_attention(q, ck, cv, cbk, cbv, rk, rv, scale=0.25, code_mask=cm, res_mask=rm, use_kernel=True)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
