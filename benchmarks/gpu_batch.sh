@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One GPU session's work in named steps, each with its own time limit; results and logs go to /tmp/r and are tarred
+# to $OUT/results.tgz after every step, so a step that fails or runs out of time keeps what came before.
+#
+# On the device (after `mkdir -p /root/stash && cp .device/a/* /root/stash/` in an earlier call, see
+# benchmarks/device_prepare.sh), carrying .device/b and .whl:
+#     bash benchmarks/gpu_batch.sh gpu_tests million spqr_speed
+#     bash benchmarks/gpu_batch.sh muon_decode spqr_quality
+# Steps (in the order of the open targets):
+#   gpu_tests     pytest -m gpu: bf16 and CUDA-only correctness (SpQR, MILLION incl. variant='cuda', SeerAttention)
+#   million       million_speed --skip-e2e: decode kernels l1/smem/cuda vs sdpa, the CUDA codes kernel alone, encode
+#   million_e2e   million_speed end to end (generate at 32k: time per token, time to first token, memory)
+#   spqr_speed    spqr_speed --skip-decode: matvec/matmul v1 vs v2 vs bf16
+#   muon_decode   muon_mla_moe: the four recipes, decode timed interleaved after training
+#   spqr_quality  spqr_quality with full calibration: 3.6-bit tuned, k/v at 4 bits (plain, tuned); _b: 4.6-bit tuned
+#   seer_speed    seer_speed at 32k (block-max sweep)
+set +e
+source benchmarks/device_prepare.sh || exit 1
+R=/tmp/r
+REPO=$(pwd)
+mkdir -p "$R"
+save() { tar czf "$OUT/.t.tgz" -C /tmp r && mv "$OUT/.t.tgz" "$OUT/results.tgz"; }
+bench() { python3 benchmarks/run.py "$1" --timeout "$2" --results-dir "$R"; }
+for step in "$@"; do
+  echo "=== $step $(date -u +%H:%M:%S)"
+  case "$step" in
+    # from /tmp: with the repo root on sys.path, the source tree's hf_effllm (no kernels/ inside) would shadow the
+    # laid-out package in /tmp/hfe
+    gpu_tests) (cd /tmp && timeout 900 python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
+                  -c "$REPO/pyproject.toml" --rootdir "$REPO" "$REPO/tests") > "$R/gpu_tests.log" 2>&1
+               tail -30 "$R/gpu_tests.log" ;;
+    million) bench "million_speed --skip-e2e" 600 ;;
+    million_e2e) bench "million_speed" 600 ;;
+    spqr_speed) bench "spqr_speed --skip-decode" 420 ;;
+    muon_decode) bench "muon_mla_moe" 600 ;;
+    spqr_quality) bench "spqr_quality --tag a --variants 'float,SpQR ~3.6 bits tuned,SpQR ~3.6 bits kv4,SpQR ~3.6 bits kv4 tuned'" 590 ;;
+    spqr_quality_b) bench "spqr_quality --tag b --variants 'float,SpQR ~4.6 bits tuned'" 590 ;;
+    seer_speed) bench "seer_speed --seqs 32768" 600 ;;
+    *) echo "unknown step $step" ;;
+  esac
+  save
+done
