@@ -97,6 +97,16 @@ def rtn_quantize(model: torch.nn.Module, cfg: SpQRConfig) -> None:
     _mark_quantized(model, cfg)
 
 
+def _scalar(text: str) -> int | float | str:
+    """A ``--set`` value: an int, else a float (``inf`` too), else the text (e.g. ``permutation=identity``)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def disk_mb(model: torch.nn.Module) -> float:
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
@@ -129,7 +139,7 @@ def main() -> None:
         key, _, value = item.partition("=")
         if not value:
             p.error(f"--set item {item!r} is not key=value")
-        overrides[key.strip()] = float(value) if any(c in value for c in ".e") else int(value)
+        overrides[key.strip()] = _scalar(value.strip())
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
