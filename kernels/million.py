@@ -856,21 +856,38 @@ VARIANTS = ("l1", "smem", "cuda")
 # "smem": see _smem_chunks; "l1" takes every shape). "cuda" goes first once a GPU run has measured it faster.
 DEFAULT_ORDER = ("smem", "l1")
 _WORD_DTYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-_TABLES: dict[int, tuple] = {}  # id(codebook) -> (weakref, version, shape, dtype, packed table)
+_TABLES: dict[int, tuple] = {}  # id(codebook) -> (weakref, (version, shape, dtype), packed table)
 
 
-def _smem_chunks(m: int, dsub: int, k: int, elem_bytes: int) -> int | None:
-    """Default number of subspace chunks of the smem kernel, or None when it does not support the shape.
+def _smem_chunks(m: int, dsub: int, k: int, elem_bytes: int, chunks: int | None = None) -> int | None:
+    """Number of subspace chunks of the smem kernel (``chunks`` when given and valid, else the default), or None
+    when it does not support the shape.
 
     The table chunk is ``[K, MC]`` words, ``MC = M / chunks``; ``MC = 16`` keeps it at 16-32 KiB for K = 256
     (4 or 8-byte words). Each chunk's ``MC * DSUB`` columns feed a tensor-core dot, so they must be >= 16.
     """
     if dsub * elem_bytes not in _WORD_DTYPES or not (_pow2(m) and _pow2(dsub) and _pow2(k)):
         return None
-    for chunks in (max(1, m // 16), 4, 2, 1):
-        if chunks in (1, 2, 4) and m % chunks == 0 and (m // chunks) * dsub >= 16:
-            return chunks
+    for c in (chunks,) if chunks is not None else (max(1, m // 16), 4, 2, 1):
+        if c in (1, 2, 4) and m % c == 0 and (m // c) * dsub >= 16:
+            return c
     return None
+
+
+def memoized_per_tensor(cache: dict[int, tuple], tensor: torch.Tensor, build) -> torch.Tensor:
+    """``build(tensor)``, computed once per tensor object and in-place version (and shape and dtype); ``cache`` holds
+    at most 256 entries (those of freed tensors go first, then the oldest)."""
+    key = id(tensor)
+    hit = cache.get(key)
+    state = (tensor._version, tuple(tensor.shape), tensor.dtype)
+    if hit is not None and hit[0]() is tensor and hit[1] == state:
+        return hit[2]
+    out = build(tensor)
+    if len(cache) >= 256:
+        for k_ in [k_ for k_, v in cache.items() if v[0]() is None] or list(cache)[:64]:
+            del cache[k_]
+    cache[key] = (weakref.ref(tensor), state, out)
+    return out
 
 
 def _packed_table(codebook: torch.Tensor) -> torch.Tensor:
@@ -879,25 +896,16 @@ def _packed_table(codebook: torch.Tensor) -> torch.Tensor:
 
     Memoized per codebook tensor (identity and in-place version), so a cache layer's codebooks are packed once.
     """
-    key = id(codebook)
-    hit = _TABLES.get(key)
-    if (
-        hit is not None
-        and hit[0]() is codebook
-        and hit[1:4] == (codebook._version, tuple(codebook.shape), codebook.dtype)
-    ):
-        return hit[4]
-    word = _WORD_DTYPES[codebook.shape[-1] * codebook.element_size()]
-    table = codebook.contiguous().view(word)[..., 0].transpose(1, 2).contiguous()
-    if len(_TABLES) >= 256:  # drop entries of freed codebooks, then the oldest
-        for k_ in [k_ for k_, v in _TABLES.items() if v[0]() is None] or list(_TABLES)[:64]:
-            del _TABLES[k_]
-    _TABLES[key] = (weakref.ref(codebook), codebook._version, tuple(codebook.shape), codebook.dtype, table)
-    return table
+
+    def pack(cb: torch.Tensor) -> torch.Tensor:
+        word = _WORD_DTYPES[cb.shape[-1] * cb.element_size()]
+        return cb.contiguous().view(word)[..., 0].transpose(1, 2).contiguous()
+
+    return memoized_per_tensor(_TABLES, codebook, pack)
 
 
 def _launch_config(
-    variant: str | None,
+    variant: str,
     rows: int,
     d: int,
     m: int,
@@ -914,16 +922,12 @@ def _launch_config(
     Every combination this picks for D in (64, 128), M in (D/2, D/4), GQ * Lq <= 128 compiles with triton 3.6
     for sm_90 without register spills (checked with scripts/aot_check.py; see the module docstring).
     """
-    smem_chunks = _smem_chunks(m, dsub, k, elem_bytes)
-    if chunks is not None and smem_chunks is not None:
-        smem_chunks = chunks if m % chunks == 0 and (m // chunks) * dsub >= 16 else None
+    smem_chunks = _smem_chunks(m, dsub, k, elem_bytes, chunks)
     if variant == "smem" and smem_chunks is None:
         raise HfEffllmError(
             f"variant='smem' needs power-of-two M/DSUB/K, a centroid of 2, 4 or 8 bytes and >= 16 columns per "
             f"chunk; got M={m}, DSUB={dsub}, K={k}, {elem_bytes}-byte elements, chunks={chunks}. Use variant='l1'."
         )
-    if variant is None:
-        variant = "smem" if smem_chunks is not None else "l1"
     if variant == "smem":
         bn = block_n or (16 if interp else (128 if rows == 16 else 64))  # 128 x 32 rows spills at D=128
         warps = num_warps or 8
@@ -938,8 +942,7 @@ def _default_variant(q, codes_k, codes_v, cbk, gq: int, lq: int, chunks: int | N
     for v in DEFAULT_ORDER:
         if v == "smem":
             _, m, k, dsub = cbk.shape
-            smem = _smem_chunks(m, dsub, k, q.element_size())
-            if smem is not None and (chunks is None or (m % chunks == 0 and (m // chunks) * dsub >= 16)):
+            if _smem_chunks(m, dsub, k, q.element_size(), chunks) is not None:
                 return v
         elif v == "cuda":
             from .million_cuda import supports
@@ -1085,16 +1088,11 @@ def million_attention(
         why = million_cuda.supports(q, codes_k, codes_v, cbk, gq, lq)
         if why is not None:
             raise HfEffllmError(f"variant='cuda' does not run here: {why}. Use variant='smem' or 'l1'.")
-        bn, warps, smem_chunks = 32, None, None
+        splits, split_len = million_cuda.split_plan(n, b * hkv, q.device, num_splits)
     else:
         variant, bn, warps, smem_chunks = _launch_config(
             variant, rows, d, m, dsub, k, q.element_size(), interp, block_n, num_warps, chunks
         )
-    if variant == "cuda":
-        from .million_cuda import split_plan
-
-        splits, split_len = split_plan(n, b * hkv, q.device, num_splits)
-    else:
         splits = num_splits or (_num_splits(n, b * hkv, bn, q.device) if n > 0 else 0)
         splits = min(splits, max(1, triton.cdiv(n, bn))) if n > 0 else 0
         if splits > 0:

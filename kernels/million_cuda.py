@@ -40,12 +40,13 @@ Example:
 from __future__ import annotations
 
 import struct
-import weakref
 from typing import Any
 
 import torch
 
 from hf_effllm.errors import HfEffllmError
+
+from .million import memoized_per_tensor
 
 __all__ = [
     "available",
@@ -388,27 +389,22 @@ def smem_bytes(d: int, m: int, nwarps: int = NWARPS) -> int:
     return 2 * 256 * d * 2 + nwarps * (32 * 20 + 16) * 4 + nwarps * 32 * m
 
 
-_SWIZZLED: dict[int, tuple] = {}  # id(packed table) -> (weakref, version, swizzled copy)
+_SWIZZLED: dict[int, tuple] = {}  # id(packed table) -> (weakref, (version, shape, dtype), swizzled copy)
 
 
 def swizzled_table(table: torch.Tensor) -> torch.Tensor:
     """The packed code-major K table ``(G, K, M)`` with each code's row XOR-swizzled as the kernel reads it: word
     ``m`` of centroid ``c`` at column ``m ^ (c & SWZ)`` (``SWZ + 1`` = the subspaces one bank sweep holds: 32 for
     4-byte words, 16 for 8-byte words, at most ``M``). Memoized per table tensor (identity and version)."""
-    key = id(table)
-    hit = _SWIZZLED.get(key)
-    if hit is not None and hit[0]() is table and hit[1] == table._version:
-        return hit[2]
-    k, m = table.shape[-2:]
-    swz = min(m, 32 // (table.element_size() // 4)) - 1
-    c = torch.arange(k, device=table.device)[:, None]
-    idx = torch.arange(m, device=table.device)[None, :] ^ (c & swz)  # involution: source column of each slot
-    out = table.gather(-1, idx.expand(*table.shape[:-2], k, m).contiguous()).contiguous()
-    if len(_SWIZZLED) >= 256:
-        for k_ in [k_ for k_, v in _SWIZZLED.items() if v[0]() is None] or list(_SWIZZLED)[:64]:
-            del _SWIZZLED[k_]
-    _SWIZZLED[key] = (weakref.ref(table), table._version, out)
-    return out
+
+    def swizzle(t: torch.Tensor) -> torch.Tensor:
+        k, m = t.shape[-2:]
+        swz = min(m, 32 // (t.element_size() // 4)) - 1
+        c = torch.arange(k, device=t.device)[:, None]
+        idx = torch.arange(m, device=t.device)[None, :] ^ (c & swz)  # involution: source column of each slot
+        return t.gather(-1, idx.expand(*t.shape[:-2], k, m).contiguous()).contiguous()
+
+    return memoized_per_tensor(_SWIZZLED, table, swizzle)
 
 
 def available() -> bool:
@@ -460,19 +456,19 @@ def _cdiv(a: int, b: int) -> int:
 _KERNELS: dict[tuple, Any] = {}
 
 
-def _compiled(key: tuple, device: torch.device) -> Any:
-    """The kernel for ``key = (d, m, gq, lq, hkv, bf16, per_head, has_mask, nwarps)`` on ``device``; the source is
-    generated and compiled on the first call only (a dict lookup afterwards: no per-call source hashing)."""
+def _compiled(key: tuple, device: torch.device) -> tuple[Any, int]:
+    """``(kernel, shared-memory bytes)`` for ``key = (d, m, gq, lq, hkv, bf16, per_head, has_mask, nwarps)`` on
+    ``device``; the source is generated and compiled on the first call only (a dict lookup afterwards)."""
     full = (*key, device.index if device.index is not None else torch.cuda.current_device())
-    kernel = _KERNELS.get(full)
-    if kernel is None:
+    hit = _KERNELS.get(full)
+    if hit is None:
         d, m, gq, lq, hkv, bf16, per_head, has_mask, nwarps = key
         src = cuda_source(
             d=d, m=m, gq=gq, lq=lq, hkv=hkv, bf16=bf16, per_head=per_head, has_mask=has_mask, nwarps=nwarps
         )
+        smem = smem_bytes(d, m, nwarps)
         with torch.cuda.device(device):
             kernel = torch.cuda._compile_kernel(src, "million_codes_cuda")
-            smem = smem_bytes(d, m, nwarps)
             if smem >= 48 * 1024:
                 if not hasattr(kernel, "set_shared_memory_config"):
                     raise HfEffllmError(
@@ -480,8 +476,8 @@ def _compiled(key: tuple, device: torch.device) -> Any:
                         f"shared memory; use variant='smem'."
                     )
                 kernel.set_shared_memory_config(smem)
-        _KERNELS[full] = kernel
-    return kernel
+        hit = _KERNELS[full] = (kernel, smem)
+    return hit
 
 
 def million_codes_cuda(
@@ -508,9 +504,8 @@ def million_codes_cuda(
     """Write the per-split partials (output, max, sum; ``ROWS`` rows per (batch, KV head, split)) of the codes.
 
     ``table_v`` is the packed code-major table of :func:`kernels.million._packed_table`, ``table_k`` that table
-    passed through :func:`swizzled_table`; the other
-    arguments are those of the Triton code kernels; ``nwarps`` (1-16) overrides :func:`num_warps`. Callers check
-    :func:`supports` first.
+    passed through :func:`swizzled_table`; the other arguments are those of the Triton code kernels; ``nwarps``
+    (1-16) overrides :func:`num_warps`. Callers check :func:`supports` first.
     """
     b = q.shape[0]
     d = q.shape[-1]
@@ -523,7 +518,7 @@ def million_codes_cuda(
     if splits > 65535:
         raise HfEffllmError(f"splits={splits} exceeds the grid limit 65535; use fewer splits.")
     key = (d, m, gq, lq, hkv, q.dtype == torch.bfloat16, per_head, code_mask is not None, warps)
-    kernel = _compiled(key, q.device)
+    kernel, smem = _compiled(key, q.device)
     cm = code_mask if code_mask is not None else part_m
     scale_bits = struct.unpack("<i", struct.pack("<f", scale))[0]  # a float argument's C type differs by torch version
     with torch.cuda.device(q.device):
@@ -538,5 +533,5 @@ def million_codes_cuda(
                 codes_v.stride(0), codes_v.stride(1), codes_v.stride(2),
                 table_k.stride(0) if per_head else 0, cm.stride(0) if code_mask is not None else 0,
             ],
-            shared_mem=smem_bytes(d, m, warps),
+            shared_mem=smem,
         )  # fmt: skip

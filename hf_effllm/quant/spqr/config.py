@@ -195,6 +195,7 @@ class SpQRConfig(QuantizationConfigMixin):
             return
         if not isinstance(dyn, dict):
             raise HfEffllmError(f"dynamic={dyn!r} must be a dict {{regex: {{field: value}}}} or None.")
+        rules = {}
         for pattern, fields in dyn.items():
             try:
                 re.compile(pattern)
@@ -206,11 +207,13 @@ class SpQRConfig(QuantizationConfigMixin):
             if unknown:
                 raise HfEffllmError(f"dynamic[{pattern!r}] sets {unknown}; a rule may set only {list(DYNAMIC_FIELDS)}.")
             if fields.get("outlier_threshold") in ("inf", "Infinity"):  # as read back from config.json
-                fields["outlier_threshold"] = float("inf")
+                fields = {**fields, "outlier_threshold": float("inf")}  # a copy: the caller's dict stays as given
             try:
                 self._derived(fields).post_init()
             except HfEffllmError as e:
                 raise HfEffllmError(f"dynamic[{pattern!r}]: {e}") from None
+            rules[pattern] = fields
+        self.dynamic = rules
 
     def _derived(self, fields: dict[str, Any]) -> SpQRConfig:
         out = copy.copy(self)

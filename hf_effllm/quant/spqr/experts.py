@@ -117,7 +117,7 @@ def attach(module: nn.Module, param: str, holder: SpQRExpertWeights) -> None:
 
 
 def empty_holder(
-    num_experts: int, records: dict[int, dict[str, Any]], config: SpQRConfig, module_name: str = "", param: str = ""
+    num_experts: int, records: dict[int, dict[str, Any]], config: SpQRConfig, module_name: str, param: str
 ) -> SpQRExpertWeights:
     """Meta-device ``SpQRLinear`` shells sized by the records (for loading a packed checkpoint); ``module_name`` and
     ``param`` name the records for ``config.dynamic``."""
