@@ -8,6 +8,7 @@
 #     bash benchmarks/gpu_batch.sh muon_decode spqr_quality
 # Steps (in the order of the open targets):
 #   gpu_tests     pytest -m gpu: bf16 and CUDA-only correctness (SpQR, MILLION incl. variant='cuda', SeerAttention)
+#   million_tests pytest -m gpu tests/million only
 #   million       million_speed --skip-e2e: decode kernels l1/smem/cuda vs sdpa, the CUDA codes kernel alone, encode
 #   million_e2e   million_speed end to end (generate at 32k: time per token, time to first token, memory)
 #   spqr_speed    spqr_speed --skip-decode: matvec/matmul v1 vs v2 vs bf16
@@ -20,15 +21,19 @@ R=/tmp/r
 REPO=$(pwd)
 mkdir -p "$R"
 save() { tar czf "$OUT/.t.tgz" -C /tmp r && mv "$OUT/.t.tgz" "$OUT/results.tgz"; }
-bench() { python3 benchmarks/run.py "$1" --timeout "$2" --results-dir "$R"; }
+# a step's limit: $2 seconds, or T_<STEP> (upper case) when set, e.g. T_MILLION=300
+bench() { local t="T_${step^^}"; python3 benchmarks/run.py "$1" --timeout "${!t:-$2}" --results-dir "$R"; }
 for step in "$@"; do
   echo "=== $step $(date -u +%H:%M:%S)"
   case "$step" in
     # from /tmp: with the repo root on sys.path, the source tree's hf_effllm (no kernels/ inside) would shadow the
     # laid-out package in /tmp/hfe
-    gpu_tests) (cd /tmp && timeout 900 python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
+    gpu_tests) (cd /tmp && timeout "${T_GPU_TESTS:-900}" python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
                   -c "$REPO/pyproject.toml" --rootdir "$REPO" "$REPO/tests") > "$R/gpu_tests.log" 2>&1
                tail -30 "$R/gpu_tests.log" ;;
+    million_tests) (cd /tmp && timeout "${T_MILLION_TESTS:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider \
+                  -c "$REPO/pyproject.toml" --rootdir "$REPO" "$REPO/tests/million") > "$R/million_tests.log" 2>&1
+                   tail -5 "$R/million_tests.log" ;;
     million) bench "million_speed --skip-e2e" 600 ;;
     million_e2e) bench "million_speed" 600 ;;
     spqr_speed) bench "spqr_speed --skip-decode" 420 ;;

@@ -221,6 +221,61 @@ def _cuda_codes_only_ms(q, ck, cv, cbk, cbv, d, warps) -> float:
     )
 
 
+def bench_host(run, dev):
+    """Batch 1, 8k, 4 bits: host microseconds per call (200 calls queued without a sync) of ``million_attention`` per
+    variant and of the CUDA path's parts, and the GPU time of the whole call alone (one CUDA graph); a profiler
+    table of the CUDA path goes to the log. When the host time exceeds the GPU time, eager decode is launch-bound."""
+    from hf_effllm.benchmarking import graph_time_ms
+
+    m = D // 2
+    q, ck, cv, cbk, cbv, rk, rv = _inputs(1, HQ, HKV, 8192, WINDOW, D, m, K, torch.bfloat16, dev, seed=1)
+
+    def host_us(fn, reps=200):
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        us = (time.perf_counter() - t0) / reps * 1e6
+        torch.cuda.synchronize()
+        return us
+
+    splits, split_len = million_cuda.split_plan(8192, HKV, q.device)
+    po = torch.empty(HKV * splits * million_cuda.ROWS * D, dtype=torch.float32, device=dev)
+    pm = torch.empty(HKV * splits * million_cuda.ROWS, dtype=torch.float32, device=dev)
+    pl = torch.empty_like(pm)
+    tk, tv = million_cuda.swizzled_table(_packed_table(cbk)), _packed_table(cbv)
+    codes_kw = dict(n=8192, split_len=split_len, splits=splits, scale=D**-0.5, hkv=HKV, gq=HQ // HKV, lq=1,
+                    per_head=False)  # fmt: skip
+    parts = {
+        "million_attention (cuda)": lambda: million_attention(q, ck, cv, cbk, cbv, rk, rv, scale=D**-0.5, variant="cuda"),
+        "million_attention (smem)": lambda: million_attention(q, ck, cv, cbk, cbv, rk, rv, scale=D**-0.5, variant="smem"),
+        "cuda codes kernel launch": lambda: million_cuda.million_codes_cuda(q, ck, cv, tk, tv, None, po, pm, pl,
+                                                                            **codes_kw),
+        "cuda supports()": lambda: million_cuda.supports(q, ck, cv, cbk, HQ // HKV, 1),
+        "cuda tables (memoized)": lambda: (million_cuda.swizzled_table(_packed_table(cbk)), _packed_table(cbv)),
+    }  # fmt: skip
+    for name, fn in parts.items():
+        us = host_us(fn)
+        gpu = None
+        if name.startswith("million_attention"):
+            try:
+                gpu = graph_time_ms([fn])
+            except Exception as e:  # a path that cannot be captured keeps its host figure
+                print(f"  host {name}: no CUDA graph ({type(e).__name__}: {str(e)[:100]})")
+        run.add(section="host", variant=name, batch=1, tokens=8192, ms=gpu, host_us=us,
+                note="ms: GPU time alone (CUDA graph)" if gpu is not None else "host only")  # fmt: skip
+        print(f"  host {name}: {us:.1f} us per call" + (f", GPU alone {gpu * 1e3:.1f} us" if gpu is not None else ""))
+    from torch.profiler import ProfilerActivity, profile
+
+    fn = parts["million_attention (cuda)"]
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
 def bench_encode(run, dev, quick):
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     n = 32768 if not quick else 512
@@ -321,13 +376,16 @@ def main(argv=None) -> int:
         run.meta[f"correctness ({variant})"] = "passed" if passed else "FAILED"
     print("[2/4] decode attention")
     bench_decode(run, dev, quick, ok)
+    if dev.type == "cuda":
+        print("[2b] host overhead at batch 1")
+        bench_host(run, dev)
     print("[3/4] prompt encoding")
     bench_encode(run, dev, quick)
     if not args.skip_e2e:
         print("[4/4] end-to-end generate")
         bench_e2e(run, dev, quick, args.prompt if not quick else 256, args.new_tokens if not quick else 4, args.layers)
-    cols = ["section", "variant", "batch", "tokens", "ms", "speedup", "tbps", "bytes", "ttft_s", "ms_per_token",
-            "cache_mib", "rel_err", "ok", "note"]  # fmt: skip
+    cols = ["section", "variant", "batch", "tokens", "ms", "speedup", "tbps", "bytes", "host_us", "ttft_s",
+            "ms_per_token", "cache_mib", "rel_err", "ok", "note"]  # fmt: skip
     if not args.no_write:
         print("wrote", *run.write(cols))
     print(markdown_table(run.rows, cols))

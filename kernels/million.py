@@ -853,8 +853,9 @@ def pq_encode(
 
 VARIANTS = ("l1", "smem", "cuda")
 # What variant=None picks: the first of these that supports the call ("cuda": kernels/million_cuda.py's conditions;
-# "smem": see _smem_chunks; "l1" takes every shape). "cuda" goes first once a GPU run has measured it faster.
-DEFAULT_ORDER = ("smem", "l1")
+# "smem": see _smem_chunks; "l1" takes every shape). On the H200 (benchmarks/results/million_speed.md) "cuda" is
+# 4-6x faster than "smem" at batch 16 and 8k-128k cached tokens.
+DEFAULT_ORDER = ("cuda", "smem", "l1")
 _WORD_DTYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 _TABLES: dict[int, tuple] = {}  # id(codebook) -> (weakref, (version, shape, dtype), packed table)
 
@@ -1080,12 +1081,13 @@ def million_attention(
         q = q.contiguous()
     cbk, cbv = codebook_k.contiguous(), codebook_v.contiguous()
     interp = _interpreting()
-    if variant is None:
+    chosen = variant is None  # the default is only picked where it runs (no second check)
+    if chosen:
         variant = _default_variant(q, codes_k, codes_v, cbk, gq, lq, chunks)
     if variant == "cuda":
         from . import million_cuda
 
-        why = million_cuda.supports(q, codes_k, codes_v, cbk, gq, lq)
+        why = None if chosen else million_cuda.supports(q, codes_k, codes_v, cbk, gq, lq)
         if why is not None:
             raise HfEffllmError(f"variant='cuda' does not run here: {why}. Use variant='smem' or 'l1'.")
         splits, split_len = million_cuda.split_plan(n, b * hkv, q.device, num_splits)

@@ -39,6 +39,8 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import struct
 from typing import Any
 
@@ -54,6 +56,7 @@ __all__ = [
     "million_codes_cuda",
     "num_warps",
     "smem_bytes",
+    "smem_limit",
     "split_plan",
     "supports",
     "swizzled_table",
@@ -128,6 +131,40 @@ __device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1)
 
 __device__ __forceinline__ u32 code_byte(const u32* cw, int i) { return (cw[i >> 2] >> ((i & 3) * 8)) & 255u; }
 
+// 16 bytes global -> shared without registers (bytes = 0: zero fill, nothing read)
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
+    const u32 d = (u32)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(d), "l"(src), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
+
+// value codes of the 32 tokens from T0 -> the warp's tile BUF (cp.async, zero past the end)
+#define ISSUE_V(T0, BUF)                                                                              \
+    for (int ci = lane; ci < 32 * (M_ / 16); ci += 32) {                                              \
+        const int tok = ci / (M_ / 16), part = ci % (M_ / 16);                                        \
+        const bool in = (T0) + tok < end;                                                             \
+        cp_async16(cvS + (BUF) * 32 * M_ + tok * M_ + part * 16,                                      \
+                   cv + cvb + (long long)(in ? (T0) + tok : start) * scv_n + part * 16, in ? 16 : 0); \
+    }
+// key codes of this thread's tokens T0 + nt * 8 + g (subspaces t4 * CB ...) -> registers
+#define LOAD_K(T0)                                                                                   \
+    _Pragma("unroll") for (int nt = 0; nt < 4; ++nt) {                                               \
+        const int tok = (T0) + nt * 8 + g;                                                           \
+        _Pragma("unroll") for (int i = 0; i < CB / 4; ++i) ckr[nt][i] = 0u;                          \
+        if (tok < end) {                                                                             \
+            const u8* src = ck + ckb + (long long)tok * sc_n + t4 * CB;                              \
+            LOAD_CB(ckr[nt], src);                                                                   \
+        }                                                                                            \
+    }
+#if CB == 16
+#define LOAD_CB(cw, src) { const uint4 w = *(const uint4*)(src); cw[0] = w.x; cw[1] = w.y; cw[2] = w.z; cw[3] = w.w; }
+#elif CB == 8
+#define LOAD_CB(cw, src) { const uint2 w = *(const uint2*)(src); cw[0] = w.x; cw[1] = w.y; }
+#else
+#define LOAD_CB(cw, src) { cw[0] = *(const u32*)(src); }
+#endif
+
 extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_cuda(
     const u16* __restrict__ q, const u8* __restrict__ ck, const u8* __restrict__ cv,
     const u32* __restrict__ tk, const u32* __restrict__ tv, const signed char* __restrict__ cmask,
@@ -142,7 +179,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_cuda(
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     float* pS = tiles + warp * (32 * PST + 16);  // probabilities [32 tokens][PST], then 16 rescale factors
     float* aS = pS + 32 * PST;
-    u8* cvS = (u8*)(tiles + NWARPS * (32 * PST + 16)) + warp * 32 * M_;
+    u8* cvS = (u8*)(tiles + NWARPS * (32 * PST + 16)) + warp * 2 * 32 * M_;  // two value-code tiles (double buffer)
 
     const int bh = blockIdx.x, sp = blockIdx.y;
     const int b = bh / HKV, h = bh % HKV;
@@ -193,35 +230,23 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_cuda(
             #pragma unroll
             for (int e = 0; e < DSUB; ++e) acc[r][mv][e] = 0.f;
 
-    for (int t0 = start + warp * 32; t0 < end; t0 += NWARPS * 32) {
-        // value codes of the 32 tokens -> shared memory (16-byte loads)
-        for (int ci = lane; ci < 32 * (M_ / 16); ci += 32) {
-            const int tok = ci / (M_ / 16), part = ci % (M_ / 16);
-            uint4 w;
-            w.x = w.y = w.z = w.w = 0u;
-            if (t0 + tok < end) w = *(const uint4*)(cv + cvb + (long long)(t0 + tok) * scv_n + part * 16);
-            *(uint4*)(cvS + tok * M_ + part * 16) = w;
-        }
+    // Software pipeline: while a tile's scores, softmax and values are computed, the next tile's key codes are in
+    // flight to registers and its value codes to the other shared-memory tile (cp.async).
+    int buf = 0;
+    u32 ckr[4][CB / 4];
+    int t0 = start + warp * 32;
+    if (t0 < end) {
+        ISSUE_V(t0, 0);
+        LOAD_K(t0);
+    }
+    cp_async_commit();
+    for (; t0 < end; t0 += NWARPS * 32) {
+        const int tn = t0 + NWARPS * 32;
         // scores of 16 rows x 32 tokens: four n-tiles of 8 tokens
         float s[4][4];
         #pragma unroll
         for (int nt = 0; nt < 4; ++nt) {
-            const int tok = t0 + nt * 8 + g;
-            u32 cw[CB / 4];
-            #pragma unroll
-            for (int i = 0; i < CB / 4; ++i) cw[i] = 0u;
-            if (tok < end) {
-                const u8* src = ck + ckb + (long long)tok * sc_n + t4 * CB;
-#if CB == 16
-                const uint4 w = *(const uint4*)src;
-                cw[0] = w.x; cw[1] = w.y; cw[2] = w.z; cw[3] = w.w;
-#elif CB == 8
-                const uint2 w = *(const uint2*)src;
-                cw[0] = w.x; cw[1] = w.y;
-#else
-                cw[0] = *(const u32*)src;
-#endif
-            }
+            const u32* cw = ckr[nt];
             float c[4] = {0.f, 0.f, 0.f, 0.f};
             #pragma unroll
             for (int ks = 0; ks < KS; ++ks) {
@@ -249,6 +274,12 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_cuda(
                 s[nt][2 + e] = ok ? c[2 + e] * scale : NEG_INF;
             }
         }
+        // the next tile's codes (the value-code tile it goes to was last read before the previous __syncwarp)
+        if (tn < end) {
+            LOAD_K(tn);
+            ISSUE_V(tn, buf ^ 1);
+        }
+        cp_async_commit();
         // online softmax: this thread holds rows g and g + 8, tokens nt * 8 + t4 * 2 + e
         #pragma unroll
         for (int rr = 0; rr < RR; ++rr) {
@@ -275,7 +306,9 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_cuda(
             m_r[rr] = m_new;
             if (t4 == 0) aS[g + 8 * rr] = alpha;
         }
+        cp_async_wait<1>();  // this tile's value codes (all but the group just committed) have landed
         __syncwarp();
+        const u8* cvT = cvS + buf * 32 * M_;
         // values: lane owns subspaces lane + 32 mv
         #pragma unroll
         for (int r = 0; r < NQ; ++r) {
@@ -294,7 +327,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_cuda(
             for (int mv = 0; mv < MV; ++mv) {
                 const int m = lane + 32 * mv;
                 if (M_ >= 32 || m < M_) {
-                    const u32 code = cvS[j * M_ + m];
+                    const u32 code = cvT[j * M_ + m];
                     float v[DSUB];
 #if WPS == 1
                     const u32 w = sV[code * M_ + m];
@@ -311,7 +344,9 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_cuda(
             }
         }
         __syncwarp();
+        buf ^= 1;
     }
+    cp_async_wait<0>();
 
     // merge the warps: accumulators [NWARPS][16][D] over the tables, maxima and sums after them
     __syncthreads();
@@ -385,8 +420,8 @@ def cuda_source(
 
 
 def smem_bytes(d: int, m: int, nwarps: int = NWARPS) -> int:
-    """Dynamic shared memory of one block: both tables, the per-warp probability and value-code tiles."""
-    return 2 * 256 * d * 2 + nwarps * (32 * 20 + 16) * 4 + nwarps * 32 * m
+    """Dynamic shared memory of one block: both tables, the per-warp probability tile and two value-code tiles."""
+    return 2 * 256 * d * 2 + nwarps * (32 * 20 + 16) * 4 + nwarps * 2 * 32 * m
 
 
 _SWIZZLED: dict[int, tuple] = {}  # id(packed table) -> (weakref, (version, shape, dtype), swizzled copy)
@@ -428,12 +463,58 @@ def supports(
         return f"K={k}, DSUB={dsub}, D={d}; the CUDA kernel takes K=256, DSUB 2 or 4, D 64 or 128"
     if gq * lq > ROWS:
         return f"GQ * Lq = {gq * lq} query rows per KV head; the CUDA kernel takes at most {ROWS}"
+    need, limit = smem_bytes(d, d // dsub, num_warps(gq * lq)), smem_limit(q.device)
+    if need > limit:
+        return f"it needs {need} bytes of shared memory per block at D={d}, M={d // dsub}; this GPU gives {limit}"
     for name, c in (("codes_k", codes_k), ("codes_v", codes_v)):
         if c.stride(-1) != 1 or any(st % 16 for st in c.stride()[:3]) or c.data_ptr() % 16:
             return f"{name} rows are not 16-byte aligned"
     if any(s >= 2**31 for c in (codes_k, codes_v) for s in c.stride()[:3]):
         return "code strides do not fit 32 bits"
     return None
+
+
+def smem_limit(device: torch.device) -> int:
+    """The most dynamic shared memory a block of ``device`` may opt in to (227 KiB on the H100/H200)."""
+    return _smem_limit(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _smem_limit(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    return int(getattr(props, "shared_memory_per_block_optin", 227 * 1024))
+
+
+@functools.lru_cache(maxsize=1)
+def _cu_launch_kernel() -> Any:
+    """The driver's ``cuLaunchKernel``, bound once. torch's ``_CudaKernel.__call__`` opens libcuda and looks the
+    function up again on every launch; with the argument conversion that cost 70 us of host time per call on the
+    H200 machine (``benchmarks/results/million_speed.md``, section host), three times the kernel's GPU time at
+    batch 1 and 8k cached tokens."""
+    fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernel
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
+    return fn
+
+
+def _launch(kernel: Any, grid: tuple[int, int, int], block: int, smem: int, ptrs: list, ints: list) -> None:
+    """Launch ``kernel`` (from ``torch.cuda._compile_kernel``) on the current stream: ``ptrs`` (tensors) then ``ints``
+    (32-bit) are its parameters, in that order. Falls back to the kernel's own ``__call__`` where torch's kernel
+    object has no ``func`` handle or the driver library is not found under its usual name."""
+    func = getattr(kernel, "func", None)
+    try:
+        launch = _cu_launch_kernel() if func is not None else None
+    except OSError:
+        launch = None
+    if launch is None:
+        kernel(grid=grid, block=(block, 1, 1), args=[*ptrs, *ints], shared_mem=smem)
+        return
+    vals = [ctypes.c_void_p(t.data_ptr()) for t in ptrs] + [ctypes.c_int(i) for i in ints]
+    params = (ctypes.c_void_p * len(vals))(*[ctypes.addressof(v) for v in vals])
+    stream = torch.cuda.current_stream().cuda_stream
+    rc = launch(func, grid[0], grid[1], grid[2], block, 1, 1, smem, stream, params, None)
+    if rc != 0:
+        raise HfEffllmError(f"cuLaunchKernel of the MILLION CUDA kernel failed with CUDA error {rc}.")
 
 
 def split_plan(n: int, bh: int, device: torch.device, splits: int | None = None) -> tuple[int, int]:
@@ -517,21 +598,25 @@ def million_codes_cuda(
         raise HfEffllmError(f"nwarps={nwarps} is out of range; use 1 to {NWARPS} (or None for the default).")
     if splits > 65535:
         raise HfEffllmError(f"splits={splits} exceeds the grid limit 65535; use fewer splits.")
+    if smem_bytes(d, m, warps) > smem_limit(q.device):
+        raise HfEffllmError(
+            f"nwarps={warps} needs {smem_bytes(d, m, warps)} bytes of shared memory per block at D={d}, M={m}; this "
+            f"GPU gives {smem_limit(q.device)}. Use fewer warps (the default, {num_warps(gq * lq)}, fits on the H100/H200)."
+        )
     key = (d, m, gq, lq, hkv, q.dtype == torch.bfloat16, per_head, code_mask is not None, warps)
     kernel, smem = _compiled(key, q.device)
     cm = code_mask if code_mask is not None else part_m
     scale_bits = struct.unpack("<i", struct.pack("<f", scale))[0]  # a float argument's C type differs by torch version
-    with torch.cuda.device(q.device):
-        kernel(
-            grid=(b * hkv, splits, 1),
-            block=(warps * 32, 1, 1),
-            args=[
-                q, codes_k, codes_v, table_k, table_v, cm, part_o, part_m, part_l,
-                int(n), int(split_len), int(splits), scale_bits,
-                q.stride(0), q.stride(1), q.stride(2),
-                codes_k.stride(0), codes_k.stride(1), codes_k.stride(2),
-                codes_v.stride(0), codes_v.stride(1), codes_v.stride(2),
-                table_k.stride(0) if per_head else 0, cm.stride(0) if code_mask is not None else 0,
-            ],
-            shared_mem=smem,
-        )  # fmt: skip
+    ptrs = [q, codes_k, codes_v, table_k, table_v, cm, part_o, part_m, part_l]
+    ints = [
+        int(n), int(split_len), int(splits), scale_bits,
+        q.stride(0), q.stride(1), q.stride(2),
+        codes_k.stride(0), codes_k.stride(1), codes_k.stride(2),
+        codes_v.stride(0), codes_v.stride(1), codes_v.stride(2),
+        table_k.stride(0) if per_head else 0, cm.stride(0) if code_mask is not None else 0,
+    ]  # fmt: skip
+    if q.device.index == torch.cuda.current_device():
+        _launch(kernel, (b * hkv, splits, 1), warps * 32, smem, ptrs, ints)
+    else:
+        with torch.cuda.device(q.device):
+            _launch(kernel, (b * hkv, splits, 1), warps * 32, smem, ptrs, ints)
