@@ -13,6 +13,8 @@ Sections (all in one run, baseline measured alongside):
    at 4 bits (M=64) and 2 bits (M=32), each variant at its best launch config of ``SWEEP`` (rows
    ``MILLION 4-bit (l1)``, ``MILLION 4-bit (smem)``, ...), vs ``sdpa`` over bf16 K/V of N+128 tokens
    (``enable_gqa``); bytes read (codes vs bf16 K/V) and the achieved TB/s are reported;
+   then, at batch 1 and 8k, the host time of one call per variant and of the CUDA path's parts, and the GPU time of
+   the whole call alone (CUDA graph) ("host" rows; a profiler table goes to the log);
 3. prompt encoding: ``pq_encode`` of a 32k-token prompt's K and V for one layer (time-to-first-token overhead per
    layer), both encode kernels (``loop``: one token per lane; ``chunked``: the first one), checked against the
    reference's codes, against one layer's sdpa prefill attention on the same prompt;

@@ -11,7 +11,10 @@ Layout (per block: one (batch, KV head, split of the codes); 8-16 warps, each ow
 
 * shared memory: the K table, code-major and XOR-swizzled (word of centroid ``c`` of subspace ``m`` at
   ``c * M + (m ^ (c & SWZ))``), and the V table, code-major and plain (``c * M + m``): 256 x D x 4 B = 128 KiB at
-  D=128 for both; per warp a 32 x 16 probability tile, 16 rescale factors and a 32 x M tile of value codes.
+  D=128 for both; per warp a 32 x 16 probability tile, 16 rescale factors and two 32 x M tiles of value codes.
+* a software pipeline per warp: while one 32-token tile is computed, the next tile's key codes are loaded into
+  registers and its value codes copied into the other value-code tile (``cp.async``), so HBM latency is hidden by
+  the work of the same warp (4-12% faster on the H200 than loading each tile when it is needed).
 * scores on the tensor cores: ``mma.m16n8k16`` with the (up to 16) query rows of the KV group as the A operand,
   held in registers for the whole kernel, and the centroid words gathered straight into the B fragments (no
   decoded key tile is written anywhere). The head dimension is permuted consistently in A and B so that each
