@@ -21,19 +21,17 @@ R=/tmp/r
 REPO=$(pwd)
 mkdir -p "$R"
 save() { tar czf "$OUT/.t.tgz" -C /tmp r && mv "$OUT/.t.tgz" "$OUT/results.tgz"; }
+# pytest -m gpu over $3 (a path under the repo) within $2 seconds, log to $R/$1.log. Run from /tmp: with the repo
+# root on sys.path, the source tree's hf_effllm (no kernels/ inside) would shadow the laid-out package in /tmp/hfe
+gpu_pytest() { (cd /tmp && timeout "$2" python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
+                 -c "$REPO/pyproject.toml" --rootdir "$REPO" "$REPO/$3") > "$R/$1.log" 2>&1; tail -30 "$R/$1.log"; }
 # a step's limit: $2 seconds, or T_<STEP> (upper case) when set, e.g. T_MILLION=300
 bench() { local t="T_${step^^}"; python3 benchmarks/run.py "$1" --timeout "${!t:-$2}" --results-dir "$R"; }
 for step in "$@"; do
   echo "=== $step $(date -u +%H:%M:%S)"
   case "$step" in
-    # from /tmp: with the repo root on sys.path, the source tree's hf_effllm (no kernels/ inside) would shadow the
-    # laid-out package in /tmp/hfe
-    gpu_tests) (cd /tmp && timeout "${T_GPU_TESTS:-900}" python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
-                  -c "$REPO/pyproject.toml" --rootdir "$REPO" "$REPO/tests") > "$R/gpu_tests.log" 2>&1
-               tail -30 "$R/gpu_tests.log" ;;
-    million_tests) (cd /tmp && timeout "${T_MILLION_TESTS:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider \
-                  -c "$REPO/pyproject.toml" --rootdir "$REPO" "$REPO/tests/million") > "$R/million_tests.log" 2>&1
-                   tail -5 "$R/million_tests.log" ;;
+    gpu_tests) gpu_pytest gpu_tests "${T_GPU_TESTS:-900}" tests ;;
+    million_tests) gpu_pytest million_tests "${T_MILLION_TESTS:-300}" tests/million ;;
     million) bench "million_speed --skip-e2e" 600 ;;
     million_e2e) bench "million_speed" 600 ;;
     spqr_speed) bench "spqr_speed --skip-decode" 420 ;;

@@ -188,8 +188,9 @@ def bench_decode(run, dev, quick, ok):
                 del ck, cv, rk, rv
 
 
-def _cuda_codes_only_ms(q, ck, cv, cbk, cbv, d, warps) -> float:
-    """Time of the CUDA codes kernel alone, with the splits ``million_attention`` would use."""
+def _cuda_codes_call(q, ck, cv, cbk, cbv, d, warps):
+    """A call of the CUDA codes kernel alone (no window, no merge), with the splits ``million_attention`` would use
+    and its partials allocated once."""
     b, hq = q.shape[:2]
     hkv, n = ck.shape[1], ck.shape[2]
     splits, split_len = million_cuda.split_plan(n, b * hkv, q.device)
@@ -197,30 +198,15 @@ def _cuda_codes_only_ms(q, ck, cv, cbk, cbv, d, warps) -> float:
     pm = torch.empty(b * hkv * splits * million_cuda.ROWS, dtype=torch.float32, device=q.device)
     pl = torch.empty_like(pm)
     tk, tv = million_cuda.swizzled_table(_packed_table(cbk)), _packed_table(cbv)
-    return time_ms(
-        lambda: million_cuda.million_codes_cuda(
-            q,
-            ck,
-            cv,
-            tk,
-            tv,
-            None,
-            po,
-            pm,
-            pl,
-            n=n,
-            split_len=split_len,
-            splits=splits,
-            scale=d**-0.5,
-            hkv=hkv,
-            gq=hq // hkv,
-            lq=1,
-            per_head=False,
-            nwarps=warps,
-        ),
-        warmup=25,
-        rep=100,
-    )
+    return lambda: million_cuda.million_codes_cuda(
+        q, ck, cv, tk, tv, None, po, pm, pl, n=n, split_len=split_len, splits=splits, scale=d**-0.5, hkv=hkv,
+        gq=hq // hkv, lq=1, per_head=False, nwarps=warps,
+    )  # fmt: skip
+
+
+def _cuda_codes_only_ms(q, ck, cv, cbk, cbv, d, warps) -> float:
+    """Time of the CUDA codes kernel alone, with the splits ``million_attention`` would use."""
+    return time_ms(_cuda_codes_call(q, ck, cv, cbk, cbv, d, warps), warmup=25, rep=100)
 
 
 def bench_host(run, dev):
@@ -242,18 +228,10 @@ def bench_host(run, dev):
         torch.cuda.synchronize()
         return us
 
-    splits, split_len = million_cuda.split_plan(8192, HKV, q.device)
-    po = torch.empty(HKV * splits * million_cuda.ROWS * D, dtype=torch.float32, device=dev)
-    pm = torch.empty(HKV * splits * million_cuda.ROWS, dtype=torch.float32, device=dev)
-    pl = torch.empty_like(pm)
-    tk, tv = million_cuda.swizzled_table(_packed_table(cbk)), _packed_table(cbv)
-    codes_kw = dict(n=8192, split_len=split_len, splits=splits, scale=D**-0.5, hkv=HKV, gq=HQ // HKV, lq=1,
-                    per_head=False)  # fmt: skip
     parts = {
         "million_attention (cuda)": lambda: million_attention(q, ck, cv, cbk, cbv, rk, rv, scale=D**-0.5, variant="cuda"),
         "million_attention (smem)": lambda: million_attention(q, ck, cv, cbk, cbv, rk, rv, scale=D**-0.5, variant="smem"),
-        "cuda codes kernel launch": lambda: million_cuda.million_codes_cuda(q, ck, cv, tk, tv, None, po, pm, pl,
-                                                                            **codes_kw),
+        "cuda codes kernel launch": _cuda_codes_call(q, ck, cv, cbk, cbv, D, None),
         "cuda supports()": lambda: million_cuda.supports(q, ck, cv, cbk, HQ // HKV, 1),
         "cuda tables (memoized)": lambda: (million_cuda.swizzled_table(_packed_table(cbk)), _packed_table(cbv)),
     }  # fmt: skip

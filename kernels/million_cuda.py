@@ -42,6 +42,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import struct
@@ -601,10 +602,11 @@ def million_codes_cuda(
         raise HfEffllmError(f"nwarps={nwarps} is out of range; use 1 to {NWARPS} (or None for the default).")
     if splits > 65535:
         raise HfEffllmError(f"splits={splits} exceeds the grid limit 65535; use fewer splits.")
-    if smem_bytes(d, m, warps) > smem_limit(q.device):
+    need, limit = smem_bytes(d, m, warps), smem_limit(q.device)
+    if need > limit:
         raise HfEffllmError(
-            f"nwarps={warps} needs {smem_bytes(d, m, warps)} bytes of shared memory per block at D={d}, M={m}; this "
-            f"GPU gives {smem_limit(q.device)}. Use fewer warps (the default, {num_warps(gq * lq)}, fits on the H100/H200)."
+            f"nwarps={warps} needs {need} bytes of shared memory per block at D={d}, M={m}; this GPU gives {limit}. "
+            f"Use fewer warps (the default, {num_warps(gq * lq)}, fits on the H100/H200)."
         )
     key = (d, m, gq, lq, hkv, q.dtype == torch.bfloat16, per_head, code_mask is not None, warps)
     kernel, smem = _compiled(key, q.device)
@@ -618,8 +620,6 @@ def million_codes_cuda(
         codes_v.stride(0), codes_v.stride(1), codes_v.stride(2),
         table_k.stride(0) if per_head else 0, cm.stride(0) if code_mask is not None else 0,
     ]  # fmt: skip
-    if q.device.index == torch.cuda.current_device():
+    here = q.device.index == torch.cuda.current_device()  # no device switch on the hot path when none is needed
+    with contextlib.nullcontext() if here else torch.cuda.device(q.device):
         _launch(kernel, (b * hkv, splits, 1), warps * 32, smem, ptrs, ints)
-    else:
-        with torch.cuda.device(q.device):
-            _launch(kernel, (b * hkv, splits, 1), warps * 32, smem, ptrs, ints)
