@@ -9,14 +9,15 @@
 # Steps (in the order of the open targets):
 #   gpu_tests     pytest -m gpu: bf16 and CUDA-only correctness (SpQR, MILLION incl. variant='cuda', SeerAttention)
 #   million_tests pytest -m gpu tests/million only
+#   spqr_tests    pytest -m gpu tests/spqr only (the CUDA kernels against the reference)
 #   million       million_speed --skip-e2e: decode kernels l1/smem/cuda vs sdpa, the CUDA codes kernel alone, encode
 #   million_e2e   million_speed end to end (generate at 32k: time per token, time to first token, memory)
 #   spqr_speed    spqr_speed --skip-decode: matvec/matmul v1 vs v2 vs bf16
 #   muon_decode   muon_mla_moe: the four recipes, decode timed interleaved after training
 #   spqr_quality  spqr_quality with full calibration: 3.6-bit tuned, k/v at 4 bits (plain, tuned); _b: 4.6-bit tuned
 #   seer_speed    seer_speed at 32k (block-max sweep)
-set +e
 source benchmarks/device_prepare.sh || exit 1
+set +e  # device_prepare sets -e; a failing step must not end the batch
 R=/tmp/r
 REPO=$(pwd)
 mkdir -p "$R"
@@ -32,6 +33,7 @@ for step in "$@"; do
   case "$step" in
     gpu_tests) gpu_pytest gpu_tests "${T_GPU_TESTS:-900}" tests ;;
     million_tests) gpu_pytest million_tests "${T_MILLION_TESTS:-300}" tests/million ;;
+    spqr_tests) gpu_pytest spqr_tests "${T_SPQR_TESTS:-300}" tests/spqr ;;
     million) bench "million_speed --skip-e2e" 600 ;;
     million_e2e) bench "million_speed" 600 ;;
     spqr_speed) bench "spqr_speed --skip-decode" 420 ;;

@@ -5,10 +5,10 @@ Gaussian weight with 1% heavy-tailed entries is SpQR-quantized (3-bit codes, 16x
 outliers; identity Hessian, since speed does not depend on calibration). Then, for batch 1 and 16:
 
 1. correctness first: the Triton path against the PyTorch reference (dequantize in fp32, matmul), relative error;
-2. timing: bf16 ``x @ W^T`` with the dense weight, the SpQR fused kernel at its default launch settings, a sweep
-   of launch settings (rows per program x split-K x words per step) whose best entry is reported, for both kernel
-   variants (``v1``: the measured kernel; ``v2``: folded zero-point for one row, tensor cores for 2..16; columns
-   ``*_v2``), and the
+2. timing: bf16 ``x @ W^T`` with the dense weight, the SpQR fused kernels at their default launch settings, a sweep
+   of launch settings (Triton: rows per program x split-K x words per step; CUDA: warps x chunks in flight) whose
+   best entry is reported, for the three variants (``v1``: the first Triton kernel; ``v2``: folded zero-point for
+   one row, tensor cores for 2..16, columns ``*_v2``; ``cuda``: ``kernels.spqr_cuda``, columns ``*_cuda``), and the
    dequantize-then-matmul prefill path; eager (``do_bench``) and in a CUDA graph over distinct weight copies
    (no launch overhead, nothing L2-resident: how a decode step runs when captured);
 3. end to end: greedy decode tokens/s of the embedded SmolLM2-135M, bf16 vs SpQR (3-bit, quick calibration).
@@ -48,6 +48,8 @@ from hf_effllm.kernels.spqr import (  # noqa: E402
     spqr_gemv_triton,
     spqr_matmul_reference,
 )
+from hf_effllm.kernels.spqr_cuda import cuda_layout, spqr_dequantize_cuda, spqr_gemv_cuda  # noqa: E402
+from hf_effllm.kernels.spqr_cuda import supports as cuda_supports  # noqa: E402
 
 from hf_effllm import SpQRConfig, SpQRLinear  # noqa: E402
 from hf_effllm.benchmarking import BenchmarkRun, graph_time_ms, markdown_table, time_ms  # noqa: E402
@@ -57,6 +59,8 @@ FULL_SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096)]
 QUICK_SHAPES = [(96, 160), (160, 96)]
 SWEEP = [(bo, sk, bkw) for bo in (64, 128) for bkw in (8, 16) for sk in (4, 8, 16, 32)]
 VARIANTS = ("v1", "v2")  # kernels.spqr.GEMV_VARIANTS: v1 = the measured kernel, v2 = folded zero / tensor cores
+# kernels.spqr_cuda: warps per block x ring stages per warp x blocks per SM (the grid)
+CUDA_SWEEP = [(8, 8, 1), (8, 8, 2), (8, 8, 3), (8, 4, 2), (4, 8, 4), (4, 12, 3), (16, 4, 1), (16, 6, 1)]
 
 
 def make_layer(inp: int, out: int, device: torch.device, threshold: float) -> SpQRLinear:
@@ -78,82 +82,98 @@ def _copies(nbytes: int, total: int = 256 << 20) -> int:
     return max(1, -(-total // max(1, nbytes)))
 
 
-def measure(layer: SpQRLinear, x: torch.Tensor, dev: torch.device, quick: bool) -> dict[str, Any]:
-    """Correctness, then bf16 matmul vs the fused kernel (default launch and a sweep) vs dequantize + matmul.
+def _clone_layout(lay: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in lay.items()}
 
-    Two timings per variant: ``*_ms`` eager (``do_bench``, launch included, L2 flushed) and ``*_graph_ms`` (CUDA
-    graph over distinct copies of the weights, so launch overhead is gone and nothing is L2-resident: the regime
-    of a decode step captured in a graph). ``speedup`` is the graph ratio; ``speedup_eager`` the eager one."""
+
+def measure(layer: SpQRLinear, x: torch.Tensor, dev: torch.device, quick: bool) -> dict[str, Any]:
+    """Correctness, then bf16 matmul vs the fused kernels (default launch and a sweep) vs dequantize + matmul.
+
+    Variants: the Triton kernels ``v1`` and ``v2`` and the CUDA kernel ``cuda`` (GPU only). Two timings each:
+    ``*_ms`` eager (``do_bench``, launch included, L2 flushed) and ``*_graph_ms`` (CUDA graph over distinct copies
+    of the weights, so launch overhead is gone and nothing is L2-resident: the regime of a decode step captured in a
+    graph). ``speedup*`` is the graph ratio; ``speedup*_eager`` the eager one."""
     act = x.dtype
     t, meta = layer.packed_tensors(), layer.packed_meta()
     lay = kernel_layout(t, **meta)
+    use_cuda = dev.type == "cuda" and cuda_supports(x, meta) is None
+    clay = cuda_layout(t, **meta) if use_cuda else None
+    calls = {v: (lambda lo, v=v: spqr_gemv_triton(x, t, layout=lo, variant=v, **meta)) for v in VARIANTS}
+    if use_cuda:
+        calls["cuda"] = lambda lo: spqr_gemv_cuda(x, lo)
+    lays = {v: (clay if v == "cuda" else lay) for v in calls}
     w_dense = layer.dequantize().to(act)  # the same weight, dense, for the baseline
     ref = spqr_matmul_reference(x.float(), t, **meta)
-    errs = {v: rel_err(spqr_gemv_triton(x, t, layout=lay, variant=v, **meta), ref) for v in VARIANTS}
+    errs = {v: rel_err(fn(lays[v]), ref) for v, fn in calls.items()}
     err = max(errs.values())
     reps = dict(warmup=2, rep=5) if quick else dict(warmup=25, rep=100)
     base_ms = time_ms(lambda: torch.matmul(x, w_dense.T), device=dev, **reps)
-    fused_ms = time_ms(lambda: spqr_gemv_triton(x, t, layout=lay, variant="v1", **meta), device=dev, **reps)
-    v2_ms = time_ms(lambda: spqr_gemv_triton(x, t, layout=lay, variant="v2", **meta), device=dev, **reps)
-    deq_ms = time_ms(
+    row: dict[str, Any] = dict(ok=err < (2e-2 if act != torch.float32 else 1e-4), bf16_ms=base_ms)
+    for v, fn in calls.items():
+        sfx = "" if v == "v1" else f"_{v}"
+        ms = time_ms(lambda fn=fn, v=v: fn(lays[v]), device=dev, **reps)
+        row.update({f"rel_err{sfx}": errs[v], f"spqr{sfx}_ms": ms, f"speedup{sfx}_eager": base_ms / ms})
+    row["kernel_bits"] = round(8 * layout_bytes(lay) / (layer.in_features * layer.out_features), 3)
+    row["dequant_matmul_ms"] = time_ms(
         lambda: torch.matmul(x, spqr_dequantize_triton(t, dtype=act, layout=lay, original_order=True, **meta).T),
         device=dev,
         **reps,
     )
-    row: dict[str, Any] = dict(
-        rel_err=err,
-        rel_err_v2=errs["v2"],
-        ok=err < (2e-2 if act != torch.float32 else 1e-4),
-        kernel_bits=round(8 * layout_bytes(lay) / (layer.in_features * layer.out_features), 3),
-        bf16_ms=base_ms,
-        spqr_ms=fused_ms,
-        speedup_eager=base_ms / fused_ms,
-        spqr_v2_ms=v2_ms,
-        speedup_v2_eager=base_ms / v2_ms,
-        dequant_matmul_ms=deq_ms,
-    )
     if dev.type != "cuda":
         return row
+    if use_cuda:
+        row["kernel_cuda_bits"] = round(8 * layout_bytes(clay) / (layer.in_features * layer.out_features), 3)
+        row["dequant_matmul_cuda_ms"] = time_ms(
+            lambda: torch.matmul(x.index_select(-1, clay["perm_long"]), spqr_dequantize_cuda(clay, act).T),
+            device=dev,
+            **reps,
+        )
     dense = [w_dense.clone() for _ in range(_copies(w_dense.numel() * w_dense.element_size()))]
-    lays = [
-        {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in lay.items()}
-        for _ in range(_copies(layout_bytes(lay)))
-    ]
+    copies = {v: [_clone_layout(lays[v]) for _ in range(_copies(layout_bytes(lays[v])))] for v in calls}
     base_g = graph_time_ms([lambda w=w: torch.matmul(x, w.T) for w in dense])
-    best: dict[str, tuple[float, str]] = {}
+    sweeps: list[tuple[str, tuple, Any]] = []
     for variant, (bo, sk, bkw) in ((v, c) for v in VARIANTS for c in SWEEP):
         if variant == "v2" and x.shape[0] > 1 and bkw < 16:
             continue  # the tensor-core kernel takes at least 16 words a step: same as bkw=16
         nw = 8 if bo >= 256 else 4
-        fns = [
-            lambda lo=lo, bo=bo, sk=sk, nw=nw, bkw=bkw, variant=variant: spqr_gemv_triton(
+
+        def fn(lo, bo=bo, sk=sk, nw=nw, bkw=bkw, variant=variant):
+            return spqr_gemv_triton(
                 x, t, layout=lo, block_out=bo, split_k=sk, num_warps=nw, block_k_words=bkw, variant=variant, **meta
             )
-            for lo in lays
-        ]
+
+        sweeps.append((variant, f"BO={bo},split_k={sk},bkw={bkw},warps={nw}", fn))
+    if use_cuda:
+        for warps, stages, per_sm in CUDA_SWEEP:
+            sweeps.append(
+                (
+                    "cuda",
+                    f"warps={warps},stages={stages},blocks_per_sm={per_sm}",
+                    lambda lo, w=warps, s=stages, b=per_sm: spqr_gemv_cuda(x, lo, warps=w, stages=s, blocks_per_sm=b),
+                )
+            )
+    best: dict[str, tuple[float, str]] = {}
+    for variant, name, fn in sweeps:
         try:
-            ms = graph_time_ms(fns)
+            ms = graph_time_ms([lambda lo=lo, fn=fn: fn(lo) for lo in copies[variant]])
         except Exception as e:  # a launch setting the compiler rejects: report, keep sweeping
-            print(f"  {variant} BO={bo} split_k={sk} bkw={bkw}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+            print(f"  {variant} {name}: {type(e).__name__}: {str(e)[:120]}", flush=True)
             continue
         if variant not in best or ms < best[variant][0]:
-            best[variant] = (ms, f"BO={bo},split_k={sk},bkw={bkw},warps={nw}")
-    default_g = {
-        v: graph_time_ms([lambda lo=lo, v=v: spqr_gemv_triton(x, t, layout=lo, variant=v, **meta) for lo in lays])
-        for v in VARIANTS
-    }
-    row.update(bf16_graph_ms=base_g, spqr_graph_ms=default_g["v1"], speedup=base_g / default_g["v1"])
-    for v in VARIANTS:  # default launch, then the best of the sweep, per variant
+            best[variant] = (ms, name)
+    row["bf16_graph_ms"] = base_g
+    for v, fn in calls.items():  # default launch, then the best of the sweep, per variant
+        default_g = graph_time_ms([lambda lo=lo, fn=fn: fn(lo) for lo in copies[v]])
         b = best.get(v)
         sfx = "" if v == "v1" else f"_{v}"
-        if v != "v1":
-            row.update({f"spqr{sfx}_graph_ms": default_g[v], f"speedup{sfx}": base_g / default_g[v]})
         row.update(
             {
+                f"spqr{sfx}_graph_ms": default_g,
+                f"speedup{sfx}": base_g / default_g,
                 f"best{sfx}_graph_ms": b[0] if b else None,
                 f"best{sfx}_speedup": base_g / b[0] if b else None,
                 f"best{sfx}_launch": b[1] if b else None,
-                f"kernel{sfx}_gbps": (layout_bytes(lay) / 1e9) / ((b[0] if b else default_g[v]) / 1e3),
+                f"kernel{sfx}_gbps": (layout_bytes(lays[v]) / 1e9) / ((b[0] if b else default_g) / 1e3),
             }
         )
     return row
@@ -226,20 +246,22 @@ def main() -> None:
     p.add_argument("--outlier-threshold", type=float, default=0.2, help="SpQR outlier threshold (default 0.2)")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens generated in the decode test")
     p.add_argument("--skip-decode", action="store_true", help="only the kernel shapes")
+    p.add_argument("--skip-kernels", action="store_true", help="only the end-to-end decode")
     args = p.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type != "cuda" and not args.quick:
         raise SystemExit("spqr_speed.py needs a CUDA GPU; use --quick for the CPU smoke check.")
     run = BenchmarkRun(
-        "spqr_speed_quick" if args.quick else "spqr_speed",
-        "SpQR 3-bit (16x16 bi-level groups, act-order, 16-bit outliers) fused dequantize+matvec/matmul Triton kernel "
-        "vs bf16 torch.matmul on the same dense weight. speedup = bf16 time / SpQR time (>1 is faster) with both "
+        ("spqr_decode" if args.skip_kernels else "spqr_speed") + ("_quick" if args.quick else ""),
+        "SpQR 3-bit (16x16 bi-level groups, act-order, 16-bit outliers) fused dequantize+matvec/matmul kernels "
+        "(Triton v1, v2; CUDA: *_cuda) vs bf16 torch.matmul on the same dense weight. speedup = bf16 time / SpQR time (>1 is faster) with both "
         "timed in a CUDA graph over distinct weight copies (*_graph_ms: no launch overhead, weights not in L2); "
         "speedup_eager from do_bench (launch included). best_* is the fastest launch setting of a sweep; "
         "kernel_bits = bytes the kernel layout holds per weight x 8; dequant_matmul_ms is the prefill path.",
     )
     run.meta["outlier_threshold"] = args.outlier_threshold
-    kernel_rows(run, dev, args.quick, args.outlier_threshold)
+    if not args.skip_kernels:
+        kernel_rows(run, dev, args.quick, args.outlier_threshold)
     if not args.skip_decode:
         decode_rows(run, dev, args.quick, 8 if args.quick else args.new_tokens)
     json_path, md_path = run.write()

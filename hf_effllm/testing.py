@@ -103,6 +103,31 @@ def tiny_model(model_type: str = "llama", *, seed: int = 0, dtype: torch.dtype =
     return auto.from_config(config, dtype=dtype).eval()
 
 
+def spqr_layer(
+    out: int,
+    inp: int,
+    *,
+    bits: int = 3,
+    group_size: int = 16,
+    permutation: str = "act_order",
+    threshold: float = 0.1,
+    bias: bool = True,
+    seed: int = 0,
+):
+    """A random SpQR-quantized layer ``(SpQRLinear, SpQRResult)`` of shape (out, inp): Gaussian weights with 2%
+    heavy-tailed entries (so outliers appear), quantized with the Hessian of 256 random inputs."""
+    from .quant.spqr import SpQRConfig, SpQRLinear, spqr_quantize_matrix
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=g)
+    w[torch.rand(w.shape, generator=g) < 0.02] *= 8
+    x = torch.randn(256, inp, generator=g)
+    cfg = SpQRConfig(bits=bits, group_size=group_size, permutation=permutation, outlier_threshold=threshold)
+    res = spqr_quantize_matrix(w, 2 * x.T @ x / 256, cfg)
+    b = torch.randn(out, generator=g) if bias else None
+    return SpQRLinear.from_packed(res.tensors, cfg, in_features=inp, bias=b), res
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (for a test's process-group rendezvous)."""
     with socket.socket() as s:

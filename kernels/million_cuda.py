@@ -43,8 +43,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import struct
 from typing import Any
 
@@ -52,6 +50,7 @@ import torch
 
 from hf_effllm.errors import HfEffllmError
 
+from .cuda_rt import available, compiled, launch, smem_limit
 from .million import memoized_per_tensor
 
 __all__ = [
@@ -446,11 +445,6 @@ def swizzled_table(table: torch.Tensor) -> torch.Tensor:
     return memoized_per_tensor(_SWIZZLED, table, swizzle)
 
 
-def available() -> bool:
-    """Whether this torch can compile CUDA source at run time (NVRTC through ``torch.cuda._compile_kernel``)."""
-    return torch.cuda.is_available() and hasattr(torch.cuda, "_compile_kernel")
-
-
 def supports(
     q: torch.Tensor, codes_k: torch.Tensor, codes_v: torch.Tensor, codebook_k: torch.Tensor, gq: int, lq: int
 ) -> str | None:
@@ -478,49 +472,6 @@ def supports(
     return None
 
 
-def smem_limit(device: torch.device) -> int:
-    """The most dynamic shared memory a block of ``device`` may opt in to (227 KiB on the H100/H200)."""
-    return _smem_limit(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.cache
-def _smem_limit(index: int) -> int:
-    props = torch.cuda.get_device_properties(index)
-    return int(getattr(props, "shared_memory_per_block_optin", 227 * 1024))
-
-
-@functools.lru_cache(maxsize=1)
-def _cu_launch_kernel() -> Any:
-    """The driver's ``cuLaunchKernel``, bound once. torch's ``_CudaKernel.__call__`` opens libcuda and looks the
-    function up again on every launch; with the argument conversion that cost 70 us of host time per call on the
-    H200 machine (``benchmarks/results/million_speed.md``, section host), three times the kernel's GPU time at
-    batch 1 and 8k cached tokens."""
-    fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernel
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
-    return fn
-
-
-def _launch(kernel: Any, grid: tuple[int, int, int], block: int, smem: int, ptrs: list, ints: list) -> None:
-    """Launch ``kernel`` (from ``torch.cuda._compile_kernel``) on the current stream: ``ptrs`` (tensors) then ``ints``
-    (32-bit) are its parameters, in that order. Falls back to the kernel's own ``__call__`` where torch's kernel
-    object has no ``func`` handle or the driver library is not found under its usual name."""
-    func = getattr(kernel, "func", None)
-    try:
-        launch = _cu_launch_kernel() if func is not None else None
-    except OSError:
-        launch = None
-    if launch is None:
-        kernel(grid=grid, block=(block, 1, 1), args=[*ptrs, *ints], shared_mem=smem)
-        return
-    vals = [ctypes.c_void_p(t.data_ptr()) for t in ptrs] + [ctypes.c_int(i) for i in ints]
-    params = (ctypes.c_void_p * len(vals))(*[ctypes.addressof(v) for v in vals])
-    stream = torch.cuda.current_stream().cuda_stream
-    rc = launch(func, grid[0], grid[1], grid[2], block, 1, 1, smem, stream, params, None)
-    if rc != 0:
-        raise HfEffllmError(f"cuLaunchKernel of the MILLION CUDA kernel failed with CUDA error {rc}.")
-
-
 def split_plan(n: int, bh: int, device: torch.device, splits: int | None = None) -> tuple[int, int]:
     """``(splits, split_len)`` for ``n`` codes and ``bh`` (batch x KV head) blocks: one block per SM (the tables
     fill its shared memory) and all blocks in one wave, unless ``splits`` is given; ``split_len`` is a multiple of
@@ -538,31 +489,18 @@ def _cdiv(a: int, b: int) -> int:
     return -(a // -b)
 
 
-_KERNELS: dict[tuple, Any] = {}
-
-
 def _compiled(key: tuple, device: torch.device) -> tuple[Any, int]:
     """``(kernel, shared-memory bytes)`` for ``key = (d, m, gq, lq, hkv, bf16, per_head, has_mask, nwarps)`` on
     ``device``; the source is generated and compiled on the first call only (a dict lookup afterwards)."""
-    full = (*key, device.index if device.index is not None else torch.cuda.current_device())
-    hit = _KERNELS.get(full)
-    if hit is None:
-        d, m, gq, lq, hkv, bf16, per_head, has_mask, nwarps = key
-        src = cuda_source(
+    d, m, gq, lq, hkv, bf16, per_head, has_mask, nwarps = key
+    smem = smem_bytes(d, m, nwarps)
+
+    def source() -> str:
+        return cuda_source(
             d=d, m=m, gq=gq, lq=lq, hkv=hkv, bf16=bf16, per_head=per_head, has_mask=has_mask, nwarps=nwarps
         )
-        smem = smem_bytes(d, m, nwarps)
-        with torch.cuda.device(device):
-            kernel = torch.cuda._compile_kernel(src, "million_codes_cuda")
-            if smem >= 48 * 1024:
-                if not hasattr(kernel, "set_shared_memory_config"):
-                    raise HfEffllmError(
-                        f"this torch ({torch.__version__}) cannot give a run-time compiled kernel {smem} bytes of "
-                        f"shared memory; use variant='smem'."
-                    )
-                kernel.set_shared_memory_config(smem)
-        hit = _KERNELS[full] = (kernel, smem)
-    return hit
+
+    return compiled(key, device, source, "million_codes_cuda", smem), smem
 
 
 def million_codes_cuda(
@@ -622,4 +560,4 @@ def million_codes_cuda(
     ]  # fmt: skip
     here = q.device.index == torch.cuda.current_device()  # no device switch on the hot path when none is needed
     with contextlib.nullcontext() if here else torch.cuda.device(q.device):
-        _launch(kernel, (b * hkv, splits, 1), warps * 32, smem, ptrs, ints)
+        launch(kernel, (b * hkv, splits, 1), warps * 32, smem, ptrs, ints)

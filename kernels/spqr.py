@@ -12,7 +12,11 @@
   the same program. Optional split-K with fp32 atomics.
 * :func:`spqr_dequantize_triton`: prefill path: dequantize to the activation dtype in one kernel, in the original
   column order, then ``torch.matmul``.
-* :func:`spqr_matmul`: validates the inputs and picks the path (Triton on CUDA, the reference elsewhere).
+* :func:`spqr_matmul`: validates the inputs and picks the path: the CUDA kernels of ``kernels.spqr_cuda`` for
+  fp16/bf16 activations on a GPU when the format allows (the default since session 7: in eager mode on the H200 a
+  batch-1 call takes 1.6-3.3x less time than the Triton path, mostly launch overhead; batch 16 0.7-1.9x; in CUDA
+  graphs it is 5-25% slower at batch 1, see ``benchmarks/results/spqr_speed.md``), else Triton on CUDA, the
+  reference elsewhere.
 
 Bytes and operations per weight of a matrix-vector product at 3 bits, 16x16 groups: 4 bits of codes + 0.5 bit of
 statistics codes + 0.25 bit of second-level statistics + outliers (4 bytes read each, ~1-2%: ~0.3-0.6 bit) against 16 bits
@@ -30,6 +34,11 @@ import torch
 
 from hf_effllm.errors import HfEffllmError
 from hf_effllm.quant.spqr.format import dequantize_weight, index_dtype
+
+from .spqr_cuda import MAX_ROWS as CUDA_MAX_ROWS
+from .spqr_cuda import cuda_layout as build_cuda_layout
+from .spqr_cuda import spqr_dequantize_cuda, spqr_gemv_cuda
+from .spqr_cuda import supports as cuda_supports
 
 try:
     import triton
@@ -830,18 +839,24 @@ def spqr_matmul(
     layout: dict[str, Any] | None = None,
     use_triton: bool | None = None,
     variant: str | None = None,
+    cuda_layout: dict[str, Any] | None = None,
     **_: Any,
 ) -> torch.Tensor:
     """``x @ W^T (+ bias)`` for a packed SpQR weight; picks the fused decode kernel (<= 16 rows), the dequantize +
     matmul prefill path, or the PyTorch reference.
 
+    On a GPU with fp16/bf16 activations and a format the CUDA kernels take (``kernels.spqr_cuda.supports``) both
+    paths run the CUDA kernels (``variant=None`` or ``"cuda"``); otherwise the Triton kernels.
+
     Args:
         x: (..., in_features) activations, fp16/bf16/fp32, any batch and sequence length.
         tensors: the layer's packed tensors.
-        layout: their :func:`kernel_layout` (built when ``None``).
-        use_triton: ``None`` uses Triton on CUDA tensors and the reference elsewhere; ``True`` forces Triton (the
-            interpreter on CPU when ``TRITON_INTERPRET=1``); ``False`` forces the reference.
-        variant: decode-kernel variant for <= 16 rows (see :func:`spqr_gemv_triton`).
+        layout: their :func:`kernel_layout` (built when ``None`` and needed).
+        use_triton: ``None`` uses the GPU kernels on CUDA tensors and the reference elsewhere; ``True`` forces
+            Triton for formats or dtypes the CUDA kernels do not take (the interpreter on CPU when
+            ``TRITON_INTERPRET=1``); ``False`` forces the reference.
+        variant: decode-kernel variant for <= 16 rows: ``"cuda"``, or a Triton one (see :func:`spqr_gemv_triton`).
+        cuda_layout: the tensors' ``kernels.spqr_cuda.cuda_layout`` (built when ``None`` and needed).
 
     Returns:
         (..., out_features) in ``x.dtype``.
@@ -854,11 +869,21 @@ def spqr_matmul(
         stats_group_size=stats_group_size,
     )
     _check(x, tensors, in_features)
+    rows = x.numel() // in_features if in_features else 0
+    if variant in (None, "cuda") and use_triton is not False and x.numel() and cuda_supports(x, meta) is None:
+        lay = cuda_layout if cuda_layout is not None else build_cuda_layout(tensors, **meta)
+        if rows <= CUDA_MAX_ROWS:
+            return spqr_gemv_cuda(x, lay, bias=bias)
+        w = spqr_dequantize_cuda(lay, x.dtype)
+        xs = x.index_select(-1, lay["perm_long"]) if "perm_long" in lay else x
+        y = torch.matmul(xs, w.T)
+        return y if bias is None else y + bias.to(y.dtype)
+    if variant == "cuda":
+        raise HfEffllmError(f"variant='cuda' cannot run here: {cuda_supports(x, meta)}.")
     if use_triton is None:
         use_triton = x.is_cuda and HAS_TRITON
     if not use_triton or not fused_supported(bits, group_size) or x.numel() == 0:
         return spqr_matmul_reference(x, tensors, bias=bias, **meta)
-    rows = x.numel() // in_features if in_features else 0
     if rows <= GEMV_MAX_ROWS:
         return spqr_gemv_triton(x, tensors, bias=bias, layout=layout, variant=variant, **meta)
     lay = _layout_for(tensors, layout, meta)

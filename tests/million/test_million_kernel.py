@@ -258,7 +258,7 @@ def test_default_variant_is_the_first_of_the_order_that_takes_the_call(triton_in
 
 def test_cuda_launch_falls_back_to_the_kernels_own_call():
     """Without a driver handle on torch's kernel object, the launch goes through the object's own ``__call__``."""
-    from hf_effllm.kernels.million_cuda import _launch
+    from hf_effllm.kernels.cuda_rt import launch
 
     calls = []
 
@@ -266,5 +266,5 @@ def test_cuda_launch_falls_back_to_the_kernels_own_call():
         def __call__(self, **kw):
             calls.append(kw)
 
-    _launch(Kernel(), (2, 3, 1), 64, 1024, [], [5, 6])
+    launch(Kernel(), (2, 3, 1), 64, 1024, [], [5, 6])
     assert calls == [{"grid": (2, 3, 1), "block": (64, 1, 1), "args": [5, 6], "shared_mem": 1024}]

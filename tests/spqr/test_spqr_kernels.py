@@ -8,21 +8,11 @@ from hf_effllm.kernels.spqr import (
     spqr_matmul_reference,
 )
 
-from hf_effllm import HfEffllmError, SpQRConfig
-from hf_effllm.quant.spqr import SpQRLinear, dequantize_weight, spqr_quantize_matrix
+from hf_effllm import HfEffllmError
+from hf_effllm.quant.spqr import dequantize_weight
+from hf_effllm.testing import spqr_layer as make_layer
 
 TOL = {torch.float32: 1e-4, torch.float16: 2e-2}
-
-
-def make_layer(out, inp, *, bits=3, group_size=16, permutation="act_order", threshold=0.1, bias=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(out, inp, generator=g)
-    w[torch.rand(w.shape, generator=g) < 0.02] *= 8
-    x = torch.randn(256, inp, generator=g)
-    cfg = SpQRConfig(bits=bits, group_size=group_size, permutation=permutation, outlier_threshold=threshold)
-    res = spqr_quantize_matrix(w, 2 * x.T @ x / 256, cfg)
-    b = torch.randn(out, generator=g) if bias else None
-    return SpQRLinear.from_packed(res.tensors, cfg, in_features=inp, bias=b), res
 
 
 @pytest.mark.parametrize(

@@ -87,11 +87,14 @@ class SpQRLinear(nn.Module):
         )
         self.cache_weight = False  # CPU path only: keep the dequantized weight after the first forward
         self._weight_cache: torch.Tensor | None = None
-        self._layout: dict[str, Any] | None = None  # kernel layout of the packed buffers (GPU path), built lazily
+        self._layout: dict[str, Any] | None = None  # Triton kernel layout of the packed buffers, built lazily
+        self._cuda_layout: dict[str, Any] | None = None  # CUDA kernel layout (fp16/bf16 on a GPU), built lazily
+        self._cuda_ok: dict[tuple[torch.device, torch.dtype], bool] = {}
 
     def _drop_caches(self) -> None:
         self._weight_cache = None
         self._layout = None
+        self._cuda_layout = None
 
     def _apply(self, fn, recurse=True):  # .to()/.cuda()/.half(): caches describe the old buffers
         self._drop_caches()
@@ -214,6 +217,28 @@ class SpQRLinear(nn.Module):
         w = dequantize_weight(self.packed_tensors(), **{k: v for k, v in self.packed_meta().items()})
         return w if self.perm is None else w[:, torch.argsort(self.perm.long())]
 
+    def cuda_layout(self) -> dict[str, Any]:
+        """The packed buffers re-laid out for the CUDA kernels (``hf_effllm.kernels.spqr_cuda.cuda_layout``), built
+        on first use and kept like :meth:`kernel_layout`: about 4.75 bits per weight plus 10 bytes per outlier."""
+        from ...kernels.spqr_cuda import cuda_layout
+
+        dev = self.qweight.device
+        if self._cuda_layout is None or self._cuda_layout["codes"].device != dev:
+            with torch.no_grad():
+                self._cuda_layout = cuda_layout(self.packed_tensors(), **self.packed_meta())
+        return self._cuda_layout
+
+    def _use_cuda(self, x: torch.Tensor) -> bool:
+        if not x.is_cuda:
+            return False
+        key = (x.device, x.dtype)
+        ok = self._cuda_ok.get(key)
+        if ok is None:  # asked once per device and dtype: the check costs host time on every decode step
+            from ...kernels.spqr_cuda import supports
+
+            ok = self._cuda_ok[key] = supports(x, self.packed_meta()) is None
+        return ok
+
     def _use_triton(self, device: torch.device) -> bool:
         from ...kernels.spqr import HAS_TRITON, fused_supported
 
@@ -222,12 +247,24 @@ class SpQRLinear(nn.Module):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         from ...kernels.spqr import spqr_matmul
 
-        layout = self.kernel_layout() if self._use_triton(x.device) else None
+        t, meta = self.packed_tensors(), self.packed_meta()
         with torch.no_grad():
-            return spqr_matmul(x, self.packed_tensors(), bias=self.bias, layout=layout, **self.packed_meta())
+            if self._use_cuda(x):
+                return spqr_matmul(x, t, bias=self.bias, cuda_layout=self.cuda_layout(), **meta)
+            layout = self.kernel_layout() if self._use_triton(x.device) else None
+            return spqr_matmul(x, t, bias=self.bias, layout=layout, **meta)
 
     def dense_weight(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """The dequantized weight (out, in) in the original column order, in ``dtype`` (Triton on CUDA)."""
+        """The dequantized weight (out, in) in the original column order, in ``dtype`` (CUDA or Triton kernels on a
+        GPU)."""
+        probe = torch.empty(0, self.in_features, dtype=dtype, device=device)
+        if self._use_cuda(probe):
+            from ...kernels.spqr_cuda import spqr_dequantize_cuda
+
+            lay = self.cuda_layout()
+            with torch.no_grad():
+                w = spqr_dequantize_cuda(lay, dtype)
+                return w.index_select(1, lay["perm_inv"]) if "perm_inv" in lay else w
         if self._use_triton(torch.device(device)):
             from ...kernels.spqr import spqr_dequantize_triton
 

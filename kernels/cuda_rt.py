@@ -1,0 +1,98 @@
+"""Run-time compiled CUDA kernels: the pieces shared by ``kernels.million_cuda`` and ``kernels.spqr_cuda``.
+
+* :func:`available`: whether this torch compiles CUDA source at run time (NVRTC through
+  ``torch.cuda._compile_kernel``, torch >= 2.8) and a GPU is present;
+* :func:`smem_limit`: the dynamic shared memory a block may opt in to;
+* :func:`compiled`: compile a source once per (key, device) and keep the kernel;
+* :func:`launch`: launch through a cached binding of the driver's ``cuLaunchKernel`` (falling back to the kernel
+  object's own call).
+
+Example:
+    >>> kernel = compiled(("my", 1), device, lambda: src, "my_kernel")  # doctest: +SKIP
+    >>> launch(kernel, (blocks, 1, 1), 128, 0, [x, y], [n])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from hf_effllm.errors import HfEffllmError
+
+__all__ = ["available", "compiled", "launch", "smem_limit"]
+
+
+def available() -> bool:
+    """Whether this torch can compile CUDA source at run time (NVRTC through ``torch.cuda._compile_kernel``)."""
+    return torch.cuda.is_available() and hasattr(torch.cuda, "_compile_kernel")
+
+
+def smem_limit(device: torch.device) -> int:
+    """The most dynamic shared memory a block of ``device`` may opt in to (227 KiB on the H100/H200)."""
+    return _smem_limit(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _smem_limit(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    return int(getattr(props, "shared_memory_per_block_optin", 227 * 1024))
+
+
+_KERNELS: dict[tuple, Any] = {}
+
+
+def compiled(key: tuple, device: torch.device, source: Callable[[], str], name: str, smem: int = 0) -> Any:
+    """The kernel ``name`` of ``source()`` compiled for ``device``; generated and compiled on the first call for
+    ``key`` only (a dict lookup afterwards). ``smem``: the dynamic shared memory its launches use (opted in when
+    above the default 48 KiB)."""
+    full = (*key, name, device.index if device.index is not None else torch.cuda.current_device())
+    kernel = _KERNELS.get(full)
+    if kernel is None:
+        with torch.cuda.device(device):
+            kernel = torch.cuda._compile_kernel(source(), name)
+            if smem >= 48 * 1024:
+                if not hasattr(kernel, "set_shared_memory_config"):
+                    raise HfEffllmError(
+                        f"this torch ({torch.__version__}) cannot give a run-time compiled kernel {smem} bytes of "
+                        f"shared memory; use a Triton variant."
+                    )
+                kernel.set_shared_memory_config(smem)
+        kernel = _KERNELS[full] = kernel
+    return kernel
+
+
+@functools.lru_cache(maxsize=1)
+def _cu_launch_kernel() -> Any:
+    """The driver's ``cuLaunchKernel``, bound once. torch's ``_CudaKernel.__call__`` opens libcuda and looks the
+    function up again on every launch; with the argument conversion that cost 70 us of host time per call on the
+    H200 machine (``benchmarks/results/million_speed.md``, section host), three times the kernel's GPU time at
+    batch 1 and 8k cached tokens."""
+    fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernel
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p] * 3
+    return fn
+
+
+def launch(kernel: Any, grid: tuple[int, int, int], block: int, smem: int, ptrs: list, ints: list) -> None:
+    """Launch ``kernel`` (from ``torch.cuda._compile_kernel``) on the current stream: ``ptrs`` (tensors, or ``None``
+    for a null pointer) then ``ints`` (32-bit) are its parameters, in that order. Falls back to the kernel's own
+    ``__call__`` where torch's kernel object has no ``func`` handle or the driver library is not found under its
+    usual name."""
+    func = getattr(kernel, "func", None)
+    try:
+        fn = _cu_launch_kernel() if func is not None else None
+    except OSError:
+        fn = None
+    if fn is None:
+        kernel(grid=grid, block=(block, 1, 1), args=[*ptrs, *ints], shared_mem=smem)
+        return
+    vals = [ctypes.c_void_p(t.data_ptr() if t is not None else 0) for t in ptrs] + [ctypes.c_int(i) for i in ints]
+    params = (ctypes.c_void_p * len(vals))(*[ctypes.addressof(v) for v in vals])
+    stream = torch.cuda.current_stream().cuda_stream
+    rc = fn(func, grid[0], grid[1], grid[2], block, 1, 1, smem, stream, params, None)
+    if rc != 0:
+        raise HfEffllmError(f"cuLaunchKernel failed with CUDA error {rc}.")
