@@ -4,6 +4,7 @@
   ``torch.cuda._compile_kernel``, torch >= 2.8) and a GPU is present;
 * :func:`smem_limit`: the dynamic shared memory a block may opt in to;
 * :func:`compiled`: compile a source once per (key, device) and keep the kernel;
+* ``DEVICE_COMMON``: device helpers shared by the sources (types, ``cp.async``, ``mma.m16n8k16``);
 * :func:`launch`: launch through a cached binding of the driver's ``cuLaunchKernel`` (falling back to the kernel
   object's own call).
 
@@ -23,7 +24,35 @@ import torch
 
 from hf_effllm.errors import HfEffllmError
 
-__all__ = ["available", "compiled", "launch", "smem_limit"]
+__all__ = ["DEVICE_COMMON", "available", "compiled", "launch", "smem_limit"]
+
+# CUDA pieces both kernel sources use (inserted where a source has the line ``//@COMMON``, after its macros, since
+# ``mma16816`` reads IS_BF16): integer types, cp.async with zero fill, and the m16n8k16 tensor-core product.
+DEVICE_COMMON = r"""
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef unsigned char u8;
+
+// 16 bytes global -> shared without registers (bytes = 0: zero fill, nothing read)
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
+    const u32 d = (u32)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(d), "l"(src), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
+
+// c += a b on the tensor cores: a 16x16 (4 registers of pairs), b 16x8 (2), c 16x8 fp32; IS_BF16 picks the type
+__device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
+#if IS_BF16
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+#else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+#endif
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+"""
 
 
 def available() -> bool:

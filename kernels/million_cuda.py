@@ -50,7 +50,7 @@ import torch
 
 from hf_effllm.errors import HfEffllmError
 
-from .cuda_rt import available, compiled, launch, smem_limit
+from .cuda_rt import DEVICE_COMMON, available, compiled, launch, smem_limit
 from .million import memoized_per_tensor
 
 __all__ = [
@@ -96,10 +96,8 @@ _SOURCE = r"""
 #define NEG_INF (-__int_as_float(0x7f800000))
 #define PST 20  // floats per token in the probability tile: 16 rows + 4 pad (conflict-free stores, 16-byte rows)
 #define RR ((NQ > 8) ? 2 : 1)  // row halves in use: rows g (and g + 8 when more than 8 query rows)
+//@COMMON
 
-typedef unsigned int u32;
-typedef unsigned short u16;
-typedef unsigned char u8;
 
 __device__ __forceinline__ float lo_f(u32 w) {
 #if IS_BF16
@@ -121,26 +119,9 @@ __device__ __forceinline__ float hi_f(u32 w) {
 #endif
 }
 
-__device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
-#if IS_BF16
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-#else
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-#endif
-                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 __device__ __forceinline__ u32 code_byte(const u32* cw, int i) { return (cw[i >> 2] >> ((i & 3) * 8)) & 255u; }
 
-// 16 bytes global -> shared without registers (bytes = 0: zero fill, nothing read)
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes) {
-    const u32 d = (u32)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(d), "l"(src), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
 
 // value codes of the 32 tokens from T0 -> the warp's tile BUF (cp.async, zero past the end)
 #define ISSUE_V(T0, BUF)                                                                              \
@@ -419,6 +400,7 @@ def cuda_source(
         .replace("{IS_BF16}", str(int(bf16)))
         .replace("{PER_HEAD}", str(int(per_head)))
         .replace("{HAS_MASK}", str(int(has_mask)))
+        .replace("//@COMMON", DEVICE_COMMON)
     )
 
 

@@ -148,6 +148,25 @@ def _pack_lanes(codes: torch.Tensor, width: int) -> torch.Tensor:
     return ((words + 2**31) % 2**32 - 2**31).to(torch.int32)
 
 
+def unpack_codes(
+    tensors: dict[str, torch.Tensor], out: int, k: int, g: int, bits: int, stats_bits: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int32 weight codes (out, k) and first-level scale and zero codes (out, g) from the packed bitstreams."""
+    codes = _unpack_stream(tensors["qweight"], out, k, bits)
+    sc = _unpack_stream(tensors["qscale"], out, g, stats_bits)
+    zc = _unpack_stream(tensors["qzero"], out, g, stats_bits)
+    return codes, sc, zc
+
+
+def outlier_index(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The outliers' rows, stored-order columns and original-order columns (int64) from the packed CSR."""
+    ptr = tensors["outlier_row_ptr"]
+    rows = torch.repeat_interleave(torch.arange(ptr.shape[0] - 1, device=ptr.device), (ptr[1:] - ptr[:-1]).long())
+    cols = tensors["outlier_cols"].long()
+    perm = tensors.get("perm")
+    return rows, cols, (perm.long()[cols] if perm is not None else cols)
+
+
 def kernel_layout(
     tensors: dict[str, torch.Tensor],
     *,
@@ -186,9 +205,7 @@ def kernel_layout(
     gp = -(-kp // group_size)
     lane = lane_bits(bits)
     codes = torch.zeros(out, kp, dtype=torch.int32, device=dev)
-    codes[:, :in_features] = _unpack_stream(tensors["qweight"], out, in_features, bits)
-    sc = _unpack_stream(tensors["qscale"], out, g, stats_bits)
-    zc = _unpack_stream(tensors["qzero"], out, g, stats_bits)
+    codes[:, :in_features], sc, zc = unpack_codes(tensors, out, in_features, g, bits, stats_bits)
     shift = 4 if stats_bits <= 4 else 8
     stats = torch.zeros(out, gp, dtype=torch.int32, device=dev)
     stats[:, :g] = sc | (zc << shift)
@@ -207,15 +224,12 @@ def kernel_layout(
     if perm is not None:
         layout["perm"] = perm.long()
         layout["perm_inv"] = torch.argsort(layout["perm"])  # stored column of each original column
-    ptr = tensors["outlier_row_ptr"]
-    cols = tensors["outlier_cols"].long()
+    orow, cols, cols_orig = outlier_index(tensors)
     layout["ov"] = tensors["outlier_values"]
     layout["oc"] = cols.to(index_dtype(in_features))  # stored order (prefill path)
-    layout["oc_orig"] = (perm.long()[cols] if perm is not None else cols).to(index_dtype(in_features))
-    layout["orow"] = torch.repeat_interleave(
-        torch.arange(out, device=dev, dtype=torch.int32), (ptr[1:] - ptr[:-1]).long()
-    ).to(index_dtype(out))  # used by the prefill path
-    layout["optr"] = ptr.to(torch.int32)
+    layout["oc_orig"] = cols_orig.to(index_dtype(in_features))
+    layout["orow"] = orow.to(index_dtype(out))  # used by the prefill path
+    layout["optr"] = tensors["outlier_row_ptr"].to(torch.int32)
     layout["nnz"] = int(layout["ov"].numel())
     return layout
 

@@ -52,7 +52,7 @@ import torch
 
 from hf_effllm.errors import HfEffllmError
 
-from .cuda_rt import available, compiled, launch, smem_limit
+from .cuda_rt import DEVICE_COMMON, available, compiled, launch, smem_limit
 
 __all__ = ["MAX_ROWS", "cuda_layout", "cuda_source", "layout_supported", "spqr_dequantize_cuda", "spqr_gemv_cuda"]
 
@@ -67,8 +67,7 @@ _SOURCE = r"""
 #define NB {NB}
 #define IS_BF16 {BF16}
 #define XS {XS}
-typedef unsigned int u32;
-typedef unsigned short u16;
+//@COMMON
 
 // the weights are decoded in fp16 arithmetic for both activation dtypes (bf16 arithmetic on the zero-point costs
 // 1-2% relative error), then converted to bf16 pairs for bf16 activations
@@ -136,23 +135,7 @@ __device__ __forceinline__ uint4 ld_stream(const u32* p) {  // read once: do not
     return v;
 }
 
-__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
-    const u32 d = (u32)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(d), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
 
-__device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
-#if IS_BF16
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-#else
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-#endif
-                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 // the A fragment of tile j (code word w, statistics words sx/sy of rows g/g+8, second-level words s2a, s2b)
 __device__ __forceinline__ void dequant_tile(u32* a, u32 w, u32 sx, u32 sy, u32 s2a, u32 s2b, int j) {
@@ -206,7 +189,7 @@ __device__ __forceinline__ void issue(char* st, const u32* codes, const u32* sta
             const int q = p - 38;  // activation row q / 8, thread t = (q % 8) / 2, half q % 2
             src = xs + (((long long)(q >> 3) * KC + kc) * 4 + ((q & 7) >> 1)) * 8 + (q & 1) * 4;
         }
-        cp_async16(st + p * 16, src);
+        cp_async16(st + p * 16, src, 16);
     }
 }
 
@@ -451,6 +434,7 @@ def cuda_source(*, warps: int, stages: int, nb: int, bf16: bool, xs: bool) -> st
         .replace("{NB}", str(nb))
         .replace("{BF16}", str(int(bf16)))
         .replace("{XS}", str(int(xs)))
+        .replace("//@COMMON", DEVICE_COMMON)
     )
 
 
@@ -493,15 +477,6 @@ def _cdiv(a: int, b: int) -> int:
     return -(a // -b)
 
 
-def _unpack_codes(tensors: dict[str, torch.Tensor], out: int, k: int, g: int, bits: int, stats_bits: int):
-    from .spqr import _unpack_stream
-
-    codes = _unpack_stream(tensors["qweight"], out, k, bits)
-    sc = _unpack_stream(tensors["qscale"], out, g, stats_bits)
-    zc = _unpack_stream(tensors["qzero"], out, g, stats_bits)
-    return codes, sc, zc
-
-
 def _recenter_outliers(codes, sc, zc, stats2, orow, cols, ov, bits, group_size, stats_group_size):
     """The codes under the outliers set to the level nearest the zero-point, the corrections adjusted to match.
 
@@ -542,6 +517,8 @@ def cuda_layout(
     for the kernel; ``optr`` int32), ``perm`` (int32, stored order -> original column), ``perm_long`` and its inverse
     ``perm_inv``.
     """
+    from .spqr import outlier_index, unpack_codes  # kernels.spqr imports this module
+
     reason = layout_supported(
         bits=bits, group_size=group_size, stats_bits=stats_bits, stats_group_size=stats_group_size
     )
@@ -554,9 +531,9 @@ def cuda_layout(
     g = _cdiv(k, group_size)
     nt, kc = _cdiv(n, 16), _cdiv(k, 64)
     np_, kp = nt * 16, kc * 64
-    codes, sc, zc = _unpack_codes(tensors, n, k, g, bits, stats_bits)
-    orow = torch.repeat_interleave(torch.arange(n, device=dev), (ptr[1:] - ptr[:-1]).long())
-    cols = tensors["outlier_cols"].long()
+    codes, sc, zc = unpack_codes(tensors, n, k, g, bits, stats_bits)
+
+    orow, cols, cols_orig = outlier_index(tensors)
     codes, ov = _recenter_outliers(
         codes, sc, zc, tensors["stats2"], orow, cols, tensors["outlier_values"], bits, group_size, stats_group_size
     )
@@ -593,7 +570,7 @@ def cuda_layout(
         "kc": kc,
         "nt": nt,
         "ov": ov,
-        "oc_orig": (perm.long()[cols] if perm is not None else cols).to(torch.int32),
+        "oc_orig": cols_orig.to(torch.int32),
         "oc": cols,
         "orow": orow,
         "optr": ptr.to(torch.int32),
