@@ -8,7 +8,8 @@ outliers; identity Hessian, since speed does not depend on calibration). Then, f
 2. timing: bf16 ``x @ W^T`` with the dense weight, the SpQR fused kernels at their default launch settings, a sweep
    of launch settings (Triton: rows per program x split-K x words per step; CUDA: warps x chunks in flight) whose
    best entry is reported, for the three variants (``v1``: the first Triton kernel; ``v2``: folded zero-point for
-   one row, tensor cores for 2..16, columns ``*_v2``; ``cuda``: ``kernels.spqr_cuda``, columns ``*_cuda``), and the
+   one row, tensor cores for 2..16, columns ``*_v2``; ``cuda``: ``kernels.spqr_cuda``, columns ``*_cuda``;
+   ``cuda_raw``: its ``decode="raw"`` path, default launch only), and the
    dequantize-then-matmul prefill path; eager (``do_bench``) and in a CUDA graph over distinct weight copies
    (no launch overhead, nothing L2-resident: how a decode step runs when captured);
 3. end to end: greedy decode tokens/s of the embedded SmolLM2-135M, bf16 vs SpQR (3-bit, quick calibration).
@@ -101,7 +102,8 @@ def measure(layer: SpQRLinear, x: torch.Tensor, dev: torch.device, quick: bool) 
     calls = {v: (lambda lo, v=v: spqr_gemv_triton(x, t, layout=lo, variant=v, **meta)) for v in VARIANTS}
     if use_cuda:
         calls["cuda"] = lambda lo: spqr_gemv_cuda(x, lo)
-    lays = {v: (clay if v == "cuda" else lay) for v in calls}
+        calls["cuda_raw"] = lambda lo: spqr_gemv_cuda(x, lo, decode="raw")  # default launch only
+    lays = {v: (clay if v.startswith("cuda") else lay) for v in calls}
     w_dense = layer.dequantize().to(act)  # the same weight, dense, for the baseline
     ref = spqr_matmul_reference(x.float(), t, **meta)
     errs = {v: rel_err(fn(lays[v]), ref) for v, fn in calls.items()}

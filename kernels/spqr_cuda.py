@@ -67,6 +67,7 @@ _SOURCE = r"""
 #define NB {NB}
 #define IS_BF16 {BF16}
 #define XS {XS}
+#define RAW {RAW}
 //@COMMON
 
 // the weights are decoded in fp16 arithmetic for both activation dtypes (bf16 arithmetic on the zero-point costs
@@ -74,6 +75,13 @@ _SOURCE = r"""
 #define MAGIC 0x64006400u      // 1024.0 in both halves: a code in the low mantissa bits gives 1024 + code
 #define NEG_MAGIC 0xE400E400u
 #define ONE2 0x3C003C00u
+#if IS_BF16                    // RAW: the codes enter the mma as magic + code, exact in the activation dtype
+#define RAW_MAGIC 0x43004300u
+#define RAW_MAGIC_F 128.f
+#else
+#define RAW_MAGIC 0x64006400u
+#define RAW_MAGIC_F 1024.f
+#endif
 #define OU 4                   // warp-steps of outlier loads issued before the first is used
 #define GB 8                   // activation pairs per thread gathered at a time (XS)
 #define STAGE_FIXED 608        // bytes of a stage before the activations: codes 512, statistics 64, second level 32
@@ -153,44 +161,74 @@ __device__ __forceinline__ void dequant_tile(u32* a, u32 w, u32 sx, u32 sy, u32 
     a[3] = to_act2(hfma2(hfma2(((w >> 12) & 0x000F000Fu) | MAGIC, ONE2, NEG_MAGIC), s1, c1));
 }
 
-// activations (M, K) -> B-fragment order [row][chunk][t][tile j][4 values], gathered by perm, zero past K
+// RAW: fp32 scale and (magic + zero-point) of rows g and g + 8 in tile j, decoded like the reference (fp16
+// second-level statistics times the codes, in fp32)
+__device__ __forceinline__ void tile_stats(u32 sx, u32 sy, u32 s2a, u32 s2b, int j, float& s0, float& z0,
+                                           float& s1, float& z1) {
+    const u32 bx = (sx >> (8 * j)) & 0xFFu, by = (sy >> (8 * j)) & 0xFFu;
+    const float sst = half_f((u16)(s2a & 0xFFFFu)), smn = half_f((u16)(s2a >> 16));
+    const float zst = half_f((u16)(s2b & 0xFFFFu)), zmn = half_f((u16)(s2b >> 16)) + RAW_MAGIC_F;
+    // a code c as a float: 2^23 + c has c in its mantissa, so the subtraction is exact (no int-to-float conversion)
+    s0 = fmaf(sst, __uint_as_float(0x4B000000u | (bx & 15u)) - 8388608.f, smn);
+    z0 = fmaf(zst, __uint_as_float(0x4B000000u | (bx >> 4)) - 8388608.f, zmn);
+    s1 = fmaf(sst, __uint_as_float(0x4B000000u | (by & 15u)) - 8388608.f, smn);
+    z1 = fmaf(zst, __uint_as_float(0x4B000000u | (by >> 4)) - 8388608.f, zmn);
+}
+
+// activations (M, K) -> B-fragment order [row][chunk][t][tile j][4 values], gathered by perm, zero past K; with
+// xsum (RAW) also the sum of each row's 16 activations of every tile, [row][chunk][tile j] (the 4 threads t of a
+// (row, chunk) are consecutive lanes, so the block size is a multiple of 4 and no lane leaves before the shuffles)
 extern "C" __global__ void spqr_cuda_prep(const u16* __restrict__ x, const int* __restrict__ perm,
-                                          u32* __restrict__ xs, int M, int K, int KC, int sx) {
+                                          u32* __restrict__ xs, float* __restrict__ xsum, int M, int K, int KC,
+                                          int sx) {
     const int id = blockIdx.x * blockDim.x + threadIdx.x;
-    if (id >= M * KC * 4) return;
+    const bool valid = id < M * KC * 4;
     const int b = id / (KC * 4), kc = (id / 4) % KC, t = id % 4;
     u32 v[8];
+    float part[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
+        part[j] = 0.f;
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const int k = kc * 64 + 16 * j + 2 * t + (e & 1) + 8 * (e >> 1);
             u32 h = 0;
-            if (k < K) h = x[(long long)b * sx + (perm ? perm[k] : k)];
+            if (valid && k < K) h = x[(long long)b * sx + (perm ? perm[k] : k)];
+            part[j] += to_f((u16)h);
             if (e & 1) v[2 * j + (e >> 1)] |= h << 16; else v[2 * j + (e >> 1)] = h;
         }
     }
+    if (xsum) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            part[j] += __shfl_xor_sync(0xffffffffu, part[j], 1);
+            part[j] += __shfl_xor_sync(0xffffffffu, part[j], 2);
+        }
+        if (valid && t == 0) *(float4*)(xsum + (long long)(id / 4) * 4) = make_float4(part[0], part[1], part[2], part[3]);
+    }
+    if (!valid) return;
     uint4* dst = (uint4*)(xs + (long long)id * 8);
     dst[0] = make_uint4(v[0], v[1], v[2], v[3]);
     dst[1] = make_uint4(v[4], v[5], v[6], v[7]);
 }
 
-// one chunk (64 columns of a row tile) -> the warp's stage: codes, statistics, second level, and (without XS) the
-// activation fragments of the M rows
+// one chunk (64 columns of a row tile) -> the warp's stage: codes (one 16-byte piece per lane), statistics and
+// second level (lanes 0-5), and without XS the activation fragments of the M rows (and with RAW their tile sums)
 __device__ __forceinline__ void issue(char* st, const u32* codes, const u32* stats, const u32* stats2,
-                                      const u32* xs, long long item, int kc, int KC, int M, int lane) {
-    const int pieces = 38 + (XS ? 0 : 8 * M);
-    for (int p = lane; p < pieces; p += 32) {
-        const u32* src;
-        if (p < 32) src = codes + item * 128 + p * 4;
-        else if (p < 36) src = stats + item * 16 + (p - 32) * 4;
-        else if (p < 38) src = stats2 + item * 8 + (p - 36) * 4;
-        else {
-            const int q = p - 38;  // activation row q / 8, thread t = (q % 8) / 2, half q % 2
+                                      const u32* xs, const float* xsum, long long item, int kc, int KC, int M,
+                                      int lane) {
+    cp_async16(st + lane * 16, codes + item * 128 + lane * 4, 16);
+    if (lane < 6) cp_async16(st + 512 + lane * 16, lane < 4 ? stats + item * 16 + lane * 4 : stats2 + item * 8 + (lane - 4) * 4, 16);
+#if !XS
+    for (int q = lane; q < (RAW ? 9 : 8) * M; q += 32) {
+        const void* src;
+        if (q < 8 * M)  // activation row q / 8, thread t = (q % 8) / 2, half q % 2
             src = xs + (((long long)(q >> 3) * KC + kc) * 4 + ((q & 7) >> 1)) * 8 + (q & 1) * 4;
-        }
-        cp_async16(st + p * 16, src, 16);
+        else
+            src = xsum + ((long long)(q - 8 * M) * KC + kc) * 4;
+        cp_async16(st + STAGE_FIXED + q * 16, src, 16);
     }
+#endif
 }
 
 // half index of stored column k of activation row b in the B-fragment order [row][chunk][t][tile j][4 values]
@@ -210,16 +248,19 @@ extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_cuda_gemv(
     const u32* __restrict__ xs, const u32* __restrict__ codes, const u32* __restrict__ stats,
     const u32* __restrict__ stats2, const u16* __restrict__ ov, const int* __restrict__ oc,
     const int* __restrict__ orow, const int* __restrict__ optr, const u16* __restrict__ x,
-    const int* __restrict__ perm, const u16* __restrict__ bias, u16* __restrict__ y,
-    int M, int N, int NT, int K, int KC, int TMAX, int sx, int sy) {
+    const int* __restrict__ perm, const u16* __restrict__ bias, const float* __restrict__ xsum,
+    u16* __restrict__ y, int M, int N, int NT, int K, int KC, int TMAX, int sx, int sy) {
     extern __shared__ __align__(16) char smem[];
     __shared__ float red[W_][16][8 * NB];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int stage_bytes = STAGE_FIXED + (XS ? 0 : 128 * M);
+    const int stage_bytes = STAGE_FIXED + (XS ? 0 : (RAW ? 144 : 128) * M);
     char* ring = smem + warp * S_ * stage_bytes;
     float* osum = (float*)(smem + W_ * S_ * stage_bytes);          // [TMAX][16][M]
 #if XS
     u16* xsm = (u16*)(osum + TMAX * 16 * M);                      // [M][KC][4][16] halves
+#if RAW
+    float* xss = (float*)(xsm + M * KC * 64);                     // [M][KC][4] tile sums
+#endif
 #endif
     const int CPT = (KC + W_ - 1) / W_;
     const int my_tiles = (NT - (int)blockIdx.x + (int)gridDim.x - 1) / (int)gridDim.x;
@@ -228,20 +269,21 @@ extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_cuda_gemv(
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb) xin[nb] = g + 8 * nb < M;
 
-#define ISSUE(I)                                                                                   \
+    // the stream's position, advanced by counters (no division in the loop): next chunk to issue and to compute
+    int is_n = 0, is_c = 0, is_slot = 0, is_tile = blockIdx.x;
+#define ISSUE()                                                                                    \
     {                                                                                              \
-        const int i_ = (I);                                                                        \
-        if (i_ < total) {                                                                          \
-            const int kc_ = warp + (i_ % CPT) * W_;                                                \
-            const int tile_ = blockIdx.x + (i_ / CPT) * gridDim.x;                                 \
-            if (kc_ < KC)                                                                          \
-                issue(ring + (i_ % S_) * stage_bytes, codes, stats, stats2, xs,                    \
-                      (long long)tile_ * KC + kc_, kc_, KC, M, lane);                              \
-        }                                                                                          \
+        const int kc_ = warp + is_c * W_;                                                          \
+        if (is_n < total && kc_ < KC)                                                              \
+            issue(ring + is_slot * stage_bytes, codes, stats, stats2, xs, xsum,                    \
+                  (long long)is_tile * KC + kc_, kc_, KC, M, lane);                                \
         cp_async_commit();                                                                         \
+        ++is_n;                                                                                    \
+        is_slot = is_slot + 1 == S_ ? 0 : is_slot + 1;                                             \
+        if (++is_c == CPT) is_c = 0, is_tile += gridDim.x;                                         \
     }
 #pragma unroll
-    for (int i = 0; i < S_ - 1; ++i) ISSUE(i);
+    for (int i = 0; i < S_ - 1; ++i) ISSUE();
 
     for (int e = threadIdx.x; e < my_tiles * 16 * M; e += W_ * 32) osum[e] = 0.f;
 #if XS
@@ -267,6 +309,19 @@ extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_cuda_gemv(
             }
         }
     }
+#if RAW
+    __syncthreads();
+    for (int e = threadIdx.x; e < M * KC * 4; e += W_ * 32) {  // (row, chunk, tile j): 16 values at t*16 + j*4 + v
+        const int j = e & 3, rc = e >> 2;
+        float sum = 0.f;
+#pragma unroll
+        for (int tt = 0; tt < 4; ++tt) {
+            const uint2 h = *(const uint2*)(xsm + (rc * 4 + tt) * 16 + j * 4);
+            sum += to_f((u16)h.x) + to_f((u16)(h.x >> 16)) + to_f((u16)h.y) + to_f((u16)(h.y >> 16));
+        }
+        xss[e] = sum;
+    }
+#endif
 #endif
     __syncthreads();
     int ob[8], oe[8];  // CSR ranges of the first 8 tiles, loaded together
@@ -326,14 +381,14 @@ extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_cuda_gemv(
     float acc[NB][4];
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb) acc[nb][0] = acc[nb][1] = acc[nb][2] = acc[nb][3] = 0.f;
+    int c = 0, slot = 0, tk = 0;
     for (int i = 0; i < total; ++i) {
-        ISSUE(i + S_ - 1);
+        ISSUE();
         cp_async_wait<S_ - 1>();
         __syncwarp();
-        const int c = i % CPT;
         const int kc = warp + c * W_;
         if (kc < KC) {
-            const char* st = ring + (i % S_) * stage_bytes;
+            const char* st = ring + slot * stage_bytes;
             const uint4 cw = *(const uint4*)(st + lane * 16);
             const uint2 sw = *(const uint2*)(st + 512 + g * 8);
             const uint4 sa = *(const uint4*)(st + 576), sz = *(const uint4*)(st + 592);
@@ -355,8 +410,45 @@ extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_cuda_gemv(
             }
             const u32 w4[4] = {cw.x, cw.y, cw.z, cw.w};
             const u32 s2w[8] = {sa.x, sa.y, sa.z, sa.w, sz.x, sz.y, sz.z, sz.w};
+#if RAW
+            // tile sums of the activation rows of this thread's C columns: 2t + 8nb and 2t + 8nb + 1
+            float4 xs0[NB], xs1[NB];
+#pragma unroll
+            for (int nb = 0; nb < NB; ++nb) {
+                const int b0 = 2 * t + 8 * nb;
+#if XS
+                const float* xsp = xss + (long long)kc * 4;
+                xs0[nb] = b0 < M ? *(const float4*)(xsp + (long long)b0 * KC * 4) : make_float4(0.f, 0.f, 0.f, 0.f);
+                xs1[nb] = b0 + 1 < M ? *(const float4*)(xsp + (long long)(b0 + 1) * KC * 4) : make_float4(0.f, 0.f, 0.f, 0.f);
+#else
+                const float* xsp = (const float*)(st + STAGE_FIXED + 128 * M);
+                xs0[nb] = b0 < M ? *(const float4*)(xsp + b0 * 4) : make_float4(0.f, 0.f, 0.f, 0.f);
+                xs1[nb] = b0 + 1 < M ? *(const float4*)(xsp + (b0 + 1) * 4) : make_float4(0.f, 0.f, 0.f, 0.f);
+#endif
+            }
+#endif
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
+#if RAW
+                // the codes themselves (plus the magic number) on the tensor cores, then per row and column
+                // acc += s * (C - (magic + z) * sum of the tile's activations), in fp32
+                const u32 a[4] = {(w4[j] & 0x000F000Fu) | RAW_MAGIC, ((w4[j] >> 4) & 0x000F000Fu) | RAW_MAGIC,
+                                  ((w4[j] >> 8) & 0x000F000Fu) | RAW_MAGIC, ((w4[j] >> 12) & 0x000F000Fu) | RAW_MAGIC};
+                float s0, z0, s1, z1;
+                tile_stats(sw.x, sw.y, s2w[2 * j], s2w[2 * j + 1], j, s0, z0, s1, z1);
+#pragma unroll
+                for (int nb = 0; nb < NB; ++nb) {
+                    const u32 xw[8] = {xa[nb].x, xa[nb].y, xa[nb].z, xa[nb].w, xb[nb].x, xb[nb].y, xb[nb].z, xb[nb].w};
+                    float cf[4] = {0.f, 0.f, 0.f, 0.f};
+                    mma16816(cf, a, xw[2 * j], xw[2 * j + 1]);
+                    const float x0 = j == 0 ? xs0[nb].x : j == 1 ? xs0[nb].y : j == 2 ? xs0[nb].z : xs0[nb].w;
+                    const float x1 = j == 0 ? xs1[nb].x : j == 1 ? xs1[nb].y : j == 2 ? xs1[nb].z : xs1[nb].w;
+                    acc[nb][0] = fmaf(s0, fmaf(-z0, x0, cf[0]), acc[nb][0]);
+                    acc[nb][1] = fmaf(s0, fmaf(-z0, x1, cf[1]), acc[nb][1]);
+                    acc[nb][2] = fmaf(s1, fmaf(-z1, x0, cf[2]), acc[nb][2]);
+                    acc[nb][3] = fmaf(s1, fmaf(-z1, x1, cf[3]), acc[nb][3]);
+                }
+#else
                 u32 a[4];
                 dequant_tile(a, w4[j], sw.x, sw.y, s2w[2 * j], s2w[2 * j + 1], j);
 #pragma unroll
@@ -364,12 +456,15 @@ extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_cuda_gemv(
                     const u32 xw[8] = {xa[nb].x, xa[nb].y, xa[nb].z, xa[nb].w, xb[nb].x, xb[nb].y, xb[nb].z, xb[nb].w};
                     mma16816(acc[nb], a, xw[2 * j], xw[2 * j + 1]);
                 }
+#endif
             }
         }
         __syncwarp();
-        if (c != CPT - 1) continue;
+        slot = slot + 1 == S_ ? 0 : slot + 1;
+        if (++c != CPT) continue;
+        c = 0;
         // the tile's last chunk for every warp: reduce over the warps, add outliers and bias, store
-        const int tk = i / CPT, tile = blockIdx.x + tk * gridDim.x;
+        const int tile = blockIdx.x + tk * gridDim.x;
         // C fragment: c0 (row g, col 2t), c1 (g, 2t+1), c2 (g+8, 2t), c3 (g+8, 2t+1); columns are activation rows
 #pragma unroll
         for (int nb = 0; nb < NB; ++nb) {
@@ -391,6 +486,7 @@ extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_cuda_gemv(
             }
         }
         __syncthreads();
+        ++tk;
     }
     cp_async_wait<0>();
 }
@@ -424,26 +520,32 @@ extern "C" __global__ void spqr_cuda_dequant(const u32* __restrict__ codes, cons
 """
 
 
-def cuda_source(*, warps: int, stages: int, nb: int, bf16: bool, xs: bool) -> str:
+def cuda_source(*, warps: int, stages: int, nb: int, bf16: bool, xs: bool, raw: bool = False) -> str:
     """The CUDA source of the three kernels for ``warps`` per block, ``stages`` in each warp's ring, ``nb`` n8
-    blocks of activation rows (1: up to 8, 2: up to 16), the activation dtype, and where the activation fragments
-    live (``xs``: gathered into shared memory by the kernel; else streamed with each chunk from the prep kernel)."""
+    blocks of activation rows (1: up to 8, 2: up to 16), the activation dtype, where the activation fragments
+    live (``xs``: gathered into shared memory by the kernel; else streamed with each chunk from the prep kernel),
+    and the decode (``raw``: see :func:`spqr_gemv_cuda`)."""
     return (
         _SOURCE.replace("{W}", str(warps))
         .replace("{S}", str(stages))
         .replace("{NB}", str(nb))
         .replace("{BF16}", str(int(bf16)))
         .replace("{XS}", str(int(xs)))
+        .replace("{RAW}", str(int(raw)))
         .replace("//@COMMON", DEVICE_COMMON)
     )
 
 
-def smem_bytes(warps: int, stages: int, rows: int, chunks: int, tiles_per_block: int, xs: bool) -> int:
+def smem_bytes(
+    warps: int, stages: int, rows: int, chunks: int, tiles_per_block: int, xs: bool, raw: bool = False
+) -> int:
     """Dynamic shared memory of a ``spqr_cuda_gemv`` block: each warp's ring of ``stages`` chunks (608 bytes of
     weight data, plus 128 bytes of activation fragments per activation row without ``xs``), the outlier sums of its
-    row tiles, and with ``xs`` the activations of all ``chunks`` (128 bytes per chunk and row)."""
-    stage = 608 + (0 if xs else 128 * rows)
-    return warps * stages * stage + tiles_per_block * 16 * rows * 4 + (rows * chunks * 128 if xs else 0)
+    row tiles, and with ``xs`` the activations of all ``chunks`` (128 bytes per chunk and row). ``raw`` adds the
+    activations' tile sums: 16 bytes per chunk and row."""
+    per_row = 128 + (16 if raw else 0)
+    stage = 608 + (0 if xs else per_row * rows)
+    return warps * stages * stage + tiles_per_block * 16 * rows * 4 + (rows * chunks * per_row if xs else 0)
 
 
 def layout_supported(*, bits: int, group_size: int, stats_bits: int, stats_group_size: int, **_: Any) -> str | None:
@@ -614,6 +716,7 @@ def spqr_gemv_cuda(
     warps: int | None = None,
     stages: int | None = None,
     blocks_per_sm: int | None = None,
+    decode: str = "dequant",
 ) -> torch.Tensor:
     """``x @ W^T (+ bias)`` for at most 16 rows of activations (the decode path), W in :func:`cuda_layout`.
 
@@ -625,6 +728,11 @@ def spqr_gemv_cuda(
         stages: chunks in each warp's shared-memory ring (2-16); ``stages - 1`` are in flight.
         blocks_per_sm: resident blocks per SM the grid is sized for (the blocks loop over the row tiles).
         (``None``: :func:`default_launch`.)
+        decode: ``"dequant"`` (weights dequantized in fp16 arithmetic into the mma operand; measured on the H200)
+            or ``"raw"`` (the codes plus a magic number go into the mma as they are and scale and zero-point are
+            applied to its fp32 output with the activations' tile sums: about a third fewer instructions per
+            weight and fp32 statistics like the reference; written in session 7 without GPU time left, so it is
+            not the default until it has been measured).
 
     Returns:
         (..., out_features) in ``x.dtype``.
@@ -638,14 +746,20 @@ def spqr_gemv_cuda(
     m = x2.shape[0]
     if m > MAX_ROWS:
         raise HfEffllmError(f"x has {m} rows; spqr_gemv_cuda takes at most {MAX_ROWS} (use spqr_matmul).")
-    w0, s0, b0 = default_launch(m, nt, x.device)
-    warps, stages, blocks_per_sm = warps or w0, stages or s0, blocks_per_sm or b0
-    if not 1 <= warps <= 16:
+    if warps is not None and not 1 <= warps <= 16:
         raise HfEffllmError(f"warps={warps} is out of range; use 1 to 16.")
-    if not 2 <= stages <= 16:
+    if stages is not None and not 2 <= stages <= 16:
         raise HfEffllmError(f"stages={stages} is out of range; use 2 to 16.")
-    if blocks_per_sm < 1:
+    if blocks_per_sm is not None and blocks_per_sm < 1:
         raise HfEffllmError(f"blocks_per_sm={blocks_per_sm} must be >= 1.")
+    if decode not in ("dequant", "raw"):
+        raise HfEffllmError(f"decode={decode!r} is not supported; use 'dequant' or 'raw'.")
+    if None in (warps, stages, blocks_per_sm):
+        w0, s0, b0 = default_launch(m, nt, x.device)
+        warps = w0 if warps is None else warps
+        stages = s0 if stages is None else stages
+        blocks_per_sm = b0 if blocks_per_sm is None else blocks_per_sm
+    raw = decode == "raw"
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     if m == 0 or n == 0:
         return y.reshape(*lead, n)
@@ -655,10 +769,10 @@ def spqr_gemv_cuda(
         bias = bias.to(x.dtype).contiguous()
     nb = 1 if m <= 8 else 2
     bf16 = x.dtype == torch.bfloat16
-    in_smem = m * kc * 128 <= XS_MAX_BYTES
+    in_smem = m * kc * (144 if raw else 128) <= XS_MAX_BYTES
     grid = min(nt, blocks_per_sm * _sm_count(x.device))
     tmax = _cdiv(nt, grid)
-    smem = smem_bytes(warps, stages, m, kc, tmax, in_smem)
+    smem = smem_bytes(warps, stages, m, kc, tmax, in_smem, raw)
     static = warps * 16 * 8 * nb * 4  # the reduction buffer
     limit = smem_limit(x.device) - static
     if smem > limit:
@@ -666,10 +780,10 @@ def spqr_gemv_cuda(
             f"warps={warps}, stages={stages}, blocks_per_sm={blocks_per_sm} need {smem} bytes of shared memory per "
             f"block for {m} rows; this GPU gives {limit}. Use fewer warps or stages, or more blocks per SM."
         )
-    key = ("spqr", warps, stages, nb, bf16, in_smem)
+    key = ("spqr", warps, stages, nb, bf16, in_smem, raw)
 
     def source() -> str:
-        return cuda_source(warps=warps, stages=stages, nb=nb, bf16=bf16, xs=in_smem)
+        return cuda_source(warps=warps, stages=stages, nb=nb, bf16=bf16, xs=in_smem, raw=raw)
 
     here = x.device.index == torch.cuda.current_device()
     with contextlib.nullcontext() if here else torch.cuda.device(x.device):
@@ -678,19 +792,20 @@ def spqr_gemv_cuda(
         if need > _SMEM_SET.get(id(gemv), 0):
             gemv.set_shared_memory_config(need)
             _SMEM_SET[id(gemv)] = need
-        xs = None
+        xs = xsum = None
         if not in_smem:
             xs = torch.empty(m * kc * 32, device=x.device, dtype=torch.int32)  # m x kc x 4 lanes x 8 words
+            xsum = torch.empty(m * kc * 4, device=x.device, dtype=torch.float32) if raw else None
             prep = compiled(key, x.device, source, "spqr_cuda_prep")
             launch(
                 prep, (_cdiv(m * kc * 4, _PREP_THREADS), 1, 1), _PREP_THREADS, 0,
-                [x2, layout.get("perm"), xs], [m, k, kc, x2.stride(0)],
+                [x2, layout.get("perm"), xs, xsum], [m, k, kc, x2.stride(0)],
             )  # fmt: skip
         launch(
             gemv, (grid, 1, 1), warps * 32, smem,
             [xs, layout["codes"], layout["stats"], layout["stats2"], layout["ov"],
              layout["oc32"] if in_smem else layout["oc_orig"], layout["orow32"], layout["optr"], x2,
-             layout.get("perm"), bias, y],
+             layout.get("perm"), bias, xsum, y],
             [m, n, nt, k, kc, tmax, x2.stride(0), y.stride(0)],
         )  # fmt: skip
     return y.reshape(*lead, n)

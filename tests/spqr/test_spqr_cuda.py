@@ -133,6 +133,10 @@ def test_formats_and_inputs_the_cuda_kernels_refuse():
         spqr_gemv_cuda(torch.zeros(1, 41, dtype=torch.float16), lay)
     with pytest.raises(HfEffllmError, match="float32"):
         spqr_dequantize_cuda(lay, torch.float32)
+    with pytest.raises(HfEffllmError, match="decode='fast'"):
+        spqr_gemv_cuda(torch.zeros(1, 40, dtype=torch.float16), lay, decode="fast")
+    with pytest.raises(HfEffllmError, match="stages=1"):
+        spqr_gemv_cuda(torch.zeros(1, 40, dtype=torch.float16), lay, stages=1)
 
 
 def test_variant_cuda_without_a_gpu_says_why():
@@ -199,9 +203,10 @@ def test_cuda_gemv_matches_reference(out, inp, rows, bits, gs, perm, dtype, monk
     tol = 1e-2 if dtype == torch.float16 else 4e-2
     configs = [(8, 8, 2, 1 << 16), (1, 2, 1, 1 << 16), (3, 5, 1, 1 << 16), (16, 4, 1, 1 << 16)]
     configs += [(8, 8, 2, 0), (3, 5, 1, 0)]  # activations from the prep kernel, streamed with the chunks
-    for warps, stages, per_sm, xs_max in configs:  # (3, 5): uneven chunk split
+    configs = [(*c, d) for d in ("dequant", "raw") for c in configs]
+    for warps, stages, per_sm, xs_max, decode in configs:  # (3, 5): uneven chunk split
         monkeypatch.setattr(spqr_cuda, "XS_MAX_BYTES", xs_max)
-        y = spqr_gemv_cuda(x, lay, bias=layer.bias, warps=warps, stages=stages, blocks_per_sm=per_sm)
+        y = spqr_gemv_cuda(x, lay, bias=layer.bias, warps=warps, stages=stages, blocks_per_sm=per_sm, decode=decode)
         assert y.dtype == dtype and y.shape == (rows, out)
         assert (y.float() - ref).norm() <= (5e-3 if dtype == torch.float16 else 1e-2) * ref.norm()
         torch.testing.assert_close(
@@ -209,7 +214,7 @@ def test_cuda_gemv_matches_reference(out, inp, rows, bits, gs, perm, dtype, monk
             ref,
             rtol=tol,
             atol=tol * ref.abs().max().item(),
-            msg=lambda m, cfg=(warps, stages, xs_max): f"warps, stages, XS_MAX_BYTES = {cfg}: {m}",
+            msg=lambda m, cfg=(warps, stages, xs_max, decode): f"warps, stages, XS_MAX_BYTES, decode = {cfg}: {m}",
         )
     w = spqr_dequantize_cuda(lay, dtype)
     wref = dequantize_weight(t, **meta)
