@@ -212,23 +212,25 @@ extern "C" __global__ void spqr_cuda_prep(const u16* __restrict__ x, const int* 
     dst[1] = make_uint4(v[4], v[5], v[6], v[7]);
 }
 
-// one chunk (64 columns of a row tile) -> the warp's stage: codes (one 16-byte piece per lane), statistics and
-// second level (lanes 0-5), and without XS the activation fragments of the M rows (and with RAW their tile sums)
+// one chunk (64 columns of a row tile) -> the warp's stage: codes, statistics, second level, and without XS the
+// activation fragments of the M rows (and with RAW their tile sums)
 __device__ __forceinline__ void issue(char* st, const u32* codes, const u32* stats, const u32* stats2,
                                       const u32* xs, const float* xsum, long long item, int kc, int KC, int M,
                                       int lane) {
-    cp_async16(st + lane * 16, codes + item * 128 + lane * 4, 16);
-    if (lane < 6) cp_async16(st + 512 + lane * 16, lane < 4 ? stats + item * 16 + lane * 4 : stats2 + item * 8 + (lane - 4) * 4, 16);
-#if !XS
-    for (int q = lane; q < (RAW ? 9 : 8) * M; q += 32) {
+    const int pieces = 38 + (XS ? 0 : (RAW ? 9 : 8) * M);
+    for (int p = lane; p < pieces; p += 32) {
         const void* src;
-        if (q < 8 * M)  // activation row q / 8, thread t = (q % 8) / 2, half q % 2
+        if (p < 32) src = codes + item * 128 + p * 4;
+        else if (p < 36) src = stats + item * 16 + (p - 32) * 4;
+        else if (p < 38) src = stats2 + item * 8 + (p - 36) * 4;
+        else if (p < 38 + 8 * M) {
+            const int q = p - 38;  // activation row q / 8, thread t = (q % 8) / 2, half q % 2
             src = xs + (((long long)(q >> 3) * KC + kc) * 4 + ((q & 7) >> 1)) * 8 + (q & 1) * 4;
-        else
-            src = xsum + ((long long)(q - 8 * M) * KC + kc) * 4;
-        cp_async16(st + STAGE_FIXED + q * 16, src, 16);
+        } else {
+            src = xsum + ((long long)(p - 38 - 8 * M) * KC + kc) * 4;  // RAW: row p - 38 - 8M's tile sums
+        }
+        cp_async16(st + p * 16, src, 16);
     }
-#endif
 }
 
 // half index of stored column k of activation row b in the B-fragment order [row][chunk][t][tile j][4 values]
@@ -269,21 +271,20 @@ extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_cuda_gemv(
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb) xin[nb] = g + 8 * nb < M;
 
-    // the stream's position, advanced by counters (no division in the loop): next chunk to issue and to compute
-    int is_n = 0, is_c = 0, is_slot = 0, is_tile = blockIdx.x;
-#define ISSUE()                                                                                    \
+#define ISSUE(I)                                                                                   \
     {                                                                                              \
-        const int kc_ = warp + is_c * W_;                                                          \
-        if (is_n < total && kc_ < KC)                                                              \
-            issue(ring + is_slot * stage_bytes, codes, stats, stats2, xs, xsum,                    \
-                  (long long)is_tile * KC + kc_, kc_, KC, M, lane);                                \
+        const int i_ = (I);                                                                        \
+        if (i_ < total) {                                                                          \
+            const int kc_ = warp + (i_ % CPT) * W_;                                                \
+            const int tile_ = blockIdx.x + (i_ / CPT) * gridDim.x;                                 \
+            if (kc_ < KC)                                                                          \
+                issue(ring + (i_ % S_) * stage_bytes, codes, stats, stats2, xs, xsum,              \
+                      (long long)tile_ * KC + kc_, kc_, KC, M, lane);                              \
+        }                                                                                          \
         cp_async_commit();                                                                         \
-        ++is_n;                                                                                    \
-        is_slot = is_slot + 1 == S_ ? 0 : is_slot + 1;                                             \
-        if (++is_c == CPT) is_c = 0, is_tile += gridDim.x;                                         \
     }
 #pragma unroll
-    for (int i = 0; i < S_ - 1; ++i) ISSUE();
+    for (int i = 0; i < S_ - 1; ++i) ISSUE(i);
 
     for (int e = threadIdx.x; e < my_tiles * 16 * M; e += W_ * 32) osum[e] = 0.f;
 #if XS
@@ -381,14 +382,14 @@ extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_cuda_gemv(
     float acc[NB][4];
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb) acc[nb][0] = acc[nb][1] = acc[nb][2] = acc[nb][3] = 0.f;
-    int c = 0, slot = 0, tk = 0;
     for (int i = 0; i < total; ++i) {
-        ISSUE();
+        ISSUE(i + S_ - 1);
         cp_async_wait<S_ - 1>();
         __syncwarp();
+        const int c = i % CPT;
         const int kc = warp + c * W_;
         if (kc < KC) {
-            const char* st = ring + slot * stage_bytes;
+            const char* st = ring + (i % S_) * stage_bytes;
             const uint4 cw = *(const uint4*)(st + lane * 16);
             const uint2 sw = *(const uint2*)(st + 512 + g * 8);
             const uint4 sa = *(const uint4*)(st + 576), sz = *(const uint4*)(st + 592);
@@ -460,11 +461,9 @@ extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_cuda_gemv(
             }
         }
         __syncwarp();
-        slot = slot + 1 == S_ ? 0 : slot + 1;
-        if (++c != CPT) continue;
-        c = 0;
+        if (c != CPT - 1) continue;
         // the tile's last chunk for every warp: reduce over the warps, add outliers and bias, store
-        const int tile = blockIdx.x + tk * gridDim.x;
+        const int tk = i / CPT, tile = blockIdx.x + tk * gridDim.x;
         // C fragment: c0 (row g, col 2t), c1 (g, 2t+1), c2 (g+8, 2t), c3 (g+8, 2t+1); columns are activation rows
 #pragma unroll
         for (int nb = 0; nb < NB; ++nb) {
@@ -486,7 +485,6 @@ extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_cuda_gemv(
             }
         }
         __syncthreads();
-        ++tk;
     }
     cp_async_wait<0>();
 }
