@@ -25,8 +25,8 @@ Per tile a thread decodes, in fp16 arithmetic for both activation dtypes: the sc
 (codes put into the mantissa of 1024.0 with one LOP3, the magic number subtracted, three half2 FMAs) and its eight
 weights (one LOP3 and two half2 FMAs per pair: ``w = (q - 1024) * s + (-z * s)``), converted to bf16 pairs for
 bf16 activations (bf16 arithmetic on the zero-point cost 1-2% relative error), then one ``mma`` per 8 activation
-rows. Bytes per weight: 4 (codes) + 0.5 (statistics codes) + 0.25 (second-level statistics) bits, plus 10 bytes
-per outlier.
+rows. Bytes per weight: 4 (codes) + 0.5 (statistics codes) + 0.25 (second-level statistics) bits, plus 14 bytes
+per outlier in device memory (10 read per call).
 
 The main kernel ``spqr_cuda_gemv`` is persistent: a block owns every ``gridDim``-th row tile, its warps split each
 tile's chunks and stream them through per-warp rings of shared-memory stages (``cp.async``, ``stages - 1`` chunks
@@ -612,10 +612,9 @@ def cuda_layout(
     """Re-lay a layer's packed tensors out for the CUDA kernels (see the module docstring for the layout).
 
     Works on any device (the tests check it on the CPU against the format's own dequantization). Also holds the
-    outliers (``ov`` fp16 corrections, re-centred by :func:`_recenter_outliers`; ``oc_orig`` int32 original
-    columns; ``oc``/``orow`` stored columns and rows for the dequantize path; ``orow32``/``oc32`` the same as int32
-    for the kernel; ``optr`` int32), ``perm`` (int32, stored order -> original column), ``perm_long`` and its inverse
-    ``perm_inv``.
+    outliers (``ov`` fp16 corrections, re-centred by :func:`_recenter_outliers`; ``oc_orig`` original columns,
+    ``oc`` stored columns, ``orow`` rows and ``optr`` row offsets, all int32: 14 bytes per outlier), ``perm`` (int32,
+    stored order -> original column), ``perm_long`` and its inverse ``perm_inv``.
     """
     from .spqr import outlier_index, unpack_codes  # kernels.spqr imports this module
 
@@ -671,12 +670,10 @@ def cuda_layout(
         "nt": nt,
         "ov": ov,
         "oc_orig": cols_orig.to(torch.int32),
-        "oc": cols,
-        "orow": orow,
+        "oc": cols.to(torch.int32),
+        "orow": orow.to(torch.int32),
         "optr": ptr.to(torch.int32),
     }
-    layout["orow32"] = layout["orow"].to(torch.int32)
-    layout["oc32"] = cols.to(torch.int32)
     if perm is not None:
         layout["perm"] = perm.to(torch.int32)
         layout["perm_long"] = perm.long()
@@ -802,7 +799,7 @@ def spqr_gemv_cuda(
         launch(
             gemv, (grid, 1, 1), warps * 32, smem,
             [xs, layout["codes"], layout["stats"], layout["stats2"], layout["ov"],
-             layout["oc32"] if in_smem else layout["oc_orig"], layout["orow32"], layout["optr"], x2,
+             layout["oc"] if in_smem else layout["oc_orig"], layout["orow"], layout["optr"], x2,
              layout.get("perm"), bias, xsum, y],
             [m, n, nt, k, kc, tmax, x2.stride(0), y.stride(0)],
         )  # fmt: skip

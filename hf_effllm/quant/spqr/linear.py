@@ -219,7 +219,7 @@ class SpQRLinear(nn.Module):
 
     def cuda_layout(self) -> dict[str, Any]:
         """The packed buffers re-laid out for the CUDA kernels (``hf_effllm.kernels.spqr_cuda.cuda_layout``), built
-        on first use and kept like :meth:`kernel_layout`: about 4.75 bits per weight plus 10 bytes per outlier."""
+        on first use and kept like :meth:`kernel_layout`: about 4.75 bits per weight plus 14 bytes per outlier."""
         from ...kernels.spqr_cuda import cuda_layout
 
         dev = self.qweight.device
