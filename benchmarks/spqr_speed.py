@@ -9,7 +9,7 @@ outliers; identity Hessian, since speed does not depend on calibration). Then, f
    of launch settings (Triton: rows per program x split-K x words per step; CUDA: warps x chunks in flight) whose
    best entry is reported, for the three variants (``v1``: the first Triton kernel; ``v2``: folded zero-point for
    one row, tensor cores for 2..16, columns ``*_v2``; ``cuda``: ``kernels.spqr_cuda``, columns ``*_cuda``;
-   ``cuda_raw``: its ``decode="raw"`` path, default launch only), and the
+   ``cuda_raw``: its ``decode="raw"`` path), and the
    dequantize-then-matmul prefill path; eager (``do_bench``) and in a CUDA graph over distinct weight copies
    (no launch overhead, nothing L2-resident: how a decode step runs when captured);
 3. end to end: greedy decode tokens/s of the embedded SmolLM2-135M, bf16 vs SpQR (3-bit, quick calibration).
@@ -102,7 +102,7 @@ def measure(layer: SpQRLinear, x: torch.Tensor, dev: torch.device, quick: bool) 
     calls = {v: (lambda lo, v=v: spqr_gemv_triton(x, t, layout=lo, variant=v, **meta)) for v in VARIANTS}
     if use_cuda:
         calls["cuda"] = lambda lo: spqr_gemv_cuda(x, lo)
-        calls["cuda_raw"] = lambda lo: spqr_gemv_cuda(x, lo, decode="raw")  # default launch only
+        calls["cuda_raw"] = lambda lo: spqr_gemv_cuda(x, lo, decode="raw")
     lays = {v: (clay if v.startswith("cuda") else lay) for v in calls}
     w_dense = layer.dequantize().to(act)  # the same weight, dense, for the baseline
     ref = spqr_matmul_reference(x.float(), t, **meta)
@@ -146,14 +146,13 @@ def measure(layer: SpQRLinear, x: torch.Tensor, dev: torch.device, quick: bool) 
 
         sweeps.append((variant, f"BO={bo},split_k={sk},bkw={bkw},warps={nw}", fn))
     if use_cuda:
-        for warps, stages, per_sm in CUDA_SWEEP:
-            sweeps.append(
-                (
-                    "cuda",
-                    f"warps={warps},stages={stages},blocks_per_sm={per_sm}",
-                    lambda lo, w=warps, s=stages, b=per_sm: spqr_gemv_cuda(x, lo, warps=w, stages=s, blocks_per_sm=b),
-                )
-            )
+        for (warps, stages, per_sm), decode in ((c, d) for d in ("dequant", "raw") for c in CUDA_SWEEP):
+
+            def fn(lo, w=warps, s=stages, b=per_sm, d=decode):
+                return spqr_gemv_cuda(x, lo, warps=w, stages=s, blocks_per_sm=b, decode=d)
+
+            variant = "cuda" if decode == "dequant" else "cuda_raw"
+            sweeps.append((variant, f"warps={warps},stages={stages},blocks_per_sm={per_sm}", fn))
     best: dict[str, tuple[float, str]] = {}
     for variant, name, fn in sweeps:
         try:
