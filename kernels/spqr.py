@@ -884,7 +884,15 @@ def spqr_matmul(
     )
     _check(x, tensors, in_features)
     rows = x.numel() // in_features if in_features else 0
-    if variant in (None, "cuda") and use_triton is not False and x.numel() and cuda_supports(x, meta) is None:
+    # under torch.compile the Triton kernels (which dynamo traces) serve: a ctypes launch would break the graph
+    compiling = torch.compiler.is_compiling()
+    if (
+        variant in (None, "cuda")
+        and use_triton is not False
+        and x.numel()
+        and not compiling
+        and cuda_supports(x, meta) is None
+    ):
         lay = cuda_layout if cuda_layout is not None else build_cuda_layout(tensors, **meta)
         if rows <= CUDA_MAX_ROWS:
             return spqr_gemv_cuda(x, lay, bias=bias)
@@ -893,7 +901,8 @@ def spqr_matmul(
         y = torch.matmul(xs, w.T)
         return y if bias is None else y + bias.to(y.dtype)
     if variant == "cuda":
-        raise HfEffllmError(f"variant='cuda' cannot run here: {cuda_supports(x, meta)}.")
+        why = "torch.compile is tracing this call" if compiling else cuda_supports(x, meta)
+        raise HfEffllmError(f"variant='cuda' cannot run here: {why}.")
     if use_triton is None:
         use_triton = x.is_cuda and HAS_TRITON
     if not use_triton or not fused_supported(bits, group_size) or x.numel() == 0:

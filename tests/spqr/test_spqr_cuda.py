@@ -139,6 +139,19 @@ def test_formats_and_inputs_the_cuda_kernels_refuse():
         spqr_gemv_cuda(torch.zeros(1, 40, dtype=torch.float16), lay, stages=1)
 
 
+def test_the_module_leaves_the_cuda_kernels_to_triton_under_torch_compile(monkeypatch):
+    import types
+
+    layer, _ = make_layer(16, 40)
+    x = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=torch.float16)
+    layer._cuda_ok[(x.device, x.dtype)] = True  # as if the GPU had been asked
+    assert layer._use_cuda(x)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not layer._use_cuda(x)
+    with pytest.raises(HfEffllmError, match="torch.compile is tracing"):
+        spqr_matmul(torch.zeros(1, 40), layer.packed_tensors(), variant="cuda", **layer.packed_meta())
+
+
 def test_variant_cuda_without_a_gpu_says_why():
     layer, _ = make_layer(16, 40)
     with pytest.raises(HfEffllmError, match="variant='cuda' cannot run here"):

@@ -229,7 +229,7 @@ class SpQRLinear(nn.Module):
         return self._cuda_layout
 
     def _use_cuda(self, x: torch.Tensor) -> bool:
-        if not x.is_cuda:
+        if not x.is_cuda or torch.compiler.is_compiling():  # compiled: the Triton kernels (see spqr_matmul)
             return False
         key = (x.device, x.dtype)
         ok = self._cuda_ok.get(key)
