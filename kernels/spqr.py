@@ -15,8 +15,8 @@
 * :func:`spqr_matmul`: validates the inputs and picks the path: the CUDA kernels of ``kernels.spqr_cuda`` for
   fp16/bf16 activations on a GPU when the format allows (the default since session 7: in eager mode on the H200 a
   batch-1 call takes 1.6-3.3x less time than the Triton path, mostly launch overhead; batch 16 0.7-1.9x; in CUDA
-  graphs it is 5-25% slower at batch 1, see ``benchmarks/results/spqr_speed.md``), else Triton on CUDA, the
-  reference elsewhere.
+  graphs it is 12-25% slower at batch 1 on two of three shapes, see ``benchmarks/results/spqr_speed.md``), else
+  Triton on CUDA, the reference elsewhere.
 
 Bytes and operations per weight of a matrix-vector product at 3 bits, 16x16 groups: 4 bits of codes + 0.5 bit of
 statistics codes + 0.25 bit of second-level statistics + outliers (4 bytes read each, ~1-2%: ~0.3-0.6 bit) against 16 bits
