@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 from collections.abc import Callable
@@ -24,7 +25,7 @@ import torch
 
 from hf_effllm.errors import HfEffllmError
 
-__all__ = ["DEVICE_COMMON", "available", "compiled", "launch", "smem_limit"]
+__all__ = ["DEVICE_COMMON", "available", "cdiv", "compiled", "launch", "on_device", "sm_count", "smem_limit"]
 
 # CUDA pieces both kernel sources use (inserted where a source has the line ``//@COMMON``, after its macros, since
 # ``mma16816`` reads IS_BF16): integer types, cp.async with zero fill, and the m16n8k16 tensor-core product.
@@ -58,6 +59,27 @@ __device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1)
 def available() -> bool:
     """Whether this torch can compile CUDA source at run time (NVRTC through ``torch.cuda._compile_kernel``)."""
     return torch.cuda.is_available() and hasattr(torch.cuda, "_compile_kernel")
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for integers (grid and tile counts)."""
+    return -(a // -b)
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """``torch.cuda.device(device)``, or a no-op when it is already current (no device switch on the hot path)."""
+    here = device.index is None or device.index == torch.cuda.current_device()
+    return contextlib.nullcontext() if here else torch.cuda.device(device)
+
+
+def sm_count(device: torch.device) -> int:
+    """The number of SMs of ``device`` (looked up once per device)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def smem_limit(device: torch.device) -> int:

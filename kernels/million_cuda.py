@@ -42,7 +42,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import struct
 from typing import Any
 
@@ -50,7 +49,7 @@ import torch
 
 from hf_effllm.errors import HfEffllmError
 
-from .cuda_rt import DEVICE_COMMON, available, compiled, launch, smem_limit
+from .cuda_rt import DEVICE_COMMON, available, cdiv, compiled, launch, on_device, sm_count, smem_limit
 from .million import memoized_per_tensor
 
 __all__ = [
@@ -461,14 +460,10 @@ def split_plan(n: int, bh: int, device: torch.device, splits: int | None = None)
     if n <= 0:
         return 0, 32
     if splits is None:
-        splits = max(1, torch.cuda.get_device_properties(device).multi_processor_count // bh)
-    splits = max(1, min(splits, _cdiv(n, 32)))
-    split_len = _cdiv(_cdiv(n, splits), 32) * 32
-    return _cdiv(n, split_len), split_len
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(a // -b)
+        splits = max(1, sm_count(device) // bh)
+    splits = max(1, min(splits, cdiv(n, 32)))
+    split_len = cdiv(cdiv(n, splits), 32) * 32
+    return cdiv(n, split_len), split_len
 
 
 def _compiled(key: tuple, device: torch.device) -> tuple[Any, int]:
@@ -540,6 +535,5 @@ def million_codes_cuda(
         codes_v.stride(0), codes_v.stride(1), codes_v.stride(2),
         table_k.stride(0) if per_head else 0, cm.stride(0) if code_mask is not None else 0,
     ]  # fmt: skip
-    here = q.device.index == torch.cuda.current_device()  # no device switch on the hot path when none is needed
-    with contextlib.nullcontext() if here else torch.cuda.device(q.device):
+    with on_device(q.device):
         launch(kernel, (b * hkv, splits, 1), warps * 32, smem, ptrs, ints)

@@ -44,15 +44,15 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Any
 
 import torch
 
 from hf_effllm.errors import HfEffllmError
+from hf_effllm.quant.spqr.format import dequantize_stats
 
-from .cuda_rt import DEVICE_COMMON, available, compiled, launch, smem_limit
+from .cuda_rt import DEVICE_COMMON, available, cdiv, compiled, launch, on_device, sm_count, smem_limit
 
 __all__ = ["MAX_ROWS", "cuda_layout", "cuda_source", "layout_supported", "spqr_dequantize_cuda", "spqr_gemv_cuda"]
 
@@ -577,20 +577,31 @@ def layout_supported(*, bits: int, group_size: int, stats_bits: int, stats_group
 
 
 def supports(x: torch.Tensor, meta: dict[str, Any]) -> str | None:
-    """None when :func:`spqr_gemv_cuda` handles ``x`` for a layer of format ``meta``, else the reason."""
-    if not available() or x.device.type != "cuda":
-        return "needs CUDA and torch.cuda._compile_kernel (torch >= 2.8)"
-    if torch.cuda.get_device_capability(x.device) < (8, 0):
+    """None when :func:`spqr_gemv_cuda` handles ``x`` for a layer of format ``meta``, else the reason (answered
+    once per device, dtype and format: the question is asked on every decode step)."""
+    if x.device.type != "cuda":
+        return _NO_CUDA
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    keys = ("in_features", "bits", "group_size", "stats_bits", "stats_group_size")
+    return _supports(index, x.dtype, *(meta[k] for k in keys))
+
+
+_NO_CUDA = "needs CUDA and torch.cuda._compile_kernel (torch >= 2.8)"
+
+
+@functools.cache
+def _supports(
+    index: int, dtype: torch.dtype, in_features: int, bits: int, group_size: int, stats_bits: int, stats_group_size: int
+) -> str | None:
+    if not available():
+        return _NO_CUDA
+    if torch.cuda.get_device_capability(index) < (8, 0):
         return "needs a GPU of compute capability 8.0 or newer (fp16/bf16 mma.m16n8k16)"
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        return f"x.dtype={x.dtype}; the CUDA kernel takes float16 or bfloat16"
-    if meta["in_features"] % 2:
-        return f"in_features={meta['in_features']} is odd; the CUDA kernel takes an even number"
-    return layout_supported(**meta)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(a // -b)
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"x.dtype={dtype}; the CUDA kernel takes float16 or bfloat16"
+    if in_features % 2:
+        return f"in_features={in_features} is odd; the CUDA kernel takes an even number"
+    return layout_supported(bits=bits, group_size=group_size, stats_bits=stats_bits, stats_group_size=stats_group_size)
 
 
 def _recenter_outliers(codes, sc, zc, stats2, orow, cols, ov, bits, group_size, stats_group_size):
@@ -604,10 +615,8 @@ def _recenter_outliers(codes, sc, zc, stats2, orow, cols, ov, bits, group_size, 
     if ov.numel() == 0:
         return codes, ov.to(torch.float16)
     gi = cols // group_size
-    r2 = orow // stats_group_size
-    st = stats2.float()[r2, gi]  # (nnz, 4): scale step, scale minimum, zero step, zero minimum
-    s = st[:, 0] * sc[orow, gi].float() + st[:, 1]
-    z = st[:, 2] * zc[orow, gi].float() + st[:, 3]
+    s = dequantize_stats(sc, stats2[..., 0], stats2[..., 1], stats_group_size)[orow, gi]
+    z = dequantize_stats(zc, stats2[..., 2], stats2[..., 3], stats_group_size)[orow, gi]
     q_old = codes[orow, cols].float()
     q_new = z.round().clamp(0, 2**bits - 1)
     codes = codes.clone()
@@ -643,8 +652,8 @@ def cuda_layout(
     ptr = tensors["outlier_row_ptr"]
     n = ptr.shape[0] - 1
     k = in_features
-    g = _cdiv(k, group_size)
-    nt, kc = _cdiv(n, 16), _cdiv(k, 64)
+    g = cdiv(k, group_size)
+    nt, kc = cdiv(n, 16), cdiv(k, 64)
     np_, kp = nt * 16, kc * 64
     codes, sc, zc = unpack_codes(tensors, n, k, g, bits, stats_bits)
 
@@ -714,7 +723,7 @@ def default_launch(rows: int, n_tiles: int, device: torch.device) -> tuple[int, 
     8 x 8 with three blocks when there are at least four row tiles per SM; 9-16 rows: 8 x 4, two blocks)."""
     if rows > 8:
         return 8, 4, 2
-    if n_tiles >= 4 * _sm_count(device):
+    if n_tiles >= 4 * sm_count(device):
         return 8, 8, 3
     return 16, 4, 1
 
@@ -781,8 +790,8 @@ def spqr_gemv_cuda(
     nb = 1 if m <= 8 else 2
     bf16 = x.dtype == torch.bfloat16
     in_smem = m * kc * (144 if raw else 128) <= XS_MAX_BYTES
-    grid = min(nt, blocks_per_sm * _sm_count(x.device))
-    tmax = _cdiv(nt, grid)
+    grid = min(nt, blocks_per_sm * sm_count(x.device))
+    tmax = cdiv(nt, grid)
     smem = smem_bytes(warps, stages, m, kc, tmax, in_smem, raw)
     static = warps * 16 * 8 * nb * 4  # the reduction buffer
     limit = smem_limit(x.device) - static
@@ -796,8 +805,7 @@ def spqr_gemv_cuda(
     def source() -> str:
         return cuda_source(warps=warps, stages=stages, nb=nb, bf16=bf16, xs=in_smem, raw=raw)
 
-    here = x.device.index == torch.cuda.current_device()
-    with contextlib.nullcontext() if here else torch.cuda.device(x.device):
+    with on_device(x.device):
         gemv = compiled(key, x.device, source, "spqr_cuda_gemv")
         need = max(smem, 48 * 1024) if smem + static > 48 * 1024 else 0  # static + dynamic above 48 KiB: opt in
         if need > _SMEM_SET.get(id(gemv), 0):
@@ -809,7 +817,7 @@ def spqr_gemv_cuda(
             xsum = torch.empty(m * kc * 4, device=x.device, dtype=torch.float32) if raw else None
             prep = compiled(key, x.device, source, "spqr_cuda_prep")
             launch(
-                prep, (_cdiv(m * kc * 4, _PREP_THREADS), 1, 1), _PREP_THREADS, 0,
+                prep, (cdiv(m * kc * 4, _PREP_THREADS), 1, 1), _PREP_THREADS, 0,
                 [x2, layout.get("perm"), xs, xsum], [m, k, kc, x2.stride(0)],
             )  # fmt: skip
         launch(
@@ -822,16 +830,7 @@ def spqr_gemv_cuda(
     return y.reshape(*lead, n)
 
 
-@functools.cache
-def _sm_count_of(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _sm_count(device: torch.device) -> int:
-    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def spqr_dequantize_cuda(layout: dict[str, Any], dtype: torch.dtype, *, with_outliers: bool = True) -> torch.Tensor:
+def spqr_dequantize_cuda(layout: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
     """The dense weight (out, in) in stored column order and ``dtype`` (float16 or bfloat16), outliers added."""
     if dtype not in (torch.float16, torch.bfloat16):
         raise HfEffllmError(f"dtype={dtype} is not supported by the SpQR CUDA kernels; use float16 or bfloat16.")
@@ -845,14 +844,13 @@ def spqr_dequantize_cuda(layout: dict[str, Any], dtype: torch.dtype, *, with_out
     def source() -> str:
         return cuda_source(warps=1, stages=2, nb=1, bf16=dtype == torch.bfloat16, xs=False)
 
-    here = dev.index == torch.cuda.current_device()
-    with contextlib.nullcontext() if here else torch.cuda.device(dev):
+    with on_device(dev):
         kern = compiled(key, dev, source, "spqr_cuda_dequant")
         per_block = 8
         launch(
-            kern, (_cdiv(nt * kc, per_block), 1, 1), per_block * 32, 0,
+            kern, (cdiv(nt * kc, per_block), 1, 1), per_block * 32, 0,
             [layout["codes"], layout["stats"], layout["stats2"], w], [n, k, kc, nt],
         )  # fmt: skip
-    if with_outliers and layout["ov"].numel():
+    if layout["ov"].numel():
         w.index_put_((layout["orow"], layout["oc"]), layout["ov"].to(dtype), accumulate=True)
     return w

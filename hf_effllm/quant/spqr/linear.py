@@ -89,7 +89,6 @@ class SpQRLinear(nn.Module):
         self._weight_cache: torch.Tensor | None = None
         self._layout: dict[str, Any] | None = None  # Triton kernel layout of the packed buffers, built lazily
         self._cuda_layout: dict[str, Any] | None = None  # CUDA kernel layout (fp16/bf16 on a GPU), built lazily
-        self._cuda_ok: dict[tuple[torch.device, torch.dtype], bool] = {}
 
     def _drop_caches(self) -> None:
         self._weight_cache = None
@@ -231,13 +230,9 @@ class SpQRLinear(nn.Module):
     def _use_cuda(self, x: torch.Tensor) -> bool:
         if not x.is_cuda or torch.compiler.is_compiling():  # compiled: the Triton kernels (see spqr_matmul)
             return False
-        key = (x.device, x.dtype)
-        ok = self._cuda_ok.get(key)
-        if ok is None:  # asked once per device and dtype: the check costs host time on every decode step
-            from ...kernels.spqr_cuda import supports
+        from ...kernels.spqr_cuda import supports  # answered once per device, dtype and format
 
-            ok = self._cuda_ok[key] = supports(x, self.packed_meta()) is None
-        return ok
+        return supports(x, self.packed_meta()) is None
 
     def _use_triton(self, device: torch.device) -> bool:
         from ...kernels.spqr import HAS_TRITON, fused_supported
