@@ -16,6 +16,11 @@
 #   muon_decode   muon_mla_moe: the four recipes, decode timed interleaved after training
 #   spqr_quality  spqr_quality with full calibration: 3.6-bit tuned, k/v at 4 bits (plain, tuned); _b: 4.6-bit tuned
 #   seer_speed    seer_speed at 32k (block-max sweep)
+#   seer_quality_top_p  seer_quality at 8k (gates distilled as in seer_quality_8k, ~40 s): dense, learned gates and
+#                 oracle_mass at fixed 50/90% and at 13 adaptive top-p budgets (0.995..0.4) -> seer_quality_top_p_8k;
+#                 ~2-3 min expected (model load + distillation + 30 perplexity runs of ~0.5-1 s), limit 560 s
+#   seer_tests    pytest -m gpu tests/seer only
+#   seer_blockmax seer_speed --blockmax-only at 32k: dense baselines, the block-max variant sweep, 3 rounds vs cuDNN
 source benchmarks/device_prepare.sh || exit 1
 set +e  # device_prepare sets -e; a failing step must not end the batch
 R=/tmp/r
@@ -41,6 +46,9 @@ for step in "$@"; do
     spqr_quality) bench "spqr_quality --tag a --variants 'float,SpQR ~3.6 bits tuned,SpQR ~3.6 bits kv4,SpQR ~3.6 bits kv4 tuned'" 590 ;;
     spqr_quality_b) bench "spqr_quality --tag b --variants 'float,SpQR ~4.6 bits tuned'" 590 ;;
     seer_speed) bench "seer_speed --seqs 32768" 600 ;;
+    seer_quality_top_p) bench "seer_quality --name seer_quality_top_p_8k --variants dense,seer,oracle_mass --sparsities 0.5,0.9 --top-p 0.995,0.99,0.98,0.97,0.95,0.93,0.9,0.85,0.8,0.7,0.6,0.5,0.4" 560 ;;
+    seer_tests) gpu_pytest seer_tests "${T_SEER_TESTS:-300}" tests/seer ;;
+    seer_blockmax) bench "seer_speed --seqs 32768 --blockmax-only --repeats 3" 420 ;;
     *) echo "unknown step $step" ;;
   esac
   save

@@ -16,6 +16,10 @@ skipped, top-k per block row), with these variants (``--variants``, comma-separa
   default target ``target="mass"``), group mean / max;
 - ``oracle_max_head`` / ``oracle_mass_head``: one mask per query head (bound of a per-query-head gate).
 
+With ``--top-p`` (e.g. ``0.95,0.9,0.8``) every variant but the fixed pattern also runs with an adaptive budget
+(config ``top_p``): each block row keeps its most probable blocks until their probabilities sum to that value, so the
+achieved sparsity (reported) varies with the text and the layer; one row per value and variant.
+
 Targets (BENCHMARKS.md): <= +1% at 50%, <= +4% at 90%. Results are written after every row, so a run cut short
 keeps what it measured.
 
@@ -25,6 +29,7 @@ Usage (repo root)::
     python benchmarks/seer_quality.py --quick         # CPU smoke run: 1k context, tiny distillation
     python benchmarks/seer_quality.py --gates DIR     # reuse gates saved by a previous run (--save-gates DIR)
     python benchmarks/seer_quality.py --variants dense,oracle_max,sink_local --sparsities 0.9  # no distillation
+    python benchmarks/seer_quality.py --variants dense,seer --sparsities 0.5,0.9 --top-p 0.95,0.9,0.8  # adaptive
 
 Results: ``$HF_EFFLLM_RESULTS_DIR`` (default ``benchmarks/results``) ``seer_quality{,_quick}.{json,md}``
 (``--name`` picks another file stem).
@@ -36,6 +41,7 @@ import argparse
 import importlib.util
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 if importlib.util.find_spec("hf_effllm") is None:  # not installed: use the source tree
@@ -76,14 +82,19 @@ LEARNED = ("seer", "seer+sink")
 DEFAULT_VARIANTS = "dense,seer,sink_local,oracle_max,oracle_mass"
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"--sparsities={text!r}: {e}; give e.g. 0.5,0.7,0.9") from None
-    if not values or any(not 0.0 < v < 1.0 for v in values):
-        raise argparse.ArgumentTypeError(f"--sparsities={text!r}: give values in (0, 1), e.g. 0.5,0.7,0.9")
-    return values
+def _floats(option: str, example: str) -> Callable[[str], list[float]]:
+    """argparse type: comma-separated values in (0, 1) for ``option`` (named in the error, with ``example``)."""
+
+    def parse(text: str) -> list[float]:
+        try:
+            values = [float(x) for x in text.split(",") if x.strip()]
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{option}={text!r}: {e}; give e.g. {example}") from None
+        if not values or any(not 0.0 < v < 1.0 for v in values):
+            raise argparse.ArgumentTypeError(f"{option}={text!r}: give values in (0, 1), e.g. {example}")
+        return values
+
+    return parse
 
 
 def _variants(text: str) -> list[str]:
@@ -100,10 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=None, help="tokens per window (default 8192; quick 1024)")
     p.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens (default 4 windows; quick 2)")
     p.add_argument("--variants", type=_variants, default=_variants(DEFAULT_VARIANTS), help="rows, comma-separated")
-    p.add_argument("--sparsities", type=_floats, default=[0.5, 0.7, 0.9], help="target sparsities, e.g. 0.5,0.9")
+    p.add_argument(
+        "--sparsities",
+        type=_floats("--sparsities", "0.5,0.7,0.9"),
+        default=[0.5, 0.7, 0.9],
+        help="target sparsities, e.g. 0.5,0.9",
+    )
     p.add_argument(
         "--top-p",
-        type=_floats,
+        type=_floats("--top-p", "0.97,0.95,0.9"),
         default=[],
         help="also run the gate/oracle rows with an adaptive budget: per row, the most probable blocks up to this "
         "probability mass (config top_p), e.g. 0.9,0.95",
@@ -155,9 +171,16 @@ def main(argv: list[str] | None = None) -> int:
         + "'sink+local' rows: predefined pattern (first block + most recent blocks); 'oracle' rows (diagnostic): "
         "top-k of the true attention map of each layer (block max or block mass, per KV group or per query head, "
         "as labelled), the best a gate trained on that target can do; '+ sink kept': block 0 always kept. "
-        "All rows keep the same number of blocks per block row (diagonal included). sparsity = achieved share of "
-        "causal 64x64 blocks skipped, averaged over layers. vs_dense_pct = perplexity change against the dense "
-        "model in the same run.",
+        "Rows with a target_sparsity keep the same number of blocks per block row (diagonal included). "
+        + (
+            "Rows 'top-p P' (note 'adaptive budget'): each block row keeps its most probable blocks (gate "
+            "probabilities, or the true map for oracle rows) until they sum to P, plus the diagonal, so the budget "
+            "varies per row, head and layer. "
+            if args.top_p
+            else ""
+        )
+        + "sparsity = achieved share of causal 64x64 blocks skipped, averaged over layers. vs_dense_pct = "
+        "perplexity change against the dense model in the same run.",
     )
     run.meta["device"] = dev
     print(f"device {dev}, context {ctx}, eval tokens {ids.numel()}, variants {args.variants}")
@@ -236,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             label = f"{label}, top-p {top_p:g}"
             run.add(variant=label, sparsity=round(sp, 4), vs_dense_pct=round(pct, 2), note="adaptive budget", **r)
             flush()
-            print(f"  {label:34s} achieved {sp:.1%} ppl {r['perplexity']:.4f} ({pct:+.2f}%)")
+            print(f"  {label:44s} achieved {sp:.1%} ppl {r['perplexity']:.4f} ({pct:+.2f}%)")
     seer.set_seer_options(
         model,
         **{k: getattr(base, k) for k in ("nz_ratio", "threshold", "top_p", "fixed_pattern", "oracle", "keep_sink")},

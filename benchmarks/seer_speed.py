@@ -232,10 +232,29 @@ def gate_breakdown(run, s, q, k, gate, bs, quick) -> None:
 
 
 def call_blockmax(q, k, v, cfg: dict, **kwargs):
-    """:func:`blockmax_attention` with a swept launch config (``fold_scale`` is the kernel's softmax arithmetic)."""
+    """:func:`blockmax_attention` with a swept launch config and main-loop variant (``fold_scale``: the softmax
+    arithmetic, ``pair``: two key tiles per softmax step, None = where they fit)."""
     cfg = dict(cfg)
-    seer_blockmax._FOLD_SCALE = bool(cfg.pop("fold_scale", False))
+    seer_blockmax._FOLD_SCALE = bool(cfg.pop("fold_scale", True))
+    seer_blockmax._PAIR = cfg.pop("pair", None)
     return blockmax_attention(q, k, v, **cfg, **kwargs)
+
+
+def blockmax_configs(dev, group: int) -> list[dict]:
+    """The block-max launch configs the sweep times (and the correctness check runs first).
+
+    The configs within 15% of the best in the session-6 and -8 H200 sweeps (the others spilled heavily or ran
+    1.2-3x slower; the folded scale was faster in each; a lazy rescale was 10-30% slower in each and TMA loads of
+    the paired tiles 2-6% slower), with the key tiles single or in pairs (pairs at 4 heads per program fit the
+    shared memory with 2 stages only, and ran 26% slower than unpaired).
+    """
+    if dev.type != "cuda":  # interpreter: both main loops at 4 warps
+        return [{"heads_per_program": 2, "num_warps": 4, "pair": pair} for pair in (False, True)]
+    return [
+        {"heads_per_program": hp, "num_warps": w, "num_stages": st, "fold_scale": True, "pair": pair}
+        for hp, w, st, pair in [(2, 4, 2, False), (4, 8, 3, False), (2, 8, 3, False), (2, 8, 3, True), (2, 8, 2, True)]
+        if group % hp == 0
+    ]
 
 
 def check_correctness(run, dev, dtype, hq, hkv, d, bs, quick) -> bool:
@@ -260,11 +279,15 @@ def check_correctness(run, dev, dtype, hq, hkv, d, bs, quick) -> bool:
     ro, rb = blockmax_attention_reference(q, k, v, key_padding=pad, block_size=bs)
     g = hq // hkv
     configs = [{}] + [
-        {"heads_per_program": hp, "num_warps": w, "fold_scale": f}
+        {"heads_per_program": hp, "num_warps": w, "fold_scale": f, "pair": False}
         for hp in (1, 2, 4) if g % hp == 0 for w in ((4, 8) if dev.type == "cuda" else (4,)) for f in (False, True)
-    ]  # fmt: skip
+    ] + blockmax_configs(dev, g)  # fmt: skip
     for c in configs:  # every launch config the sweep may pick (the map must match to float32 rounding)
-        out, bm = call_blockmax(q, k, v, c, key_padding=pad, block_size=bs)
+        try:
+            out, bm = call_blockmax(q, k, v, c, key_padding=pad, block_size=bs)
+        except Exception as e:  # a config the GPU refuses (shared memory) is skipped here and in the sweep
+            print(f"  check block-max {c}: {type(e).__name__}, skipped")
+            continue
         e1, e2 = rel_err(out, ro), rel_err(bm, rb)
         ok = e1 < REL_TOL and e2 < MAP_TOL
         all_ok &= ok
@@ -308,7 +331,7 @@ def sweep(run, name, fn_of_cfg, configs, quick) -> dict:
     return best
 
 
-def tune(run, dev, dtype, hq, hkv, d, bs, seqs, quick) -> tuple[dict, dict]:
+def tune(run, dev, dtype, hq, hkv, d, bs, seqs, quick, blockmax_only=False) -> tuple[dict, dict]:
     """Pick heads-per-program / warps / stages for each kernel on one mid-size shape (0% sparsity)."""
     s = min(32768, max(seqs))
     q = torch.randn(1, hq, s, d, device=dev, dtype=dtype)
@@ -324,21 +347,17 @@ def tune(run, dev, dtype, hq, hkv, d, bs, seqs, quick) -> tuple[dict, dict]:
     def seer_fn(c):
         return lambda: block_sparse_attention(q, k, v, mask, block_index=index, **c)
 
-    seer_cfg = sweep(run, f"seer 0% S={s}", seer_fn, configs, quick)
+    seer_cfg = {} if blockmax_only else sweep(run, f"seer 0% S={s}", seer_fn, configs, quick)
 
     def bmax_fn(c):
         return lambda: call_blockmax(q, k, v, c)
 
-    # Without the (heads, warps) pairs that spill heavily or ran 1.5-3x slower in the last H200 sweep.
-    bmax_configs = [
-        dict(c, fold_scale=f)
-        for c in configs if (c["heads_per_program"], c["num_warps"]) not in ((1, 8), (4, 4)) for f in (False, True)
-    ] + [{"heads_per_program": hp, "num_warps": 8, "num_stages": 4, "fold_scale": True} for hp in (2, 4)]  # fmt: skip
+    bmax_configs = blockmax_configs(dev, hq // hkv)
     bmax_cfg = sweep(run, f"block-max S={s}", bmax_fn, bmax_configs, quick)
     return seer_cfg, bmax_cfg
 
 
-def time_seq(run, s, dev, dtype, hq, hkv, d, bs, sparsities, seer_cfg, bmax_cfg, quick) -> None:
+def time_seq(run, s, dev, dtype, hq, hkv, d, bs, sparsities, seer_cfg, bmax_cfg, quick, repeats=1) -> None:
     """Dense baselines, the block-sparse kernel at each sparsity (with gate cost) and the block-max kernel at S."""
     torch.manual_seed(s)
     q = torch.randn(1, hq, s, d, device=dev, dtype=dtype)
@@ -388,10 +407,10 @@ def time_seq(run, s, dev, dtype, hq, hkv, d, bs, sparsities, seer_cfg, bmax_cfg,
             f"x_cudnn {r.get('x_vs_cudnn', 0):6.2f}  gate {gms:.3f} ms ({gms / (gms + ms):.1%})"
         )
 
-    if s <= GATE_BREAKDOWN_MAX_SEQ:
+    if s <= GATE_BREAKDOWN_MAX_SEQ and sparsities:
         gate_breakdown(run, s, q, k, gate, bs, quick)
 
-    for stat in ("max", "mass"):  # the paper's block-max map, and the block-mass map the default distillation uses
+    for stat in ("mass", "max"):  # the block-mass map the default distillation uses, and the paper's block-max map
 
         def bmax_call(stat=stat):
             return call_blockmax(q, k, v, bmax_cfg, stat=stat)
@@ -400,6 +419,12 @@ def time_seq(run, s, dev, dtype, hq, hkv, d, bs, sparsities, seer_cfg, bmax_cfg,
         name = "block-max forward" if stat == "max" else "block-mass forward (stat='mass')"
         run.add(section="block-max", variant=name, seq=s, ms=ms, config=str(bmax_cfg), **ratios(ms))
         print(f"  S={s:6d} {name} {ms:9.3f} ms  ms_vs_cudnn {ratios(ms).get('ms_vs_cudnn', float('nan')):.2f}")
+    if cudnn and repeats > 1:  # the block-max / cuDNN time ratio again, the two timed back to back each round
+        for i in range(repeats):
+            c_ms, b_ms = bench(sdpa_fn(dense_backends(dev)["cudnn"], q, k, v), quick), bench(bmax_call, quick)
+            run.add(section="repeat", variant=f"block-max vs cudnn, round {i + 1}", seq=s, ms=b_ms,
+                    ms_vs_cudnn=b_ms / c_ms, config=str(bmax_cfg), note=f"cudnn {c_ms:.3f} ms")  # fmt: skip
+            print(f"  S={s:6d} round {i + 1}: cudnn {c_ms:.3f} ms, block-max {b_ms:.3f} ms, {b_ms / c_ms:.3f}x")
     if dev.type == "cuda":
         del q, k, v
         torch.cuda.empty_cache()
@@ -411,15 +436,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seqs", default=None, help="comma-separated sequence lengths (default 8192,32768,131072)")
     p.add_argument("--no-sweep", action="store_true", help="skip the launch-configuration sweep")
     p.add_argument("--no-write", action="store_true", help="print only")
+    p.add_argument(
+        "--blockmax-only", action="store_true", help="dense baselines and the block-max kernel only (no seer rows)"
+    )
+    p.add_argument("--repeats", type=int, default=1, help="rounds of cuDNN and block-max timed back to back")
     args = p.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     quick = args.quick or dev.type != "cuda"
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float16
     hq, hkv, d, bs = (32, 8, 128, 64) if not quick else (4, 2, 32, 64)
     seqs = [int(x) for x in args.seqs.split(",")] if args.seqs else ([8192, 32768, 131072] if not quick else [256, 320])
-    sparsities = [0.0, 0.5, 0.9, 0.95]
+    sparsities = [] if args.blockmax_only else [0.0, 0.5, 0.9, 0.95]
+    stem = "seer_speed_quick" if quick else "seer_speed"
     run = BenchmarkRun(
-        "seer_speed_quick" if quick else "seer_speed",
+        stem + ("_blockmax" if args.blockmax_only else ""),
         f"SeerAttention kernels vs dense SDPA: {hq} query / {hkv} KV heads, head_dim {d}, block {bs}, "
         f"{str(dtype).split('.')[-1]}, batch 1, causal prefill. 'seer' rows: block-sparse kernel, mask per KV "
         "head from top-k of random gate scores (diagonal kept), sparsity = skipped share of causal blocks; kernel "
@@ -444,12 +474,12 @@ def main(argv: list[str] | None = None) -> int:
     bmax_cfg = dict(seer_cfg)
     if dev.type == "cuda" and not args.no_sweep:
         print("[2/3] launch-configuration sweep")
-        seer_cfg, bmax_cfg = tune(run, dev, dtype, hq, hkv, d, bs, seqs, quick)
+        seer_cfg, bmax_cfg = tune(run, dev, dtype, hq, hkv, d, bs, seqs, quick, args.blockmax_only)
         run.meta["seer launch config"] = str(seer_cfg)
         run.meta["block-max launch config"] = str(bmax_cfg)
     print("[3/3] timings")
     for s in seqs:
-        time_seq(run, s, dev, dtype, hq, hkv, d, bs, sparsities, seer_cfg, bmax_cfg, quick)
+        time_seq(run, s, dev, dtype, hq, hkv, d, bs, sparsities, seer_cfg, bmax_cfg, quick, args.repeats)
         if not args.no_write:
             run.write(COLUMNS)
     for r in run.rows:

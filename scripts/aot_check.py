@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         if name not in given:
             p.error(f"parameter {name!r} has no type or value")
         v = given.pop(name)
-        if v in TYPES:
+        if v in TYPES or v.startswith("tensordesc<"):  # e.g. tensordesc<bf16[1, 1, 64, 128]>
             sig[name] = v
         else:
             sig[name] = "constexpr"

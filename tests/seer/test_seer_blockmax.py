@@ -32,11 +32,24 @@ CASES = [  # (B, Hq, Hkv, S, D, block_size, heads_per_program, padding)
 ]
 
 
-@pytest.mark.parametrize("fold", [False, True])  # both softmax arithmetics the benchmark sweeps
+# Main-loop variants the benchmark sweeps: (folded softmax scale, key blocks in pairs).
+VARIANTS = [(False, False), (True, False), (True, True), (False, True)]
+
+
+def _variant_id(v):
+    return f"fold{int(v[0])}-pair{int(v[1])}"
+
+
+def _set_variant(monkeypatch, variant):
+    for attr, value in zip(("_FOLD_SCALE", "_PAIR"), variant, strict=True):
+        monkeypatch.setattr(seer_blockmax, attr, value)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_variant_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", CASES)
-def test_blockmax_matches_reference_on_odd_shapes(triton_interpret, monkeypatch, case, dtype, fold):
-    monkeypatch.setattr(seer_blockmax, "_FOLD_SCALE", fold)
+def test_blockmax_matches_reference_on_odd_shapes(triton_interpret, monkeypatch, case, dtype, variant):
+    _set_variant(monkeypatch, variant)
     b, hq, hkv, s, d, bs, hp, padding = case
     q, k, v = _inputs(b, hq, hkv, s, d, dtype, seed=s)
     pad = None
@@ -93,26 +106,31 @@ def test_blockmax_rejects_heads_per_program_not_power_of_two(triton_interpret):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fold", [False, True])
+@pytest.mark.parametrize("variant", VARIANTS, ids=_variant_id)
 @pytest.mark.parametrize("hp", [1, 2, 4])
-def test_blockmax_bf16_on_gpu(monkeypatch, hp, fold):
+def test_blockmax_bf16_on_gpu(monkeypatch, hp, variant):
     """bf16 (broken under the interpreter) on the GPU, every heads-per-program the benchmark sweeps, padding."""
-    monkeypatch.setattr(seer_blockmax, "_FOLD_SCALE", fold)
+    _set_variant(monkeypatch, variant)
     q, k, v = (t.cuda() for t in _inputs(2, 8, 2, 1000, 128, torch.bfloat16, seed=hp))
     pad = torch.ones(2, 1000, dtype=torch.bool, device="cuda")
     pad[1, :130] = False
+    # Paired tiles at 4 heads per program: 3 pipeline stages exceed the H200's shared memory, 2 fit.
+    stages = 2 if variant[1] and hp == 4 else None
     for warps in (4, 8):
-        out, bm = blockmax_attention(q, k, v, key_padding=pad, heads_per_program=hp, num_warps=warps)
+        out, bm = blockmax_attention(q, k, v, key_padding=pad, heads_per_program=hp, num_warps=warps, num_stages=stages)
         ref_out, ref_bm = blockmax_attention_reference(q, k, v, key_padding=pad)
         torch.testing.assert_close(bm, ref_bm, atol=1e-6, rtol=1e-4)
         torch.testing.assert_close(out.float(), ref_out.float(), atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("variant", VARIANTS[1:], ids=_variant_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", CASES)
-def test_block_mass_matches_references(triton_interpret, case, dtype):
+def test_block_mass_matches_references(triton_interpret, monkeypatch, case, dtype, variant):
     """stat="mass": the tile log-sum-exp scratch gives each tile's probability mass (rows of the map sum to 1)."""
     from hf_effllm.attention.seer.targets import block_attention_map
+
+    _set_variant(monkeypatch, variant)
 
     b, hq, hkv, s, d, bs, hp, padding = case
     q, k, v = _inputs(b, hq, hkv, s, d, dtype, seed=s + 1)
