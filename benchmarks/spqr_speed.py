@@ -197,6 +197,43 @@ def kernel_rows(run: BenchmarkRun, dev: torch.device, quick: bool, threshold: fl
             print(markdown_table([row]).splitlines()[-1], flush=True)
 
 
+# Phases of the CUDA decode kernel left out in --breakdown (kernels.spqr_cuda._SKIP; the results are then wrong).
+PHASES = [
+    ("full kernel", ()),
+    ("without outliers", ("outliers",)),
+    ("without the activation gather", ("gather",)),
+    ("without decode + mma", ("mma",)),
+    ("loads, reduction and stores only", ("gather", "outliers", "mma")),
+]
+
+
+def breakdown_rows(run: BenchmarkRun, dev: torch.device, threshold: float) -> None:
+    """Where the CUDA decode kernel's time goes: its graph time (default launch) with phases left out."""
+    from hf_effllm.kernels import spqr_cuda
+
+    for inp, out in FULL_SHAPES:
+        layer = make_layer(inp, out, dev, threshold)
+        t, meta = layer.packed_tensors(), layer.packed_meta()
+        clay = cuda_layout(t, **meta)
+        nbytes = layout_bytes(clay)
+        copies = [_clone_layout(clay) for _ in range(_copies(nbytes))]
+        w = layer.dequantize().to(torch.bfloat16)
+        dense = [w.clone() for _ in range(_copies(w.numel() * w.element_size()))]
+        for batch in (1, 16):
+            x = torch.randn(batch, inp, device=dev, dtype=torch.bfloat16)
+            base = graph_time_ms([lambda w=w, x=x: torch.matmul(x, w.T) for w in dense])
+            for name, skip in PHASES:
+                spqr_cuda._SKIP = frozenset(skip)
+                try:
+                    ms = graph_time_ms([lambda lo=lo, x=x: spqr_gemv_cuda(x, lo) for lo in copies])
+                finally:
+                    spqr_cuda._SKIP = frozenset()
+                row = run.add(shape=f"{inp}->{out}", batch=batch, phase=name, graph_ms=ms, bf16_graph_ms=base,
+                              speedup=base / ms, layout_gbps=nbytes / 1e9 / (ms / 1e3))  # fmt: skip
+                print(markdown_table([row]).splitlines()[-1], flush=True)
+        del copies, dense
+
+
 def decode_rows(run: BenchmarkRun, dev: torch.device, quick: bool, new_tokens: int) -> None:
     import copy
 
@@ -248,6 +285,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128, help="tokens generated in the decode test")
     p.add_argument("--skip-decode", action="store_true", help="only the kernel shapes")
     p.add_argument("--skip-kernels", action="store_true", help="only the end-to-end decode")
+    p.add_argument("--breakdown", action="store_true", help="only the CUDA kernel's time with phases left out")
     args = p.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type != "cuda" and not args.quick:
@@ -261,6 +299,17 @@ def main() -> None:
         "kernel_bits = bytes the kernel layout holds per weight x 8; dequant_matmul_ms is the prefill path.",
     )
     run.meta["outlier_threshold"] = args.outlier_threshold
+    if args.breakdown:
+        run = BenchmarkRun(
+            "spqr_speed_breakdown",
+            "Where the SpQR CUDA decode kernel's time goes (3-bit, 16x16 groups, bf16 activations, default launch): "
+            "its CUDA-graph time over distinct weight copies with phases of the kernel compiled out (the results "
+            "are then wrong; timing only), against bf16 torch.matmul on the same weight. layout_gbps = bytes of "
+            "the kernel layout (codes, statistics, outliers, permutation) / time.",
+        )
+        breakdown_rows(run, dev, args.outlier_threshold)
+        print(run.write()[1].read_text())
+        return
     if not args.skip_kernels:
         kernel_rows(run, dev, args.quick, args.outlier_threshold)
     if not args.skip_decode:

@@ -60,8 +60,12 @@ MAX_ROWS = 16  # activation rows of one call (two n8 blocks of the mma)
 _PREP_THREADS = 128
 _SMEM_SET: dict[int, int] = {}  # dynamic shared memory each compiled kernel has opted in to
 XS_MAX_BYTES = 64 * 1024  # activations gathered into shared memory by the main kernel up to this size (no prep)
+# Phases of the main kernel left out, for the time breakdown of benchmarks/spqr_speed.py --breakdown only (the
+# results are then wrong): "gather" (activations into shared memory), "outliers", "mma" (decode + tensor cores).
+_SKIP: frozenset[str] = frozenset()
 
 _SOURCE = r"""
+{SKIP}
 #define W_ {W}
 #define S_ {S}
 #define NB {NB}
@@ -294,7 +298,7 @@ extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_cuda_gemv(
     for (int i = 0; i < S_ - 1; ++i) ISSUE(i);
 
     for (int e = threadIdx.x; e < my_tiles * 16 * M; e += W_ * 32) osum[e] = 0.f;
-#if XS
+#if XS && !defined(SKIP_GATHER)
     // pairs of halves (row, chunk, t, j, pair), GB per thread at a time: all permutation loads, then all gathers
     for (int e0 = threadIdx.x; e0 < M * KC * 32; e0 += GB * W_ * 32) {
         int src[GB][2];
@@ -332,6 +336,7 @@ extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_cuda_gemv(
 #endif
 #endif
     __syncthreads();
+#ifndef SKIP_OUTLIERS
     int ob[8], oe[8];  // CSR ranges of the first 8 tiles, loaded together
 #pragma unroll
     for (int tk = 0; tk < 8; ++tk) {
@@ -384,6 +389,7 @@ extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_cuda_gemv(
             }
         }
     }
+#endif
     __syncthreads();
 
     float acc[NB][4];
@@ -398,6 +404,9 @@ extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_cuda_gemv(
         if (kc < KC) {
             const char* st = ring + (i % S_) * stage_bytes;
             const uint4 cw = *(const uint4*)(st + lane * 16);
+#ifdef SKIP_MMA
+            acc[0][0] += (float)(cw.x & 1u) + (float)xin[0];  // keep the ring read
+#else
 #if !RAW
             const uint2 sw = *(const uint2*)(st + 512 + g * 8);
             const uint4 sa = *(const uint4*)(st + 576), sz = *(const uint4*)(st + 592);
@@ -474,6 +483,7 @@ extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_cuda_gemv(
                 }
 #endif
             }
+#endif  // SKIP_MMA
         }
         __syncwarp();
         if (c != CPT - 1) continue;
@@ -546,6 +556,7 @@ def cuda_source(*, warps: int, stages: int, nb: int, bf16: bool, xs: bool, raw: 
         .replace("{XS}", str(int(xs)))
         .replace("{RAW}", str(int(raw)))
         .replace("//@COMMON", DEVICE_COMMON)
+        .replace("{SKIP}", "".join(f"#define SKIP_{p.upper()} 1\n" for p in sorted(_SKIP)))
     )
 
 
@@ -800,7 +811,7 @@ def spqr_gemv_cuda(
             f"warps={warps}, stages={stages}, blocks_per_sm={blocks_per_sm} need {smem} bytes of shared memory per "
             f"block for {m} rows; this GPU gives {limit}. Use fewer warps or stages, or more blocks per SM."
         )
-    key = ("spqr", warps, stages, nb, bf16, in_smem, raw)
+    key = ("spqr", warps, stages, nb, bf16, in_smem, raw, _SKIP)
 
     def source() -> str:
         return cuda_source(warps=warps, stages=stages, nb=nb, bf16=bf16, xs=in_smem, raw=raw)
