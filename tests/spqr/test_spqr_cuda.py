@@ -8,6 +8,7 @@ from hf_effllm.kernels import spqr_cuda
 from hf_effllm.kernels.spqr import spqr_matmul, spqr_matmul_reference
 from hf_effllm.kernels.spqr_cuda import (
     cuda_layout,
+    cuda_source,
     layout_supported,
     spqr_dequantize_cuda,
     spqr_gemv_cuda,
@@ -165,6 +166,18 @@ GPU_CASES = [
     (50, 202, 9, 3, 16, "act_order"),
     (300, 1000, 16, 3, 16, "act_order"),
 ]
+
+
+def test_breakdown_switches_only_enter_the_source_when_set(monkeypatch):
+    """spqr_speed --breakdown compiles phases out through _SKIP; by default the source has no switch (nor a blank
+    one), and each switch set becomes one #define that the source tests."""
+    default = cuda_source(warps=8, stages=4, nb=1, bf16=True, xs=True)
+    assert "#define SKIP" not in default and "{SKIP}" not in default
+    monkeypatch.setattr(spqr_cuda, "_SKIP", frozenset({"outliers", "mma"}))
+    src = cuda_source(warps=8, stages=4, nb=1, bf16=True, xs=True)
+    assert "#define SKIP_MMA 1" in src and "#define SKIP_OUTLIERS 1" in src and "#define SKIP_GATHER" not in src
+    for name in ("SKIP_MMA", "SKIP_OUTLIERS", "SKIP_GATHER"):  # each switch is tested by the kernel source
+        assert f"defined({name})" in default or f"#ifndef {name}" in default or f"#ifdef {name}" in default
 
 
 def test_in_kernel_gather_and_outlier_lookup_agree_with_the_fragment_order():
