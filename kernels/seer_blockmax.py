@@ -36,7 +36,7 @@ _EPILOGUE_ELEMENTS = 4096  # scratch values reduced per epilogue step (KB_CHUNK 
 # - _FOLD_SCALE: the softmax arithmetic of _seer_block (the scale folded into the exponent's FMA); faster in every
 #   launch configuration of the H200 sweeps (sessions 6 and 8), hence the default.
 # - _PAIR: key blocks in pairs, one online-softmax step (row max, rescale) per 2 * BLOCK keys. None = on where its
-#   shared memory (two K and two V tiles per pipeline stage) fits the GPU, else off. H200, 32k: 17.7-17.9 ms
+#   shared memory (two K and two V tiles per pipeline stage) fits the GPU, else off. H200, 32k: 17.7-18.2 ms
 #   against 21.1 ms unpaired at the same launch config (2 heads per program, 8 warps, 3 stages), 18.3 ms for the
 #   best unpaired config. (Loading the pairs through TMA descriptors instead of cp.async measured 2-6% slower.)
 _FOLD_SCALE = True
