@@ -4,7 +4,8 @@
   ``torch.cuda._compile_kernel``, torch >= 2.8) and a GPU is present;
 * :func:`smem_limit`: the dynamic shared memory a block may opt in to;
 * :func:`compiled`: compile a source once per (key, device) and keep the kernel;
-* ``DEVICE_COMMON``: device helpers shared by the sources (types, ``cp.async``, ``mma.m16n8k16``);
+* ``DEVICE_COMMON``: device helpers shared by the sources (types, ``cp.async``, ``mma.m16n8k16``), and
+  :func:`render`, which bakes a source's constants in and inserts them;
 * :func:`launch`: launch through a cached binding of the driver's ``cuLaunchKernel`` (falling back to the kernel
   object's own call).
 
@@ -25,7 +26,17 @@ import torch
 
 from hf_effllm.errors import HfEffllmError
 
-__all__ = ["DEVICE_COMMON", "available", "cdiv", "compiled", "launch", "on_device", "sm_count", "smem_limit"]
+__all__ = [
+    "DEVICE_COMMON",
+    "available",
+    "cdiv",
+    "compiled",
+    "launch",
+    "on_device",
+    "render",
+    "sm_count",
+    "smem_limit",
+]
 
 # CUDA pieces both kernel sources use (inserted where a source has the line ``//@COMMON``, after its macros, since
 # ``mma16816`` reads IS_BF16): integer types, cp.async with zero fill, and the m16n8k16 tensor-core product.
@@ -54,6 +65,14 @@ __device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1)
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 """
+
+
+def render(template: str, **values: int | bool | str) -> str:
+    """A kernel source from ``template``: each ``{NAME}`` replaced by ``values[NAME]`` (bools as 1 / 0, like
+    Triton's ``constexpr`` baked in) and the line ``//@COMMON`` by :data:`DEVICE_COMMON`."""
+    for name, value in values.items():
+        template = template.replace("{" + name + "}", str(int(value)) if isinstance(value, bool) else str(value))
+    return template.replace("//@COMMON", DEVICE_COMMON)
 
 
 def available() -> bool:

@@ -49,7 +49,7 @@ import torch
 
 from hf_effllm.errors import HfEffllmError
 
-from .cuda_rt import DEVICE_COMMON, available, cdiv, compiled, launch, on_device, sm_count, smem_limit
+from .cuda_rt import available, cdiv, compiled, launch, on_device, render, sm_count, smem_limit
 from .million import memoized_per_tensor
 
 __all__ = [
@@ -388,19 +388,10 @@ def cuda_source(
     *, d: int, m: int, gq: int, lq: int, hkv: int, bf16: bool, per_head: bool, has_mask: bool, nwarps: int = NWARPS
 ) -> str:
     """The kernel's CUDA source for one shape (constants baked in, like Triton's ``constexpr``)."""
-    return (
-        _SOURCE.replace("{D}", str(d))
-        .replace("{M}", str(m))
-        .replace("{DSUB}", str(d // m))
-        .replace("{GQ}", str(gq))
-        .replace("{LQ}", str(lq))
-        .replace("{HKV}", str(hkv))
-        .replace("{NWARPS}", str(nwarps))
-        .replace("{IS_BF16}", str(int(bf16)))
-        .replace("{PER_HEAD}", str(int(per_head)))
-        .replace("{HAS_MASK}", str(int(has_mask)))
-        .replace("//@COMMON", DEVICE_COMMON)
-    )
+    return render(
+        _SOURCE, D=d, M=m, DSUB=d // m, GQ=gq, LQ=lq, HKV=hkv, NWARPS=nwarps, IS_BF16=bf16, PER_HEAD=per_head,
+        HAS_MASK=has_mask,
+    )  # fmt: skip
 
 
 def smem_bytes(d: int, m: int, nwarps: int = NWARPS) -> int:

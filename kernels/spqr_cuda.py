@@ -52,7 +52,7 @@ import torch
 from hf_effllm.errors import HfEffllmError
 from hf_effllm.quant.spqr.format import dequantize_stats
 
-from .cuda_rt import DEVICE_COMMON, available, cdiv, compiled, launch, on_device, sm_count, smem_limit
+from .cuda_rt import available, cdiv, compiled, launch, on_device, render, sm_count, smem_limit
 
 __all__ = ["MAX_ROWS", "cuda_layout", "cuda_source", "layout_supported", "spqr_dequantize_cuda", "spqr_gemv_cuda"]
 
@@ -548,16 +548,8 @@ def cuda_source(*, warps: int, stages: int, nb: int, bf16: bool, xs: bool, raw: 
     blocks of activation rows (1: up to 8, 2: up to 16), the activation dtype, where the activation fragments
     live (``xs``: gathered into shared memory by the kernel; else streamed with each chunk from the prep kernel),
     and the decode (``raw``: see :func:`spqr_gemv_cuda`)."""
-    return (
-        _SOURCE.replace("{W}", str(warps))
-        .replace("{S}", str(stages))
-        .replace("{NB}", str(nb))
-        .replace("{BF16}", str(int(bf16)))
-        .replace("{XS}", str(int(xs)))
-        .replace("{RAW}", str(int(raw)))
-        .replace("//@COMMON", DEVICE_COMMON)
-        .replace("{SKIP}", "".join(f"#define SKIP_{p.upper()} 1\n" for p in sorted(_SKIP)))
-    )
+    skip = "".join(f"#define SKIP_{p.upper()} 1\n" for p in sorted(_SKIP))
+    return render(_SOURCE, W=warps, S=stages, NB=nb, BF16=bf16, XS=xs, RAW=raw, SKIP=skip)
 
 
 def smem_bytes(
