@@ -410,18 +410,18 @@ def time_seq(run, s, dev, dtype, hq, hkv, d, bs, sparsities, seer_cfg, bmax_cfg,
     if s <= GATE_BREAKDOWN_MAX_SEQ and sparsities:
         gate_breakdown(run, s, q, k, gate, bs, quick)
 
-    for stat in ("mass", "max"):  # the block-mass map the default distillation uses, and the paper's block-max map
+    def bmax_call(stat="max"):
+        return call_blockmax(q, k, v, bmax_cfg, stat=stat)
 
-        def bmax_call(stat=stat):
-            return call_blockmax(q, k, v, bmax_cfg, stat=stat)
-
-        ms = bench(bmax_call, quick)
+    for stat in ("max", "mass"):  # the paper's block-max map, and the block-mass map the default distillation uses
+        ms = bench(lambda stat=stat: bmax_call(stat), quick)
         name = "block-max forward" if stat == "max" else "block-mass forward (stat='mass')"
         run.add(section="block-max", variant=name, seq=s, ms=ms, config=str(bmax_cfg), **ratios(ms))
         print(f"  S={s:6d} {name} {ms:9.3f} ms  ms_vs_cudnn {ratios(ms).get('ms_vs_cudnn', float('nan')):.2f}")
     if cudnn and repeats > 1:  # the block-max / cuDNN time ratio again, the two timed back to back each round
+        cudnn_call = sdpa_fn(dense_backends(dev)["cudnn"], q, k, v)
         for i in range(repeats):
-            c_ms, b_ms = bench(sdpa_fn(dense_backends(dev)["cudnn"], q, k, v), quick), bench(bmax_call, quick)
+            c_ms, b_ms = bench(cudnn_call, quick), bench(bmax_call, quick)
             run.add(section="repeat", variant=f"block-max vs cudnn, round {i + 1}", seq=s, ms=b_ms,
                     ms_vs_cudnn=b_ms / c_ms, config=str(bmax_cfg), note=f"cudnn {c_ms:.3f} ms")  # fmt: skip
             print(f"  S={s:6d} round {i + 1}: cudnn {c_ms:.3f} ms, block-max {b_ms:.3f} ms, {b_ms / c_ms:.3f}x")

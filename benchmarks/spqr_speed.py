@@ -290,6 +290,20 @@ def main() -> None:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type != "cuda" and not args.quick:
         raise SystemExit("spqr_speed.py needs a CUDA GPU; use --quick for the CPU smoke check.")
+    if args.breakdown:
+        if dev.type != "cuda":
+            raise SystemExit("spqr_speed.py --breakdown times the CUDA kernel: it needs a CUDA GPU.")
+        run = BenchmarkRun(
+            "spqr_speed_breakdown",
+            "Where the SpQR CUDA decode kernel's time goes (3-bit, 16x16 groups, bf16 activations, default launch): "
+            "its CUDA-graph time over distinct weight copies with phases of the kernel compiled out (the results "
+            "are then wrong; timing only), against bf16 torch.matmul on the same weight. layout_gbps = bytes of "
+            "the kernel layout (codes, statistics, outliers, permutation) / time.",
+        )
+        run.meta["outlier_threshold"] = args.outlier_threshold
+        breakdown_rows(run, dev, args.outlier_threshold)
+        print(run.write()[1].read_text())
+        return
     run = BenchmarkRun(
         ("spqr_decode" if args.skip_kernels else "spqr_speed") + ("_quick" if args.quick else ""),
         "SpQR 3-bit (16x16 bi-level groups, act-order, 16-bit outliers) fused dequantize+matvec/matmul kernels "
@@ -299,17 +313,6 @@ def main() -> None:
         "kernel_bits = bytes the kernel layout holds per weight x 8; dequant_matmul_ms is the prefill path.",
     )
     run.meta["outlier_threshold"] = args.outlier_threshold
-    if args.breakdown:
-        run = BenchmarkRun(
-            "spqr_speed_breakdown",
-            "Where the SpQR CUDA decode kernel's time goes (3-bit, 16x16 groups, bf16 activations, default launch): "
-            "its CUDA-graph time over distinct weight copies with phases of the kernel compiled out (the results "
-            "are then wrong; timing only), against bf16 torch.matmul on the same weight. layout_gbps = bytes of "
-            "the kernel layout (codes, statistics, outliers, permutation) / time.",
-        )
-        breakdown_rows(run, dev, args.outlier_threshold)
-        print(run.write()[1].read_text())
-        return
     if not args.skip_kernels:
         kernel_rows(run, dev, args.quick, args.outlier_threshold)
     if not args.skip_decode:
