@@ -234,6 +234,60 @@ def breakdown_rows(run: BenchmarkRun, dev: torch.device, threshold: float) -> No
         del copies, dense
 
 
+# kernels.spqr_octet: warps per block x warps per octet x steps in flight per warp x blocks per SM
+OCTET_SWEEP = [
+    (16, 16, 4, 1), (16, 8, 4, 1), (16, 4, 4, 1), (16, 4, 8, 1), (16, 2, 8, 1), (8, 8, 4, 2), (8, 8, 4, 3),
+    (8, 4, 4, 3), (8, 4, 8, 3), (8, 2, 8, 3), (8, 1, 8, 3), (32, 16, 4, 1), (32, 8, 4, 1), (4, 2, 8, 4),
+]  # fmt: skip
+
+
+OCTET_READ = ("codes", "stats", "stats2", "oent", "optr", "perm")
+
+
+def octet_rows(run: BenchmarkRun, dev: torch.device, threshold: float) -> None:
+    """The octet kernel (``kernels.spqr_octet``) against bf16 and the CUDA kernel of ``kernels.spqr_cuda``, all
+    in CUDA graphs over distinct copies: error vs the fp32 reference, default launch and the best of a sweep."""
+    from hf_effllm.kernels.spqr_octet import octet_layout, spqr_octet_dequant, spqr_octet_gemv
+
+    for inp, out in FULL_SHAPES:
+        layer = make_layer(inp, out, dev, threshold)
+        t, meta = layer.packed_tensors(), layer.packed_meta()
+        olay, clay = octet_layout(t, **meta), cuda_layout(t, **meta)
+        obytes = sum(olay[k].numel() * olay[k].element_size() for k in OCTET_READ if k in olay)  # read per call
+        ocopies = [_clone_layout(olay) for _ in range(_copies(layout_bytes(olay)))]
+        ccopies = [_clone_layout(clay) for _ in range(_copies(layout_bytes(clay)))]
+        w = layer.dequantize().to(torch.bfloat16)
+        dense = [w.clone() for _ in range(_copies(w.numel() * w.element_size()))]
+        wd = spqr_octet_dequant(olay, torch.bfloat16)
+        wdr = layer.dequantize()[:, olay["perm_long"]] if "perm_long" in olay else layer.dequantize()
+        for batch in (1, 4, 16):
+            x = torch.randn(batch, inp, device=dev, dtype=torch.bfloat16)
+            ref = spqr_matmul_reference(x.float(), t, **meta)
+            err = rel_err(spqr_octet_gemv(x, olay), ref)
+            errs = [rel_err(spqr_octet_gemv(x, olay, warps=a, per_octet=b, depth=c, blocks_per_sm=d), ref)
+                    for a, b, c, d in OCTET_SWEEP]  # fmt: skip
+            base = graph_time_ms([lambda w=w, x=x: torch.matmul(x, w.T) for w in dense])
+            old = graph_time_ms([lambda lo=lo, x=x: spqr_gemv_cuda(x, lo) for lo in ccopies])
+            default = graph_time_ms([lambda lo=lo, x=x: spqr_octet_gemv(x, lo) for lo in ocopies])
+            best = (default, "default")
+            for a, b, c, d in OCTET_SWEEP:
+                ms = graph_time_ms(
+                    [lambda lo=lo, x=x, a=a, b=b, c=c, d=d: spqr_octet_gemv(x, lo, warps=a, per_octet=b, depth=c,
+                     blocks_per_sm=d) for lo in ocopies]
+                )  # fmt: skip
+                if ms < best[0]:
+                    best = (ms, f"warps={a},per_octet={b},depth={c},blocks_per_sm={d}")
+            row = run.add(
+                shape=f"{inp}->{out}", batch=batch, rel_err=err, max_sweep_rel_err=max(errs),
+                dequant_rel_err=rel_err(wd, wdr), bf16_graph_ms=base, cuda_graph_ms=old, octet_graph_ms=default,
+                octet_speedup=base / default, best_octet_graph_ms=best[0], best_octet_speedup=base / best[0],
+                best_launch=best[1], cuda_speedup=base / old, octet_gbps=obytes / 1e9 / (best[0] / 1e3),
+                kernel_bits=round(8 * obytes / (inp * out), 3),
+            )  # fmt: skip
+            print(markdown_table([row]).splitlines()[-1], flush=True)
+        del ocopies, ccopies, dense
+
+
 def decode_rows(run: BenchmarkRun, dev: torch.device, quick: bool, new_tokens: int) -> None:
     import copy
 
@@ -286,6 +340,7 @@ def main() -> None:
     p.add_argument("--skip-decode", action="store_true", help="only the kernel shapes")
     p.add_argument("--skip-kernels", action="store_true", help="only the end-to-end decode")
     p.add_argument("--breakdown", action="store_true", help="only the CUDA kernel's time with phases left out")
+    p.add_argument("--octet", action="store_true", help="only the octet kernel vs bf16 and the CUDA kernel")
     args = p.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type != "cuda" and not args.quick:
@@ -302,6 +357,21 @@ def main() -> None:
         )
         run.meta["outlier_threshold"] = args.outlier_threshold
         breakdown_rows(run, dev, args.outlier_threshold)
+        print(run.write()[1].read_text())
+        return
+    if args.octet:
+        if dev.type != "cuda":
+            raise SystemExit("spqr_speed.py --octet times CUDA kernels: it needs a CUDA GPU.")
+        run = BenchmarkRun(
+            "spqr_speed_octet",
+            "SpQR 3-bit (16x16 groups, act-order, outliers) decode products, bf16 activations: the octet kernel "
+            "(kernels.spqr_octet: activations in the mma A operand, one weight row per lane) vs the CUDA kernel of "
+            "kernels.spqr_cuda (weights in the A operand) vs bf16 torch.matmul, all as CUDA graphs over distinct "
+            "copies (no launch overhead, nothing L2-resident). rel_err vs the fp32 reference (default launch; "
+            "max_sweep_rel_err over the sweep); octet_gbps = bytes the kernel reads / best time; kernel_bits = those bytes per weight x 8.",
+        )
+        run.meta["outlier_threshold"] = args.outlier_threshold
+        octet_rows(run, dev, args.outlier_threshold)
         print(run.write()[1].read_text())
         return
     run = BenchmarkRun(

@@ -39,7 +39,8 @@ __all__ = [
 ]
 
 # CUDA pieces both kernel sources use (inserted where a source has the line ``//@COMMON``, after its macros, since
-# ``mma16816`` reads IS_BF16): integer types, cp.async with zero fill, and the m16n8k16 tensor-core product.
+# ``mma16816`` reads IS_BF16): integer types, cp.async with zero fill, fp16 pair helpers, and the m16n8k16
+# tensor-core product.
 DEVICE_COMMON = r"""
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -52,6 +53,23 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, int bytes
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
+
+// fp16 pair arithmetic, byte permutes, and an fp16 value as a float
+__device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
+    u32 d;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
+    u32 d;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+    return d;
+}
+__device__ __forceinline__ float half_f(u16 v) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
+    return f;
+}
 
 // c += a b on the tensor cores: a 16x16 (4 registers of pairs), b 16x8 (2), c 16x8 fp32; IS_BF16 picks the type
 __device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {

@@ -39,6 +39,8 @@ from .spqr_cuda import MAX_ROWS as CUDA_MAX_ROWS
 from .spqr_cuda import cuda_layout as build_cuda_layout
 from .spqr_cuda import spqr_dequantize_cuda, spqr_gemv_cuda
 from .spqr_cuda import supports as cuda_supports
+from .spqr_octet import octet_layout as build_octet_layout
+from .spqr_octet import octet_supported, rows_per_launch, spqr_octet_dequant, spqr_octet_gemv
 
 try:
     import triton
@@ -840,6 +842,19 @@ def spqr_gemv_triton(
     return y.reshape(*lead, n_out)
 
 
+def cuda_path(rows: int, meta: dict[str, Any], device: torch.device) -> str:
+    """Which CUDA kernels serve ``rows`` activation rows of a layer of format ``meta`` on ``device``: ``"octet"``
+    (``kernels.spqr_octet``: decode products in one launch, and the dense weight for prefill) wherever the format
+    allows and the rows' activations fit one block's shared memory, else ``"cuda"`` (``kernels.spqr_cuda``). On the
+    H200 the octet kernel is the faster of the two at 1, 4 and 16 rows except where 16 rows need several launches
+    (11008 inputs: ``benchmarks/results/spqr_speed_octet.md``)."""
+    if octet_supported(**meta) is not None:
+        return "cuda"
+    if rows > CUDA_MAX_ROWS:
+        return "octet"
+    return "octet" if rows <= rows_per_launch(meta["in_features"], device) else "cuda"
+
+
 def spqr_matmul(
     x: torch.Tensor,
     tensors: dict[str, torch.Tensor],
@@ -854,6 +869,7 @@ def spqr_matmul(
     use_triton: bool | None = None,
     variant: str | None = None,
     cuda_layout: dict[str, Any] | None = None,
+    octet_layout: dict[str, Any] | None = None,
     **_: Any,
 ) -> torch.Tensor:
     """``x @ W^T (+ bias)`` for a packed SpQR weight; picks the fused decode kernel (<= 16 rows), the dequantize +
@@ -871,6 +887,7 @@ def spqr_matmul(
             ``TRITON_INTERPRET=1``); ``False`` forces the reference.
         variant: decode-kernel variant for <= 16 rows: ``"cuda"``, or a Triton one (see :func:`spqr_gemv_triton`).
         cuda_layout: the tensors' ``kernels.spqr_cuda.cuda_layout`` (built when ``None`` and needed).
+        octet_layout: the tensors' ``kernels.spqr_octet.octet_layout`` (built when ``None`` and needed).
 
     Returns:
         (..., out_features) in ``x.dtype``.
@@ -893,10 +910,15 @@ def spqr_matmul(
         and not compiling
         and cuda_supports(x, meta) is None
     ):
-        lay = cuda_layout if cuda_layout is not None else build_cuda_layout(tensors, **meta)
+        if cuda_path(rows, meta, x.device) == "octet":
+            lay = octet_layout if octet_layout is not None else build_octet_layout(tensors, **meta)
+            gemv, dequant = spqr_octet_gemv, spqr_octet_dequant
+        else:
+            lay = cuda_layout if cuda_layout is not None else build_cuda_layout(tensors, **meta)
+            gemv, dequant = spqr_gemv_cuda, spqr_dequantize_cuda
         if rows <= CUDA_MAX_ROWS:
-            return spqr_gemv_cuda(x, lay, bias=bias)
-        w = spqr_dequantize_cuda(lay, x.dtype)
+            return gemv(x, lay, bias=bias)
+        w = dequant(lay, x.dtype)
         xs = x.index_select(-1, lay["perm_long"]) if "perm_long" in lay else x
         y = torch.matmul(xs, w.T)
         return y if bias is None else y + bias.to(y.dtype)

@@ -90,18 +90,6 @@ _SOURCE = r"""
 #define GB 8                   // activation pairs per thread gathered at a time (XS)
 #define STAGE_FIXED 608        // bytes of a stage before the activations: codes 512, statistics 64, second level 32
 
-__device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
-    u32 d;
-    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-    return d;
-}
-
-__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
-    u32 d;
-    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
-    return d;
-}
-
 __device__ __forceinline__ u32 to_act2(u32 h) {  // an fp16 pair in the activation dtype
 #if IS_BF16
     float lo, hi;
@@ -122,12 +110,6 @@ __device__ __forceinline__ float to_f(u16 v) {
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
     return f;
 #endif
-}
-
-__device__ __forceinline__ float half_f(u16 v) {  // outlier values are fp16 in every activation dtype
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
-    return f;
 }
 
 __device__ __forceinline__ u16 from_f(float f) {

@@ -253,8 +253,8 @@ def test_cuda_gemv_matches_reference(out, inp, rows, bits, gs, perm, dtype, monk
     ulp = 2.0**-10 if dtype == torch.float16 else 2.0**-7
     bound = ulp * (base.abs() + wref.abs().cpu()) + 1e-3 * wref.abs().max().item()
     assert ((w.float() - wref).abs().cpu() <= bound).all()
-    y = layer(x)  # the module's default path: the CUDA kernel
-    assert layer._cuda_layout is not None and layer._layout is None
+    y = layer(x)  # the module's default path: the octet CUDA kernel (these few rows fit its shared memory)
+    assert layer._octet_layout is not None and layer._layout is None
     torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol * ref.abs().max().item())
     xl = torch.randn(2, 20, inp, device="cuda").to(dtype)  # 40 rows: dequantize + matmul
     refl = spqr_matmul_reference(xl.float(), t, bias=layer.bias, **meta)

@@ -89,11 +89,13 @@ class SpQRLinear(nn.Module):
         self._weight_cache: torch.Tensor | None = None
         self._layout: dict[str, Any] | None = None  # Triton kernel layout of the packed buffers, built lazily
         self._cuda_layout: dict[str, Any] | None = None  # CUDA kernel layout (fp16/bf16 on a GPU), built lazily
+        self._octet_layout: dict[str, Any] | None = None  # octet kernel layout (fp16/bf16 on a GPU), built lazily
 
     def _drop_caches(self) -> None:
         self._weight_cache = None
         self._layout = None
         self._cuda_layout = None
+        self._octet_layout = None
 
     def _apply(self, fn, recurse=True):  # .to()/.cuda()/.half(): caches describe the old buffers
         self._drop_caches()
@@ -227,6 +229,17 @@ class SpQRLinear(nn.Module):
                 self._cuda_layout = cuda_layout(self.packed_tensors(), **self.packed_meta())
         return self._cuda_layout
 
+    def octet_layout(self) -> dict[str, Any]:
+        """The packed buffers re-laid out for the octet kernels (``hf_effllm.kernels.spqr_octet.octet_layout``),
+        built on first use and kept: about 4.75 bits per weight plus 14 bytes per outlier and 4 per row."""
+        from ...kernels.spqr_octet import octet_layout
+
+        dev = self.qweight.device
+        if self._octet_layout is None or self._octet_layout["codes"].device != dev:
+            with torch.no_grad():
+                self._octet_layout = octet_layout(self.packed_tensors(), **self.packed_meta())
+        return self._octet_layout
+
     def _use_cuda(self, x: torch.Tensor) -> bool:
         if not x.is_cuda or torch.compiler.is_compiling():  # compiled: the Triton kernels (see spqr_matmul)
             return False
@@ -245,6 +258,10 @@ class SpQRLinear(nn.Module):
         t, meta = self.packed_tensors(), self.packed_meta()
         with torch.no_grad():
             if self._use_cuda(x):
+                from ...kernels.spqr import cuda_path
+
+                if cuda_path(x.numel() // self.in_features, meta, x.device) == "octet":
+                    return spqr_matmul(x, t, bias=self.bias, octet_layout=self.octet_layout(), **meta)
                 return spqr_matmul(x, t, bias=self.bias, cuda_layout=self.cuda_layout(), **meta)
             layout = self.kernel_layout() if self._use_triton(x.device) else None
             return spqr_matmul(x, t, bias=self.bias, layout=layout, **meta)
@@ -254,11 +271,14 @@ class SpQRLinear(nn.Module):
         GPU)."""
         probe = torch.empty(0, self.in_features, dtype=dtype, device=device)
         if self._use_cuda(probe):
+            from ...kernels.spqr import cuda_path
             from ...kernels.spqr_cuda import spqr_dequantize_cuda
+            from ...kernels.spqr_octet import spqr_octet_dequant
 
-            lay = self.cuda_layout()
+            octet = cuda_path(17, self.packed_meta(), probe.device) == "octet"
+            lay = self.octet_layout() if octet else self.cuda_layout()
             with torch.no_grad():
-                w = spqr_dequantize_cuda(lay, dtype)
+                w = (spqr_octet_dequant if octet else spqr_dequantize_cuda)(lay, dtype)
                 return w.index_select(1, lay["perm_inv"]) if "perm_inv" in lay else w
         if self._use_triton(torch.device(device)):
             from ...kernels.spqr import spqr_dequantize_triton

@@ -1,0 +1,244 @@
+"""The SpQR octet kernels (``kernels.spqr_octet``): the layout, checked on the CPU by emulating the kernel's register
+mapping (lane (g, t) of a warp owns weight row g of the octet and the 16-column slice t of a step; the B fragments
+of the step's four ``mma`` and the A fragments in the activations' shared-memory order), and the kernels themselves
+on a GPU against the PyTorch reference."""
+
+import pytest
+import torch
+from hf_effllm.kernels.spqr import spqr_matmul_reference
+from hf_effllm.kernels.spqr_octet import (
+    octet_layout,
+    octet_supported,
+    smem_bytes,
+    spqr_octet_dequant,
+    spqr_octet_gemv,
+)
+
+from hf_effllm import HfEffllmError
+from hf_effllm.quant.spqr import dequantize_weight
+from hf_effllm.testing import spqr_layer as make_layer
+
+
+def emulate_weight(lay, outliers=True):
+    """The weight (out, in) in stored order as ``decode_step`` produces it: word h of lane (g, t) holds column
+    ``16 t + 8 h + 2 p + odd`` at bits ``4 p + 16 odd``; the statistics byte is ``scale | zero << 4``; the second
+    level (scale step, zero step, scale minimum, zero minimum) is per 16-row block, step and slice t."""
+    no, ks = lay["no"], lay["ks"]
+    words = lay["codes"].view(no, ks, 8, 4, 2).long() & 0xFFFFFFFF  # octet, step, g, t, h
+    byte = lay["stats"].view(no, ks, 8, 4).long()
+    s2 = lay["stats2"].view(-1, ks, 4, 4).float()[torch.arange(no) // 2]  # octet, step, t, 4
+    s = s2[..., 0][:, :, None, :] * (byte & 15) + s2[..., 2][:, :, None, :]  # octet, step, g, t
+    z = s2[..., 1][:, :, None, :] * (byte >> 4) + s2[..., 3][:, :, None, :]
+    w = torch.zeros(no, 8, ks, 4, 16)
+    for h in range(2):
+        for p in range(4):
+            for odd in range(2):
+                q = (words[..., h] >> (4 * p + 16 * odd)) & 15  # octet, step, g, t
+                w[:, :, :, :, 8 * h + 2 * p + odd] = (s * (q - z)).permute(0, 2, 1, 3)
+    w = w.reshape(no * 8, ks * 64)[: lay["n"], : lay["k"]]
+    if outliers:
+        w.index_put_((lay["orow"].long(), lay["oc"].long()), lay["ov"].float(), accumulate=True)
+    return w
+
+
+def xs_index(m, c, rsb):
+    """The kernel's ``xs_index``: half index of activation (row m, stored column c) in shared memory."""
+    s, t, q, e = c >> 6, (c >> 4) & 3, (c >> 2) & 3, (c >> 1) & 1
+    return (m & 7) * (rsb >> 1) + ((s * 16 + q * 4 + t) * 4 + e * 2 + (m >> 3)) * 2 + (c & 1)
+
+
+def emulate_gemv(x, lay):
+    """``x @ W^T`` the kernel's way: activations in the shared-memory order, per (step, mma q, lane t) the A fragment
+    {x[g][c, c+1], x[g+8][c, c+1], x[g][c+2, c+3], x[g+8][c+2, c+3]} (c = 64 s + 16 t + 4 q) against the B fragment
+    b[q] = weights at (4 q, 4 q + 1) and (4 q + 2, 4 q + 3) of the slice; the outliers from the octet lists."""
+    m, k = x.shape
+    ks, n = lay["ks"], lay["n"]
+    kp, rsb = ks * 64, ks * 256 + 64
+    xp = x[:, lay["perm_long"]] if "perm_long" in lay else x
+    smem = torch.zeros(min(m, 8) * rsb // 2 + 8 * 4 * kp)
+    for row in range(m):
+        for c in range(k):
+            smem[xs_index(row, c, rsb)] = xp[row, c]
+    w = emulate_weight(lay, outliers=False)
+    wp = torch.zeros(n, kp)
+    wp[:, :k] = w
+    y = torch.zeros(m, n)
+    for s in range(ks):
+        for q in range(4):
+            for t in range(4):
+                c = 64 * s + 16 * t + 4 * q
+                base = (s * 16 + q * 4 + t) * 8  # 16 bytes = 8 halves
+                for row in range(m):
+                    p = (row & 7) * (rsb // 2) + base + 2 * (row >> 3)
+                    a = smem[[p, p + 1, p + 4, p + 5]]  # x[row][c, c+1] and x[row][c+2, c+3]
+                    y[row] += wp[:, c : c + 4] @ a
+    ent = lay["oent"].long() & 0xFFFFFFFF
+    cols = ent & 0xFFFF
+    vals = (ent >> 16).to(torch.int16).view(torch.float16).float()
+    rows = torch.repeat_interleave(torch.arange(n), (lay["optr"][1:] - lay["optr"][:-1]).long())
+    y.index_put_(
+        (torch.arange(m)[:, None].expand(m, cols.numel()), rows[None, :].expand(m, cols.numel())),
+        vals[None, :] * xp[:, cols],
+        accumulate=True,
+    )
+    return y
+
+
+LAYOUT_CASES = [
+    (37, 46, 3, 16, "act_order"),  # partial octet and step
+    (16, 64, 4, 16, "identity"),  # exact
+    (21, 130, 2, 32, "act_order"),  # groups of two slices, three steps
+    (40, 200, 3, 64, "identity"),
+]
+
+
+@pytest.mark.parametrize(("out", "inp", "bits", "gs", "perm"), LAYOUT_CASES)
+def test_octet_layout_decodes_to_the_reference_weight(out, inp, bits, gs, perm):
+    layer, res = make_layer(out, inp, bits=bits, group_size=gs, permutation=perm)
+    t, meta = layer.packed_tensors(), layer.packed_meta()
+    lay = octet_layout(t, **meta)
+    wref = dequantize_weight(t, **meta)
+    # the outlier corrections are re-centred (codes under them set near the zero-point): equal up to fp16 rounding
+    torch.testing.assert_close(emulate_weight(lay), wref, rtol=0, atol=1e-3 * wref.abs().max().item())
+    x = torch.randn(3, inp)
+    ref = spqr_matmul_reference(x, t, **meta)
+    torch.testing.assert_close(emulate_gemv(x, lay), ref, rtol=0, atol=5e-3 * ref.abs().max().item())
+    if perm == "act_order":
+        assert res.nnz > 0 and lay["oent"].numel() == res.nnz
+    assert lay["optr"][-1].item() == lay["oent"].numel()
+
+
+def test_octet_layout_with_stats_blocks_of_32_rows_and_16_activation_rows():
+    from hf_effllm import SpQRConfig
+    from hf_effllm.quant.spqr import SpQRLinear, spqr_quantize_matrix
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(50, 96, generator=g)
+    cfg = SpQRConfig(bits=3, stats_group_size=32, permutation="identity", outlier_threshold=0.1)
+    res = spqr_quantize_matrix(w, torch.eye(96), cfg)
+    layer = SpQRLinear.from_packed(res.tensors, cfg, in_features=96, bias=None)
+    t, meta = layer.packed_tensors(), layer.packed_meta()
+    lay = octet_layout(t, **meta)
+    wref = dequantize_weight(t, **meta)
+    torch.testing.assert_close(emulate_weight(lay), wref, rtol=0, atol=1e-3 * wref.abs().max().item())
+    x = torch.randn(13, 96)  # rows 8-12 travel in the high halves of the row pairs
+    ref = spqr_matmul_reference(x, t, **meta)
+    torch.testing.assert_close(emulate_gemv(x, lay), ref, rtol=0, atol=5e-3 * ref.abs().max().item())
+
+
+def test_shared_memory_order_is_a_bijection_with_conflict_free_quarter_warps():
+    ks = 3
+    rsb = ks * 256 + 64
+    seen = {xs_index(m, c, rsb) for m in range(16) for c in range(ks * 64)}
+    assert len(seen) == 16 * ks * 64
+    # one 16-byte fragment load per lane: the 8 lanes of a quarter-warp (g = 0, 1; t = 0..3) touch 32 distinct banks
+    for s in range(ks):
+        for q in range(4):
+            banks = set()
+            for g in range(2):
+                for t in range(4):
+                    byte = g * rsb + (s * 16 + q * 4 + t) * 16
+                    banks.update((byte // 4 + i) % 32 for i in range(4))
+            assert len(banks) == 32
+    assert smem_bytes(1, 172, 16, 16) == 172 * 256 + 64 + 16 * 8 * 4
+
+
+def test_formats_and_inputs_the_octet_kernels_refuse():
+    kw = dict(in_features=64, group_size=16, stats_bits=3, stats_group_size=16)
+    assert "bits=6" in octet_supported(bits=6, **kw)
+    assert "stats_bits=5" in octet_supported(bits=3, **{**kw, "stats_bits": 5})
+    assert "multiples of 16" in octet_supported(bits=3, **{**kw, "group_size": 8})
+    assert "odd" in octet_supported(bits=3, **{**kw, "in_features": 63})
+    assert "65536" in octet_supported(bits=3, **{**kw, "in_features": 70000})
+    assert octet_supported(bits=3, **kw) is None
+    layer, _ = make_layer(16, 40, bits=6)
+    with pytest.raises(HfEffllmError, match="bits=6"):
+        octet_layout(layer.packed_tensors(), **layer.packed_meta())
+    ok, _ = make_layer(16, 40)
+    lay = octet_layout(ok.packed_tensors(), **ok.packed_meta())
+    with pytest.raises(HfEffllmError, match="float32"):
+        spqr_octet_gemv(torch.zeros(1, 40), lay)
+    with pytest.raises(HfEffllmError, match="expects 40"):
+        spqr_octet_gemv(torch.zeros(1, 41, dtype=torch.float16), lay)
+    with pytest.raises(HfEffllmError, match="17 rows"):
+        spqr_octet_gemv(torch.zeros(17, 40, dtype=torch.float16), lay)
+    with pytest.raises(HfEffllmError, match="float32"):
+        spqr_octet_dequant(lay, torch.float32)
+
+
+def test_cuda_path_prefers_the_octet_kernel_where_it_runs_in_one_launch(monkeypatch):
+    from hf_effllm.kernels import spqr_octet
+    from hf_effllm.kernels.spqr import cuda_path
+
+    monkeypatch.setattr(spqr_octet, "smem_limit", lambda device: 232448)  # the H200's opt-in limit
+    meta = dict(in_features=4096, bits=3, group_size=16, stats_bits=3, stats_group_size=16)
+    dev = torch.device("cpu")
+    assert [cuda_path(r, meta, dev) for r in (1, 8, 16, 40)] == ["octet"] * 4
+    wide = {**meta, "in_features": 11008}  # 16 rows of 11008 inputs need 352 KB: the other kernel, one launch
+    assert [cuda_path(r, wide, dev) for r in (1, 5, 6, 16, 17)] == ["octet", "octet", "cuda", "cuda", "octet"]
+    assert cuda_path(1, {**meta, "bits": 6}, dev) == "cuda"
+
+
+GPU_CASES = [
+    (37, 46, 1, 3, 16, "act_order"),
+    (64, 256, 3, 4, 16, "identity"),
+    (21, 130, 8, 2, 32, "act_order"),
+    (50, 202, 9, 3, 16, "act_order"),
+    (300, 1000, 16, 3, 16, "act_order"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("out", "inp", "rows", "bits", "gs", "perm"), GPU_CASES)
+def test_octet_gemv_matches_reference(out, inp, rows, bits, gs, perm, dtype):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    layer, _ = make_layer(out, inp, bits=bits, group_size=gs, permutation=perm)
+    layer = layer.cuda()
+    t, meta = layer.packed_tensors(), layer.packed_meta()
+    x = torch.randn(rows, inp, device="cuda").to(dtype) * 3
+    x[0, 0] = 40.0  # one large activation: the row's power-of-two scale
+    ref = spqr_matmul_reference(x.float(), t, bias=layer.bias, **meta)
+    lay = octet_layout(t, **meta)
+    wref = dequantize_weight(t, **meta)
+    base = emulate_weight({k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in lay.items()}, outliers=False)
+    # each weight is decoded in fp16: its code's value rounded, plus the correction. In degenerate groups the base
+    # can far exceed the weight (row 21 of the last case decodes to -620 under its outliers), so the bound follows it
+    bound = 2.0**-10 * (base.abs() + wref.abs().cpu()) + 1e-3 * wref.abs().max().item()
+    xs = x.float().index_select(-1, lay["perm_long"]) if "perm_long" in lay else x.float()  # stored order
+    slack = xs.abs().cpu() @ bound.T
+    tol = 1e-2 if dtype == torch.float16 else 2e-2  # bf16 outputs round once more
+    configs = [(16, 16, 4, 1), (8, 4, 2, 2), (4, 1, 1, 3), (32, 8, 8, 1), (6, 3, 3, 1)]
+    for warps, per_octet, depth, per_sm in configs:
+        y = spqr_octet_gemv(
+            x, lay, bias=layer.bias, warps=warps, per_octet=per_octet, depth=depth, blocks_per_sm=per_sm
+        )
+        cfg = (warps, per_octet, depth, per_sm)
+        assert y.dtype == dtype and y.shape == (rows, out)
+        assert (y.float() - ref).norm() <= 5e-3 * ref.norm(), cfg
+        err = (y.float() - ref).abs().cpu()
+        assert (err <= tol * (ref.abs().cpu() + ref.abs().max().item()) + slack).all(), cfg
+    y3 = spqr_octet_gemv(x.view(rows, 1, inp), lay)
+    assert y3.shape == (rows, 1, out)
+    w = spqr_octet_dequant(lay, dtype)
+    ulp = 2.0**-10 if dtype == torch.float16 else 2.0**-7
+    wbound = ulp * (base.abs() + wref.abs().cpu()) + 1e-3 * wref.abs().max().item()
+    assert ((w.float() - wref).abs().cpu() <= wbound).all()
+
+
+@pytest.mark.gpu
+def test_octet_gemv_splits_rows_that_do_not_fit_shared_memory():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    from hf_effllm.kernels.spqr_octet import rows_per_launch
+
+    layer, _ = make_layer(24, 12000, bits=3)
+    layer = layer.cuda()
+    t, meta = layer.packed_tensors(), layer.packed_meta()
+    per = rows_per_launch(12000, torch.device("cuda"))
+    assert 0 < per < 16
+    x = torch.randn(16, 12000, device="cuda", dtype=torch.bfloat16)
+    ref = spqr_matmul_reference(x.float(), t, **meta)
+    y = spqr_octet_gemv(x, octet_layout(t, **meta))
+    assert (y.float() - ref).norm() <= 5e-3 * ref.norm()
