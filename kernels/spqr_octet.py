@@ -63,6 +63,7 @@ __all__ = [
     "octet_layout",
     "octet_source",
     "octet_supported",
+    "rows_per_launch",
     "spqr_octet_dequant",
     "spqr_octet_gemv",
 ]
