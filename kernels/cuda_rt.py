@@ -39,8 +39,8 @@ __all__ = [
 ]
 
 # CUDA pieces both kernel sources use (inserted where a source has the line ``//@COMMON``, after its macros, since
-# ``mma16816`` reads IS_BF16): integer types, cp.async with zero fill, fp16 pair helpers, and the m16n8k16
-# tensor-core product.
+# ``mma16816`` reads IS_BF16 and the activation helpers ACT_BF16): integer types, cp.async with zero fill, fp16 pair
+# helpers, conversions of the activation dtype, and the m16n8k16 tensor-core product.
 DEVICE_COMMON = r"""
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -69,6 +69,35 @@ __device__ __forceinline__ float half_f(u16 v) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
     return f;
+}
+
+// values of the activation dtype (ACT_BF16: bf16, else fp16) to and from fp32, and an fp16 pair in that dtype
+__device__ __forceinline__ float act_f(u16 v) {
+#if ACT_BF16
+    return __uint_as_float(((u32)v) << 16);
+#else
+    return half_f(v);
+#endif
+}
+__device__ __forceinline__ u16 act_from_f(float f) {
+    u16 v;
+#if ACT_BF16
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(v) : "f"(f));
+#else
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(v) : "f"(f));
+#endif
+    return v;
+}
+__device__ __forceinline__ u32 to_act2(u32 h) {
+#if ACT_BF16
+    float lo, hi;
+    u32 d;
+    asm("{ .reg .b16 l, h; mov.b32 {l, h}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, h; }" : "=f"(lo), "=f"(hi) : "r"(h));
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+    return d;
+#else
+    return h;
+#endif
 }
 
 // c += a b on the tensor cores: a 16x16 (4 registers of pairs), b 16x8 (2), c 16x8 fp32; IS_BF16 picks the type

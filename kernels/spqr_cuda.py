@@ -70,6 +70,7 @@ _SOURCE = r"""
 #define S_ {S}
 #define NB {NB}
 #define IS_BF16 {BF16}
+#define ACT_BF16 IS_BF16
 #define XS {XS}
 #define RAW {RAW}
 //@COMMON
@@ -89,38 +90,6 @@ _SOURCE = r"""
 #define OU 4                   // warp-steps of outlier loads issued before the first is used
 #define GB 8                   // activation pairs per thread gathered at a time (XS)
 #define STAGE_FIXED 608        // bytes of a stage before the activations: codes 512, statistics 64, second level 32
-
-__device__ __forceinline__ u32 to_act2(u32 h) {  // an fp16 pair in the activation dtype
-#if IS_BF16
-    float lo, hi;
-    u32 d;
-    asm("{ .reg .b16 l, h; mov.b32 {l, h}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, h; }" : "=f"(lo), "=f"(hi) : "r"(h));
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
-    return d;
-#else
-    return h;
-#endif
-}
-
-__device__ __forceinline__ float to_f(u16 v) {
-#if IS_BF16
-    return __uint_as_float(((u32)v) << 16);
-#else
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
-    return f;
-#endif
-}
-
-__device__ __forceinline__ u16 from_f(float f) {
-    u16 v;
-#if IS_BF16
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(v) : "f"(f));
-#else
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(v) : "f"(f));
-#endif
-    return v;
-}
 
 __device__ __forceinline__ uint4 ld_stream(const u32* p) {  // read once: do not keep in L1
     uint4 v;
@@ -184,7 +153,7 @@ extern "C" __global__ void spqr_cuda_prep(const u16* __restrict__ x, const int* 
             const int k = kc * 64 + 16 * j + 2 * t + (e & 1) + 8 * (e >> 1);
             u32 h = 0;
             if (valid && k < K) h = x[(long long)b * sx + (perm ? perm[k] : k)];
-            part[j] += to_f((u16)h);
+            part[j] += act_f((u16)h);
             if (e & 1) v[2 * j + (e >> 1)] |= h << 16; else v[2 * j + (e >> 1)] = h;
         }
     }
@@ -311,7 +280,7 @@ extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_cuda_gemv(
 #pragma unroll
         for (int tt = 0; tt < 4; ++tt) {
             const uint2 h = *(const uint2*)(xsm + (rc * 4 + tt) * 16 + j * 4);
-            sum += to_f((u16)h.x) + to_f((u16)(h.x >> 16)) + to_f((u16)h.y) + to_f((u16)(h.y >> 16));
+            sum += act_f((u16)h.x) + act_f((u16)(h.x >> 16)) + act_f((u16)h.y) + act_f((u16)(h.y >> 16));
         }
         xss[e] = sum;
     }
@@ -356,9 +325,9 @@ extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_cuda_gemv(
                 const bool last = lane == 31 || r_next != r;
                 for (int b = 0; b < M; ++b) {
 #if XS
-                    float sum = vv[u] * to_f(xsm[frag_pos(b, cc[u], KC)]);
+                    float sum = vv[u] * act_f(xsm[frag_pos(b, cc[u], KC)]);
 #else
-                    float sum = vv[u] * to_f(x[(long long)b * sx + cc[u]]);
+                    float sum = vv[u] * act_f(x[(long long)b * sx + cc[u]]);
 #endif
 #pragma unroll
                     for (int off = 1; off < 32; off <<= 1) {  // inclusive scan within runs of equal rows
@@ -487,8 +456,8 @@ extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_cuda_gemv(
 #pragma unroll
             for (int w = 0; w < W_; ++w) v += red[w][r][b];
             if (row < N) {
-                if (bias) v += to_f(bias[row]);
-                y[(long long)b * sy + row] = from_f(v);
+                if (bias) v += act_f(bias[row]);
+                y[(long long)b * sy + row] = act_from_f(v);
             }
         }
         __syncthreads();

@@ -50,6 +50,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -69,6 +70,7 @@ __all__ = [
 ]
 
 MAX_ROWS = 16  # activation rows of one launch: the m16 side of the mma
+_STATIC_SMEM = 3 * 16 * 4  # the kernel's static shared memory: rmax, rscale, rinv
 _SMEM_SET: dict[int, int] = {}  # dynamic shared memory each compiled kernel has opted in to
 
 _SOURCE = r"""
@@ -96,26 +98,6 @@ __device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
     u32 d;
     asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
     return d;
-}
-
-__device__ __forceinline__ float act_f(u16 v) {
-#if ACT_BF16
-    return __uint_as_float(((u32)v) << 16);
-#else
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
-    return f;
-#endif
-}
-
-__device__ __forceinline__ u16 act_from_f(float f) {
-    u16 v;
-#if ACT_BF16
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(v) : "f"(f));
-#else
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(v) : "f"(f));
-#endif
-    return v;
 }
 
 __device__ __forceinline__ u16 half_from_f(float f) {
@@ -421,13 +403,7 @@ extern "C" __global__ void spqr_octet_dequant(const uint2* __restrict__ codes, c
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int col = col0 + 4 * q + 2 * h;
-            u32 v = b[q][h];
-#if ACT_BF16
-            float lo, hi;
-            asm("{ .reg .b16 l, h; mov.b32 {l, h}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, h; }"
-                : "=f"(lo), "=f"(hi) : "r"(v));
-            asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(v) : "f"(hi), "f"(lo));
-#endif
+            const u32 v = to_act2(b[q][h]);
             if (col < K) out[((long long)row * K + col) >> 1] = v;  // K is even: a pair never straddles the end
         }
     }
@@ -551,10 +527,13 @@ def smem_bytes(rows: int, steps: int, warps: int, per_octet: int) -> int:
 
 def rows_per_launch(k: int, device: torch.device, warps: int = 16, per_octet: int = 16) -> int:
     """The most activation rows (<= 16) whose shared memory fits one block on ``device``."""
-    limit = smem_limit(device) - 128  # the static rmax / rscale
-    ks = cdiv(k, 64)
+    return _rows_per_launch(cdiv(k, 64), smem_limit(device) - _STATIC_SMEM, warps, per_octet)
+
+
+@functools.cache
+def _rows_per_launch(steps: int, limit: int, warps: int, per_octet: int) -> int:  # asked on every decode call
     for rows in range(MAX_ROWS, 0, -1):
-        if smem_bytes(rows, ks, warps, per_octet) <= limit:
+        if smem_bytes(rows, steps, warps, per_octet) <= limit:
             return rows
     return 0
 
@@ -652,7 +631,7 @@ def spqr_octet_gemv(
                 return octet_source(warps=warps, per_octet=per_octet, depth=depth, hi=hi, bf16=bf16)
 
             gemv = compiled(key, x.device, source, "spqr_octet_gemv")
-            need = max(smem, 48 * 1024) if smem + 128 > 48 * 1024 else 0
+            need = max(smem, 48 * 1024) if smem + _STATIC_SMEM > 48 * 1024 else 0
             if need > _SMEM_SET.get(id(gemv), 0):
                 gemv.set_shared_memory_config(need)
                 _SMEM_SET[id(gemv)] = need

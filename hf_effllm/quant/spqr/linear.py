@@ -273,9 +273,9 @@ class SpQRLinear(nn.Module):
         if self._use_cuda(probe):
             from ...kernels.spqr import cuda_path
             from ...kernels.spqr_cuda import spqr_dequantize_cuda
-            from ...kernels.spqr_octet import spqr_octet_dequant
+            from ...kernels.spqr_octet import MAX_ROWS, spqr_octet_dequant
 
-            octet = cuda_path(17, self.packed_meta(), probe.device) == "octet"
+            octet = cuda_path(MAX_ROWS + 1, self.packed_meta(), probe.device) == "octet"  # the prefill path
             lay = self.octet_layout() if octet else self.cuda_layout()
             with torch.no_grad():
                 w = (spqr_octet_dequant if octet else spqr_dequantize_cuda)(lay, dtype)
