@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from hf_effllm import SpQRConfig
+from hf_effllm import HfEffllmError, SpQRConfig
 from hf_effllm.quant.spqr import dequantize_weight, pack_bits, spqr_quantize_matrix, unpack_bits
 from hf_effllm.quant.spqr.engine import leave_one_out_reduction
 
@@ -102,6 +102,28 @@ def test_odd_shapes_and_single_row():
         res = spqr_quantize_matrix(w, None, SpQRConfig(bits=4, group_size=16, stats_group_size=16))
         assert res.weight.shape == w.shape and torch.isfinite(res.weight).all()
         assert sqnr_db(w, res.weight) > 12
+
+
+def test_a_small_scale_next_to_a_large_one_keeps_its_block_finite():
+    """Row 1's group (values near 100, tiny spread) has the floor scale 100 / 1024; in a block of rows with a scale
+    of 143 (row 2) the 3-bit second level steps by 20, and rounded to nearest it fell to the block's minimum (row 0,
+    0.001): zero-point -1e5, -inf in fp16, and the whole block dequantized to inf. The second level now keeps
+    |zero| <= 2^14."""
+    w = torch.randn(16, 16) * 0.01
+    w[0] = torch.linspace(0, 0.007, 16)
+    w[1] = 100 + torch.linspace(0, 1e-3, 16)
+    w[2] = torch.linspace(-500, 500, 16)
+    res = spqr_quantize_matrix(w, None, SpQRConfig(bits=3, outlier_threshold=INF, permutation="identity"))
+    assert torch.isfinite(res.tensors["stats2"].float()).all() and torch.isfinite(res.weight).all()
+    assert (res.weight[1] - w[1]).abs().max() < 0.1  # within half a level (scale 20 / 7 ... 100 / 1024 floor)
+    assert (res.weight[[0, *range(3, 16)]] - w[[0, *range(3, 16)]]).abs().max() < 0.05
+
+
+def test_non_finite_results_raise_instead_of_a_broken_layer():
+    w = torch.randn(16, 32)
+    w[3, 5] = float("inf")
+    with pytest.raises(HfEffllmError, match="non-finite"):
+        spqr_quantize_matrix(w, None, SpQRConfig(bits=3))
 
 
 @pytest.mark.parametrize("group_size", [12, 24])

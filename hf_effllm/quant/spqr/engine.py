@@ -179,10 +179,13 @@ def _quantize_matrix(weight: torch.Tensor, hessian: torch.Tensor | None, config:
                     mean = (group * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp_min(1)
                     group = group * keep + mean * (1 - keep)
                 lo, hi = group.amin(1), group.amax(1)
-                # a floor keeps the scale > 0 after the fp16 second level and |zero| <= 1024 (finite in fp16)
-                floor = torch.maximum(lo.abs(), hi.abs()).div(1024).clamp_min(1e-6)
+                # a floor keeps the first-level scale > 0 and |zero| <= 1024; the second level rounds it to nearest,
+                # which can drop a small scale in a block with a large one to the block's minimum, so it keeps
+                # |zero| <= 2^14 (lower=): beyond, -lo / scale overflowed fp16 and broke the whole block of rows
+                amax = torch.maximum(lo.abs(), hi.abs())
+                floor = amax.div(1024).clamp_min(1e-6)
                 raw_scale = torch.maximum((hi - lo) / maxq, floor)
-                sc, s_step, s_min, scale = quantize_stats(raw_scale[:, None], sb, sgs)
+                sc, s_step, s_min, scale = quantize_stats(raw_scale[:, None], sb, sgs, lower=amax[:, None] / 2**14)
                 zc, z_step, z_min, zero = quantize_stats((-lo / scale[:, 0])[:, None], sb, sgs)
                 scale, zero = scale[:, 0], zero[:, 0]
                 scale_codes[:, g], zero_codes[:, g] = sc[:, 0], zc[:, 0]
@@ -232,6 +235,12 @@ def _quantize_matrix(weight: torch.Tensor, hessian: torch.Tensor | None, config:
     deq_w = dequantize_weight(tensors, in_features=n, bits=bits, group_size=gs, stats_bits=sb, stats_group_size=sgs)
     if perm is not None:
         deq_w = deq_w[:, torch.argsort(perm)]
+    if not bool(torch.isfinite(deq_w).all()):  # never a silently broken layer
+        raise HfEffllmError(
+            f"SpQR quantization of a ({out}, {n}) weight gave non-finite values (weight max |w| "
+            f"{weight.abs().max().item():.3g}); check the weight and calibration data for inf/NaN, or use a larger "
+            f"percdamp (now {config.percdamp})."
+        )
     nnz = int(rows.numel())
     return QuantizedMatrix(tensors=tensors, weight=deq_w, nnz=nnz, avg_bits=stored_bits(tensors) / (out * n))
 

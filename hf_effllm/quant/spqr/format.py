@@ -99,8 +99,12 @@ def dequantize_stats(codes: torch.Tensor, step: torch.Tensor, minimum: torch.Ten
     return st * codes.float() + mn
 
 
-def quantize_stats(values: torch.Tensor, stats_bits: int, stats_group_size: int):
+def quantize_stats(values: torch.Tensor, stats_bits: int, stats_group_size: int, lower: torch.Tensor | None = None):
     """Second-level min-max quantization of first-level statistics (out, G) over blocks of rows.
+
+    ``lower`` (out, G), optional: each value's level is rounded to nearest but never below the level that reaches
+    ``lower`` (the scales use it: a scale rounded far down would put the zero-point ``-min / scale`` out of the fp16
+    range and break the whole block of rows).
 
     Returns:
         (codes int64 (out, G), step float16 (out2, G), minimum float16 (out2, G), dequantized float32 (out, G)).
@@ -117,6 +121,8 @@ def quantize_stats(values: torch.Tensor, stats_bits: int, stats_group_size: int)
     st = step.float().repeat_interleave(stats_group_size, dim=0)[:out]
     mn = minimum.float().repeat_interleave(stats_group_size, dim=0)[:out]
     codes = torch.where(st > 0, torch.round((values - mn) / st.clamp_min(1e-30)), torch.zeros_like(values))
+    if lower is not None:
+        codes = torch.where(st > 0, torch.maximum(codes, torch.ceil((lower - mn) / st.clamp_min(1e-30))), codes)
     codes = codes.clamp(0, maxq).to(torch.int64)
     return codes, step, minimum, st * codes.float() + mn
 
