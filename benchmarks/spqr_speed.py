@@ -288,6 +288,100 @@ def octet_rows(run: BenchmarkRun, dev: torch.device, threshold: float) -> None:
         del ocopies, ccopies, dense
 
 
+# kernels.spqr_octet.spqr_octet_stream: warps per block x steps per ring stage x ring stages per warp x blocks per SM
+STREAM_SWEEP = [
+    (16, 8, 4, 1), (16, 8, 2, 1), (16, 8, 3, 1), (16, 4, 4, 1), (16, 4, 8, 1), (8, 8, 8, 1), (8, 8, 4, 2),
+    (12, 8, 4, 1), (32, 4, 2, 1), (32, 8, 2, 1),
+]  # fmt: skip
+
+
+def stream_rows(run: BenchmarkRun, dev: torch.device, threshold: float) -> None:
+    """The streaming octet kernel (``spqr_octet_stream``) against bf16 and the octet kernel ``spqr_octet_gemv``,
+    all in CUDA graphs over distinct copies: error vs the fp32 reference, default launch and the best of a sweep."""
+    from hf_effllm.kernels.spqr_octet import octet_layout, spqr_octet_gemv, spqr_octet_stream
+
+    from hf_effllm import HfEffllmError
+
+    for inp, out in FULL_SHAPES:
+        layer = make_layer(inp, out, dev, threshold)
+        t, meta = layer.packed_tensors(), layer.packed_meta()
+        olay = octet_layout(t, **meta)
+        obytes = sum(olay[k].numel() * olay[k].element_size() for k in OCTET_READ if k in olay)  # read per call
+        ocopies = [_clone_layout(olay) for _ in range(_copies(layout_bytes(olay)))]
+        w = layer.dequantize().to(torch.bfloat16)
+        dense = [w.clone() for _ in range(_copies(w.numel() * w.element_size()))]
+        for batch in (1, 2, 4):
+            x = torch.randn(batch, inp, device=dev, dtype=torch.bfloat16)
+            ref = spqr_matmul_reference(x.float(), t, **meta)
+            err = rel_err(spqr_octet_stream(x, olay), ref)
+            base = graph_time_ms([lambda w=w, x=x: torch.matmul(x, w.T) for w in dense])
+            gemv = graph_time_ms([lambda lo=lo, x=x: spqr_octet_gemv(x, lo) for lo in ocopies])
+            default = graph_time_ms([lambda lo=lo, x=x: spqr_octet_stream(x, lo) for lo in ocopies])
+            best, errs = (default, "default"), [err]
+            for a, b, c, d in STREAM_SWEEP:
+                kw = dict(warps=a, stage_steps=b, stages=c, blocks_per_sm=d)
+                try:
+                    errs.append(rel_err(spqr_octet_stream(x, olay, **kw), ref))
+                except HfEffllmError:  # does not fit shared memory at this batch
+                    continue
+                ms = graph_time_ms([lambda lo=lo, x=x, kw=kw: spqr_octet_stream(x, lo, **kw) for lo in ocopies])
+                if ms < best[0]:
+                    best = (ms, ",".join(f"{k}={v}" for k, v in kw.items()))
+            row = run.add(
+                shape=f"{inp}->{out}", batch=batch, rel_err=err, max_sweep_rel_err=max(errs), bf16_graph_ms=base,
+                octet_gemv_graph_ms=gemv, stream_graph_ms=default, stream_speedup=base / default,
+                best_stream_graph_ms=best[0], best_stream_speedup=base / best[0], best_launch=best[1],
+                octet_gemv_speedup=base / gemv, stream_gbps=obytes / 1e9 / (best[0] / 1e3),
+                kernel_bits=round(8 * obytes / (inp * out), 3),
+            )  # fmt: skip
+            print(markdown_table([row]).splitlines()[-1], flush=True)
+        del ocopies, dense
+
+
+STREAM_PHASES = [
+    ("full", ()), ("no outliers", ("outliers",)), ("no outliers, no fixup", ("outliers", "fixup")),
+    ("stream + fixup only", ("compute", "outliers")), ("stream only", ("compute", "outliers", "fixup")),
+    ("stream only, one copy per stage", ("compute", "outliers", "fixup", "onecopy")),
+    ("compute, one copy per stage", ("outliers", "fixup", "onecopy")),
+]  # fmt: skip
+
+
+def stream_breakdown_rows(run: BenchmarkRun, dev: torch.device, threshold: float) -> None:
+    """``spqr_octet_stream``'s graph time with phases compiled out (``spqr_octet._SKIP``), batch 1."""
+    from hf_effllm.kernels import spqr_octet
+
+    from hf_effllm import HfEffllmError
+
+    for inp, out in FULL_SHAPES:
+        layer = make_layer(inp, out, dev, threshold)
+        t, meta = layer.packed_tensors(), layer.packed_meta()
+        olay = spqr_octet.octet_layout(t, **meta)
+        nbytes = sum(olay[k].numel() * olay[k].element_size() for k in OCTET_READ if k in olay)
+        ocopies = [_clone_layout(olay) for _ in range(_copies(layout_bytes(olay)))]
+        w = layer.dequantize().to(torch.bfloat16)
+        dense = [w.clone() for _ in range(_copies(w.numel() * w.element_size()))]
+        x = torch.randn(1, inp, device=dev, dtype=torch.bfloat16)
+        base = graph_time_ms([lambda w=w, x=x: torch.matmul(x, w.T) for w in dense])
+        for a, b, c, d in [(16, 8, 2, 1), (16, 8, 4, 1), (32, 8, 2, 1)]:
+            kw = dict(warps=a, stage_steps=b, stages=c, blocks_per_sm=d)
+            try:  # does it fit shared memory at this width
+                spqr_octet.spqr_octet_stream(x, olay, **kw)
+            except HfEffllmError:
+                continue
+            for name, skip in STREAM_PHASES:
+                spqr_octet._SKIP = frozenset(skip)
+                try:
+                    ms = graph_time_ms(
+                        [lambda lo=lo, x=x, kw=kw: spqr_octet.spqr_octet_stream(x, lo, **kw) for lo in ocopies]
+                    )
+                finally:
+                    spqr_octet._SKIP = frozenset()
+                row = run.add(shape=f"{inp}->{out}", launch=f"{a},{b},{c},{d}", phase=name, graph_ms=ms,
+                              bf16_graph_ms=base, speedup=base / ms, gbps=nbytes / 1e9 / (ms / 1e3))  # fmt: skip
+                print(markdown_table([row]).splitlines()[-1], flush=True)
+        del ocopies, dense
+
+
 def decode_rows(run: BenchmarkRun, dev: torch.device, quick: bool, new_tokens: int) -> None:
     import copy
 
@@ -341,6 +435,8 @@ def main() -> None:
     p.add_argument("--skip-kernels", action="store_true", help="only the end-to-end decode")
     p.add_argument("--breakdown", action="store_true", help="only the CUDA kernel's time with phases left out")
     p.add_argument("--octet", action="store_true", help="only the octet kernel vs bf16 and the CUDA kernel")
+    p.add_argument("--stream", action="store_true", help="only the streaming octet kernel vs bf16 and the octet kernel")
+    p.add_argument("--stream-breakdown", action="store_true", help="only spqr_octet_stream with phases left out")
     args = p.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type != "cuda" and not args.quick:
@@ -372,6 +468,33 @@ def main() -> None:
         )
         run.meta["outlier_threshold"] = args.outlier_threshold
         octet_rows(run, dev, args.outlier_threshold)
+        print(run.write()[1].read_text())
+        return
+    if args.stream_breakdown:
+        run = BenchmarkRun(
+            "spqr_speed_stream_breakdown",
+            "Where spqr_octet_stream's time goes (3-bit, 16x16 groups, bf16 activations, batch 1): its CUDA-graph "
+            "time over distinct weight copies with phases compiled out (the results are then wrong; timing only), "
+            "against bf16 torch.matmul. launch = warps, stage_steps, stages, blocks_per_sm; gbps = bytes of the "
+            "layout the kernel reads / time.",
+        )
+        stream_breakdown_rows(run, dev, args.outlier_threshold)
+        print(run.write()[1].read_text())
+        return
+    if args.stream:
+        if dev.type != "cuda":
+            raise SystemExit("spqr_speed.py --stream times CUDA kernels: it needs a CUDA GPU.")
+        run = BenchmarkRun(
+            "spqr_speed_stream",
+            "SpQR 3-bit (16x16 groups, act-order, outliers) decode products, bf16 activations: the streaming octet "
+            "kernel (kernels.spqr_octet.spqr_octet_stream: steps split evenly over a persistent grid's warps, "
+            "bulk copies into per-warp shared-memory rings) vs the octet kernel spqr_octet_gemv vs bf16 "
+            "torch.matmul, all as CUDA graphs over distinct copies (no launch overhead, nothing L2-resident). "
+            "rel_err vs the fp32 reference (default launch; max_sweep_rel_err over the sweep); stream_gbps = bytes "
+            "the kernel reads / best time; kernel_bits = those bytes per weight x 8.",
+        )
+        run.meta["outlier_threshold"] = args.outlier_threshold
+        stream_rows(run, dev, args.outlier_threshold)
         print(run.write()[1].read_text())
         return
     run = BenchmarkRun(

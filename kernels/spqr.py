@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -39,8 +40,15 @@ from .spqr_cuda import MAX_ROWS as CUDA_MAX_ROWS
 from .spqr_cuda import cuda_layout as build_cuda_layout
 from .spqr_cuda import spqr_dequantize_cuda, spqr_gemv_cuda
 from .spqr_cuda import supports as cuda_supports
+from .spqr_octet import (
+    STREAM_ROWS,
+    octet_supported,
+    rows_per_launch,
+    spqr_octet_dequant,
+    spqr_octet_gemv,
+    spqr_octet_stream,
+)
 from .spqr_octet import octet_layout as build_octet_layout
-from .spqr_octet import octet_supported, rows_per_launch, spqr_octet_dequant, spqr_octet_gemv
 
 try:
     import triton
@@ -842,14 +850,37 @@ def spqr_gemv_triton(
     return y.reshape(*lead, n_out)
 
 
-def cuda_path(rows: int, meta: dict[str, Any], device: torch.device) -> str:
+def _bulk_copies(device: torch.device) -> bool:
+    """Whether ``device`` has the bulk-copy (TMA) unit ``spqr_octet_stream`` needs: compute capability 9.0+."""
+    return device.type == "cuda" and _capability(device.index if device.index is not None else -1) >= (9, 0)
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index if index >= 0 else torch.cuda.current_device())
+
+
+def cuda_path(rows: int, meta: dict[str, Any], device: torch.device, out_features: int | None = None) -> str:
     """Which CUDA kernels serve ``rows`` activation rows of a layer of format ``meta`` on ``device``: ``"octet"``
     (``kernels.spqr_octet``: decode products in one launch, and the dense weight for prefill) wherever the format
     allows and the rows' activations fit one block's shared memory, else ``"cuda"`` (``kernels.spqr_cuda``). On the
     H200 the octet kernel is the faster of the two at 1, 4 and 16 rows except where 16 rows need several launches
-    (11008 inputs: ``benchmarks/results/spqr_speed_octet.md``)."""
+    (11008 inputs: ``benchmarks/results/spqr_speed_octet.md``).
+
+    ``"stream"`` (``spqr_octet_stream``, same layout) for 1-2 rows of layers with at least 4096 inputs and twice as
+    many outputs (e.g. 4096 -> 11008, the MLP's up and gate projections) on sm_90+: there it measured 10-15% faster
+    than ``spqr_octet_gemv`` (``benchmarks/results/spqr_speed_stream.md``), and slower on 4096 -> 4096 and
+    11008 -> 4096."""
     if octet_supported(**meta) is not None:
         return "cuda"
+    if (
+        rows <= STREAM_ROWS
+        and out_features is not None
+        and meta["in_features"] >= 4096
+        and out_features >= 2 * meta["in_features"]
+        and _bulk_copies(device)
+    ):
+        return "stream"
     if rows > CUDA_MAX_ROWS:
         return "octet"
     return "octet" if rows <= rows_per_launch(meta["in_features"], device) else "cuda"
@@ -910,9 +941,10 @@ def spqr_matmul(
         and not compiling
         and cuda_supports(x, meta) is None
     ):
-        if cuda_path(rows, meta, x.device) == "octet":
+        path = cuda_path(rows, meta, x.device, out_features=tensors["outlier_row_ptr"].shape[0] - 1)
+        if path in ("octet", "stream"):
             lay = octet_layout if octet_layout is not None else build_octet_layout(tensors, **meta)
-            gemv, dequant = spqr_octet_gemv, spqr_octet_dequant
+            gemv, dequant = spqr_octet_stream if path == "stream" else spqr_octet_gemv, spqr_octet_dequant
         else:
             lay = cuda_layout if cuda_layout is not None else build_cuda_layout(tensors, **meta)
             gemv, dequant = spqr_gemv_cuda, spqr_dequantize_cuda

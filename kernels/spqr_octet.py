@@ -30,16 +30,28 @@ Layout (:func:`octet_layout`, from the packed format; ``group_size`` and ``stats
 * ``stats`` uint8 ``[octet][step][lane]``: ``scale code | zero code << 4`` of the lane's (row, group).
 * ``stats2`` fp16 ``[16-row block][step][t][4]``: scale step, zero step, scale minimum, zero minimum (so that one
   ``fma.f16x2`` decodes both statistics).
-* outliers in CSR order: ``oent`` int32 ``column | fp16 correction << 16``, ``optr`` int32 row offsets; and for
-  the prefill path ``ov``/``orow``/``oc`` as in ``cuda_layout``.
+* outliers in CSR order: ``oent`` int32 ``column | fp16 correction << 16`` (zero-padded to a multiple of 4
+  entries), ``optr`` int32 row offsets; and for the prefill path ``ov``/``orow``/``oc`` as in ``cuda_layout``.
+* the outliers again, sorted by (octet, step, row, column), for ``spqr_octet_stream``: ``sent`` int32
+  ``column in step | row in octet << 6 | (step mod 128) << 9 | fp16 correction << 16`` (zero-padded to a multiple
+  of 4) and ``sptr`` int32, the first entry of every (octet, step) item; ``cnt`` int32 per octet, that kernel's
+  arrival counters (zero between calls).
 
-Bytes per weight: 4 + 0.5 + 0.25 bits, plus 4 bytes per outlier and 4 per row read by the decode kernel.
+Bytes per weight read by the decode kernels: 4 + 0.5 + 0.25 bits, plus 4 bytes per outlier and 4 per row
+(``spqr_octet_gemv``) or 4 per (octet, step) (``spqr_octet_stream``).
 
 The decode kernel ``spqr_octet_gemv``: a block of ``W`` warps gathers and scales the activations once, then handles
 ``W / P`` octets per round, ``P`` warps splitting each octet's steps (each warp keeps ``D`` steps of loads in flight
 in registers); at the end of a round each warp stores its fragment sums plus its share of the octet's outliers in
-its own shared-memory slot and the block adds the slots and writes the rows. The dequantization kernel ``spqr_octet_dequant`` writes the dense
-weight for the prefill path.
+its own shared-memory slot and the block adds the slots and writes the rows. The dequantization kernel
+``spqr_octet_dequant`` writes the dense weight for the prefill path.
+
+The streaming decode kernel ``spqr_octet_stream`` (1-2 rows, sm_90+): the NO x KS (octet, step) items split evenly
+over all warps of a persistent grid (stream-K), each warp streaming its items through its own ring of shared-memory
+stages filled by bulk copies (``cp.async.bulk`` with an ``mbarrier`` per stage): a stage is up to ``U`` steps of one
+octet plus those steps' outlier entries from ``sent``. An octet shared by neighbouring warps is summed by the last
+contributor to arrive (``cnt``), in warp order. Faster than ``spqr_octet_gemv`` on 4096 -> 11008 at 1-2 rows, slower
+on narrower layers (``benchmarks/results/spqr_speed_stream.md``); ``kernels.spqr.cuda_path`` picks between them.
 
 The PyTorch reference of the same function is :func:`kernels.spqr.spqr_matmul_reference`.
 
@@ -67,16 +79,26 @@ __all__ = [
     "rows_per_launch",
     "spqr_octet_dequant",
     "spqr_octet_gemv",
+    "spqr_octet_stream",
+    "STREAM_ROWS",
+    "stream_launch",
 ]
 
 MAX_ROWS = 16  # activation rows of one launch: the m16 side of the mma
-_STATIC_SMEM = 3 * 16 * 4  # the kernel's static shared memory: rmax, rscale, rinv
+_STATIC_SMEM = 256  # the kernels' static shared memory (rmax, rscale, rinv: 192 bytes; ptxas -v reports 256)
 _SMEM_SET: dict[int, int] = {}  # dynamic shared memory each compiled kernel has opted in to
+# Phases of spqr_octet_stream left out, for the time breakdown of benchmarks/spqr_speed.py --stream-breakdown only
+# (the results are then wrong): "compute" (decode + mma; the stage is still read), "outliers", "fixup" (shared
+# octets written as if whole), "onecopy" (one bulk copy of the stage's bytes instead of three).
+_SKIP: frozenset[str] = frozenset()
 
 _SOURCE = r"""
+{SKIP}
 #define W_ {W}                 // warps per block
 #define P_ {P}                 // warps per octet (they split its steps); divides W_
 #define D_ {D}                 // steps of loads each warp keeps in flight
+#define U_ {U}                 // spqr_octet_stream: steps per ring stage
+#define R_ {R}                 // spqr_octet_stream: ring stages per warp
 #define HI {HI}                // activation rows 8..15 present (the a1, a3 registers of the A fragment)
 #define ACT_BF16 {BF16}        // activation dtype (in and out); the mma is always fp16
 #define IS_BF16 0
@@ -168,6 +190,48 @@ __device__ __forceinline__ int xs_index(int m, int c, int RSB) {
     const int first = (o0) + (int)(((long long)len_ * (part)) / P_) + (c);                         \
     const int last = (o0) + (int)(((long long)len_ * ((part) + 1)) / P_);
 
+// the activations of rows 0..M-1 into shared memory (layout above), gathered by perm, each row m scaled by 2^e so that
+// its largest magnitude lies in [2^13, 2^14): rscale[m] = 2^e, rinv[m] = 2^-e. Called by the whole block.
+__device__ void stage_activations(const u16* __restrict__ x, const int* __restrict__ perm, u16* xs, int M, int K,
+                                  int KP, int RSB, int sx, float* rmax, float* rscale, float* rinv) {
+    const int lane = threadIdx.x & 31;
+    if (threadIdx.x < 16) rmax[threadIdx.x] = 0.f;
+    __syncthreads();
+    for (int m = 0; m < M; ++m) {
+        float mx = 0.f;
+        for (int k = threadIdx.x; k < KP; k += W_ * 32) {
+            u16 v = 0;
+            if (k < K) v = x[(long long)m * sx + (perm ? perm[k] : k)];
+            xs[xs_index(m, k, RSB)] = v;
+            mx = fmaxf(mx, fabsf(act_f(v)));
+        }
+#pragma unroll
+        for (int off = 16; off; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+        if (lane == 0) atomicMax((int*)&rmax[m], __float_as_int(mx));  // non-negative: int order is float order
+    }
+    __syncthreads();
+    if (threadIdx.x < M) {
+        const float mx = rmax[threadIdx.x];
+        int e = 0;
+        if (mx > 0.f && mx <= 3.0e38f) {
+            int ex;
+            frexpf(mx, &ex);
+            e = min(max(14 - ex, -120), 120);
+        }
+        rscale[threadIdx.x] = ldexpf(1.f, e);
+        rinv[threadIdx.x] = ldexpf(1.f, -e);
+    }
+    __syncthreads();
+    for (int m = 0; m < M; ++m) {
+        const float sc = rscale[m];
+        for (int k = threadIdx.x; k < KP; k += W_ * 32) {
+            const int ix = xs_index(m, k, RSB);
+            xs[ix] = half_from_f(act_f(xs[ix]) * sc);
+        }
+    }
+    __syncthreads();
+}
+
 // y (M, N) = x (M, K) W^T (+ bias), M <= 16. Block: W_ warps; the activations in shared memory as above (gathered by
 // perm, row m scaled by 2^e[m]); round r handles octets (blockIdx.x + r gridDim.x) O_ + slot, warp w = slot P_ +
 // part taking steps part, part + P_, ... of its octet (NS per round for every warp, the ones past KS empty, so all
@@ -254,41 +318,7 @@ extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_octet_gemv(
     }
     OUT_PREFETCH((int)blockIdx.x * O_ + slot);
 
-    if (threadIdx.x < 16) rmax[threadIdx.x] = 0.f;
-    __syncthreads();
-    for (int m = 0; m < M; ++m) {
-        float mx = 0.f;
-        for (int k = threadIdx.x; k < KP; k += W_ * 32) {
-            u16 v = 0;
-            if (k < K) v = x[(long long)m * sx + (perm ? perm[k] : k)];
-            xs[xs_index(m, k, RSB)] = v;
-            mx = fmaxf(mx, fabsf(act_f(v)));
-        }
-#pragma unroll
-        for (int off = 16; off; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-        if (lane == 0) atomicMax((int*)&rmax[m], __float_as_int(mx));  // non-negative: int order is float order
-    }
-    __syncthreads();
-    if (threadIdx.x < M) {  // row m scaled by 2^e so that its largest magnitude lies in [2^13, 2^14)
-        const float mx = rmax[threadIdx.x];
-        int e = 0;
-        if (mx > 0.f && mx <= 3.0e38f) {
-            int ex;
-            frexpf(mx, &ex);
-            e = min(max(14 - ex, -120), 120);
-        }
-        rscale[threadIdx.x] = ldexpf(1.f, e);
-        rinv[threadIdx.x] = ldexpf(1.f, -e);
-    }
-    __syncthreads();
-    for (int m = 0; m < M; ++m) {
-        const float sc = rscale[m];
-        for (int k = threadIdx.x; k < KP; k += W_ * 32) {
-            const int ix = xs_index(m, k, RSB);
-            xs[ix] = half_from_f(act_f(xs[ix]) * sc);
-        }
-    }
-    __syncthreads();
+    stage_activations(x, perm, xs, M, K, KP, RSB, sx, rmax, rscale, rinv);
 
     const char* xlane = smem + (g < PR ? g : 0) * RSB + t * 16;
     float* wred = red + warp * 8 * M;  // this warp's slot: [8 weight rows][M]
@@ -386,6 +416,272 @@ extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_octet_gemv(
     }
 }
 
+// ---- the streaming decode kernel (spqr_octet_stream): bulk copies into per-warp shared-memory rings ----
+#define SM_ 2                              // activation rows per launch (the per-lane outlier sums hold 8 x SM_)
+#define CAPO (U_ * 16)                     // outlier entries a stage holds (~9 per step at 1.7%); more: global
+#define STAGE_BYTES (U_ * 384 + 16)        // codes U_ x 256, stats U_ x 32, stats2 U_ x 32, header, outliers
+
+__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void mbar_init(u32 bar) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar) : "memory");
+}
+
+// one arrival that also expects `bytes` of bulk copies to land before the phase completes
+__device__ __forceinline__ void mbar_expect(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+
+// global -> shared without registers (the TMA unit; 16-byte aligned addresses, a multiple of 16 bytes)
+__device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u32 bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                 ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+}
+
+// wait for the phase of parity `phase` of the barrier; a stream that never lands traps (an error, not a hang)
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 phase) {
+    for (int spin = 0;; ++spin) {
+        u32 ok;
+        asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+                     : "=r"(ok) : "r"(bar), "r"(phase) : "memory");
+        if (ok) return;
+        if (spin > (1 << 22)) __trap();
+    }
+}
+
+// the warp that owns flattened item i of T = NO * KS when warp w of WT takes items [w T / WT, (w + 1) T / WT)
+__device__ __forceinline__ long long item_owner(long long i, long long T, long long WT) {
+    return ((i + 1) * WT + T - 1) / T - 1;
+}
+
+// the item after stage j of a warp with items [ib, ie): stages are up to U_ consecutive steps of one octet
+__device__ __forceinline__ long long stage_end(long long ib, long long ie, int KS, long long j) {
+    const long long o1end = min(ie, (ib / KS + 1) * KS), f = o1end - ib, n1 = (f + U_ - 1) / U_;
+    if (j < n1) return ib + min((j + 1) * U_, f);
+    const long long spo = (KS + U_ - 1) / U_, jj = j - n1;
+    return min(ie, o1end + (jj / spo) * KS + min((jj % spo + 1) * U_, (long long)KS));
+}
+
+// y (M, N) = x (M, K) W^T (+ bias), M <= SM_, on a persistent grid. The NO * KS (octet, step) items are split
+// evenly over all warps of the grid in octet-major order (stream-K), so every warp gets the same number of steps
+// whatever the shape; most of a warp's octets are whole, the first and last may be shared with its neighbours.
+// Each warp streams its items through its own ring of R_ stages in shared memory, filled by bulk copies (lane 0
+// issues them; an mbarrier per stage counts the bytes in): a stage is up to U_ steps of one octet with the outlier
+// entries of those steps (the step-sorted copy sent/sptr), so the outliers are spread as evenly as the steps. The
+// stage's outlier range comes from sptr, read for 32 stages at a time one chunk ahead (lane j: stage 32 c + j).
+// Every lane runs the same stage sequence twice: the producer R_ stages ahead (state p_*) and the consumer.
+// An octet's sums go through the warp's slot of red; a shared octet's partial sums go to ws (two slots per warp:
+// its first and its last octet), and the contributor that arrives last (counter cnt[octet], reset by it) adds them
+// in warp order (deterministic) and writes the rows.
+extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_octet_stream(
+    const u16* __restrict__ x, const int* __restrict__ perm, const uint2* __restrict__ codes,
+    const u8* __restrict__ stats, const uint2* __restrict__ stats2, const u32* __restrict__ sent,
+    const int* __restrict__ sptr, const u16* __restrict__ bias, u16* __restrict__ y, float* __restrict__ ws,
+    int* __restrict__ cnt, int M, int N, int K, int KS, int NO, int sx, int sy) {
+    extern __shared__ __align__(128) char smem[];
+    const int KP = KS * 64, RSB = KP * 4 + 64, PR = M;            // M <= SM_ < 8: one row per row pair
+    u16* xs = (u16*)smem;                                          // PR row pairs of RSB bytes (a multiple of 64)
+    char* ring = smem + PR * RSB;                                  // [W_][R_] stages
+    unsigned long long* bars = (unsigned long long*)(ring + W_ * R_ * STAGE_BYTES);  // [W_][R_]
+    float* red = (float*)(bars + W_ * R_);                         // [W_][8][M]
+    __shared__ float rmax[16];
+    __shared__ float rscale[16];
+    __shared__ float rinv[16];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const long long T = (long long)NO * KS, WT = (long long)gridDim.x * W_;
+    const long long gw = (long long)blockIdx.x * W_ + warp;
+    const long long ib = gw * T / WT, ie = (gw + 1) * T / WT;      // this warp's items (never empty: T >= WT)
+    const int first_oct = (int)(ib / KS), last_oct = (int)((ie - 1) / KS);
+    char* wring = ring + warp * R_ * STAGE_BYTES;
+    const u32 wring_s = smem_addr(wring), wbar = smem_addr(bars + warp * R_);
+    float* wred = red + warp * 8 * M;
+
+    if (lane == 0) {
+#pragma unroll
+        for (int r = 0; r < R_; ++r) mbar_init(wbar + 8 * r);
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncwarp();
+
+    // producer: the next stage is steps [p_s, min(p_s + U_, p_send)) of octet p_oct, stage p_j of the warp, its
+    // outlier entries from p_lo; lane j's bnd_cur / bnd_next: the first entry after stage 32 c + j / 32 (c + 1) + j
+    int p_oct = first_oct, p_s = (int)(ib % KS), p_send = (int)min((long long)KS, ie - (long long)first_oct * KS);
+    int p_j = 0;
+    bool p_done = false;
+    int p_lo = sptr[ib];
+    int bnd_cur = sptr[stage_end(ib, ie, KS, lane)], bnd_next = sptr[stage_end(ib, ie, KS, 32 + lane)];
+#ifndef SKIP_ONECOPY
+#define STAGE_COPY                                                                                 \
+    bulk_copy(dst_, codes + it_ * 32, n_ * 256, bar_);                                             \
+    bulk_copy(dst_ + U_ * 256, stats + it_ * 32, n_ * 32, bar_);                                   \
+    bulk_copy(dst_ + U_ * 288, stats2 + ((long long)(p_oct >> 1) * KS + p_s) * 4, n_ * 32, bar_);
+#else
+#define STAGE_COPY                                                                                 \
+    bulk_copy(dst_, (const char*)codes + (((it_ * 320) % ((long long)NO * KS * 256 - U_ * 320)) & ~15LL), \
+              n_ * 320, bar_);
+#endif
+#ifdef SKIP_OUTLIERS
+#define HAS_OUTLIERS 0
+#else
+#define HAS_OUTLIERS 1
+#endif
+#define PRODUCE(ST)                                                                                \
+    if (!p_done) {                                                                                 \
+        const u32 bar_ = wbar + 8 * (ST), dst_ = wring_s + (ST) * STAGE_BYTES;                     \
+        const int n_ = min(U_, p_send - p_s);                                                      \
+        const int hi_ = __shfl_sync(0xffffffffu, bnd_cur, p_j & 31);                               \
+        if (lane == 0) {                                                                           \
+            const long long it_ = (long long)p_oct * KS + p_s;                                     \
+            const int a0_ = p_lo & ~3, a1_ = min((hi_ + 3) & ~3, a0_ + CAPO);                      \
+            const int ob_ = HAS_OUTLIERS && hi_ > p_lo ? (a1_ - a0_) * 4 : 0;                      \
+            *(int4*)(wring + (ST) * STAGE_BYTES + U_ * 320) = make_int4(p_lo, hi_, a0_, 0);        \
+            mbar_expect(bar_, n_ * 320 + ob_);                                                     \
+            STAGE_COPY                                                                             \
+            if (ob_) bulk_copy(dst_ + U_ * 320 + 16, sent + a0_, ob_, bar_);                       \
+        }                                                                                          \
+        p_lo = hi_;                                                                                \
+        if ((++p_j & 31) == 0) {                                                                   \
+            bnd_cur = bnd_next;                                                                    \
+            bnd_next = sptr[stage_end(ib, ie, KS, p_j + 32 + lane)];                               \
+        }                                                                                          \
+        p_s += n_;                                                                                 \
+        if (p_s == p_send) {                                                                       \
+            if (++p_oct > last_oct) {                                                              \
+                p_done = true;                                                                     \
+            } else {                                                                               \
+                p_s = 0;                                                                           \
+                p_send = (int)min((long long)KS, ie - (long long)p_oct * KS);                      \
+            }                                                                                      \
+        }                                                                                          \
+    }
+#pragma unroll
+    for (int r = 0; r < R_; ++r) PRODUCE(r);
+
+    stage_activations(x, perm, xs, M, K, KP, RSB, sx, rmax, rscale, rinv);
+
+    const char* xlane = smem + (g < PR ? g : 0) * RSB + t * 16;
+    int k = 0;  // stages consumed
+    for (int o = first_oct; o <= last_oct; ++o) {
+        const int s_begin = o == first_oct ? (int)(ib % KS) : 0;
+        const int s_end = (int)min((long long)KS, ie - (long long)o * KS);
+        float acc0[4] = {0.f, 0.f, 0.f, 0.f}, acc1[4] = {0.f, 0.f, 0.f, 0.f};
+        float os[SM_][8];  // this lane's outlier sums: activation row, weight row of the octet
+#pragma unroll
+        for (int m = 0; m < SM_; ++m)
+#pragma unroll
+            for (int r = 0; r < 8; ++r) os[m][r] = 0.f;
+        for (int s0 = s_begin; s0 < s_end; s0 += U_) {
+            const int n = min(U_, s_end - s0), st = k % R_;
+            mbar_wait(wbar + 8 * st, (k / R_) & 1);
+            const char* sp = wring + st * STAGE_BYTES;
+            const uint2* cw = (const uint2*)sp;
+            const u8* sb = (const u8*)(sp + U_ * 256);
+            const uint2* s2 = (const uint2*)(sp + U_ * 288);
+            const char* xp0 = xlane + s0 * 256;
+#pragma unroll
+            for (int u = 0; u < U_; ++u) {
+                if (u < n) {
+#ifndef SKIP_COMPUTE
+                    u32 b[4][2];
+                    decode_step(b, cw[u * 32 + lane], sb[u * 32 + lane], s2[u * 4 + t]);
+                    const uint4* xp = (const uint4*)(xp0 + u * 256);
+                    mma_f16(acc0, xp[0], b[0][0], b[0][1]);
+                    mma_f16(acc1, xp[4], b[1][0], b[1][1]);
+                    mma_f16(acc0, xp[8], b[2][0], b[2][1]);
+                    mma_f16(acc1, xp[12], b[3][0], b[3][1]);
+#else
+                    acc0[0] += (float)(cw[u * 32 + lane].x ^ sb[u * 32 + lane] ^ s2[u * 4 + t].x);
+#endif
+                }
+            }
+            if (HAS_OUTLIERS) {  // the stage's outliers, spread over the lanes
+                const int4 hd = *(const int4*)(sp + U_ * 320);  // first, end, first copied entry
+                const u32* oe = (const u32*)(sp + U_ * 320 + 16);
+                for (int e = hd.x + lane; e < hd.y; e += 32) {
+                    const u32 ent = e < hd.z + CAPO ? oe[e - hd.z] : sent[e];
+                    const int r = (ent >> 6) & 7, sm = (ent >> 9) & 127;
+                    const int ix = xs_index(0, (s0 + ((sm - s0) & 127)) * 64 + (ent & 63), RSB);
+                    const float v = half_f((u16)(ent >> 16));
+#pragma unroll
+                    for (int m = 0; m < SM_; ++m) {
+                        if (m < M) {
+                            const float p = v * half_f(xs[ix + m * (RSB >> 1)]);
+#pragma unroll
+                            for (int rr = 0; rr < 8; ++rr)
+                                if (rr == r) os[m][rr] += p;
+                        }
+                    }
+                }
+            }
+            __syncwarp();  // every lane has read the stage: it may be refilled
+            if (lane == 0) asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            PRODUCE(st);
+            ++k;
+        }
+        // C fragment: c0 = (activation row g, weight row 2t), c1 = (g, 2t + 1)
+        if (g < M) {
+            wred[(2 * t) * M + g] = acc0[0] + acc1[0];
+            wred[(2 * t + 1) * M + g] = acc0[1] + acc1[1];
+        }
+        if (HAS_OUTLIERS) {  // the outlier sums over the warp; lane r < 8 adds weight row r's
+#pragma unroll
+            for (int m = 0; m < SM_; ++m) {
+                float mine = 0.f;
+#pragma unroll
+                for (int rr = 0; rr < 8; ++rr) {
+                    float v = os[m][rr];
+#pragma unroll
+                    for (int off = 16; off; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+                    if (lane == rr) mine = v;
+                }
+                __syncwarp();
+                if (m < M && lane < 8) wred[lane * M + m] += mine;
+            }
+        }
+        __syncwarp();
+#ifdef SKIP_FIXUP
+        if (true) {
+#else
+        if (s_begin == 0 && s_end == KS) {  // a whole octet: write its rows
+#endif
+            for (int e = lane; e < 8 * M; e += 32) {
+                const int row = o * 8 + e / M, m = e % M;
+                if (row < N) {
+                    float val = wred[e] * rinv[m];
+                    if (bias) val += act_f(bias[row]);
+                    y[(long long)m * sy + row] = act_from_f(val);
+                }
+            }
+        } else {  // shared: partial sums to ws; the last to arrive adds all of them in warp order
+            float* wsp = ws + (gw * 2 + (o == first_oct ? 0 : 1)) * (8 * SM_);
+            for (int e = lane; e < 8 * M; e += 32) wsp[e] = wred[e];
+            __syncwarp();
+            int old = 0;
+            if (lane == 0) asm volatile("atom.add.acq_rel.gpu.global.s32 %0, [%1], 1;" : "=r"(old) : "l"(cnt + o) : "memory");
+            old = __shfl_sync(0xffffffffu, old, 0);
+            const long long wf = item_owner((long long)o * KS, T, WT), wl = item_owner((long long)o * KS + KS - 1, T, WT);
+            if (old == (int)(wl - wf)) {
+                __syncwarp();
+                for (int e = lane; e < 8 * M; e += 32) {
+                    float val = 0.f;
+                    for (long long w = wf; w <= wl; ++w) {
+                        const int sl = (w * T / WT) / KS == o ? 0 : 1;  // o is w's first octet, or its last
+                        val += __ldcg(ws + (w * 2 + sl) * (8 * SM_) + e);
+                    }
+                    const int row = o * 8 + e / M, m = e % M;
+                    if (row < N) {
+                        val *= rinv[m];
+                        if (bias) val += act_f(bias[row]);
+                        y[(long long)m * sy + row] = act_from_f(val);
+                    }
+                }
+                if (lane == 0) cnt[o] = 0;  // ready for the next call
+            }
+        }
+        __syncwarp();  // wred is rewritten by the next octet
+    }
+}
+
 // the dense weight (N, K) in stored column order and the activation dtype, outliers not added: one warp per step
 extern "C" __global__ void spqr_octet_dequant(const uint2* __restrict__ codes, const u8* __restrict__ stats,
                                               const uint2* __restrict__ stats2, u32* __restrict__ out, int N,
@@ -411,11 +707,15 @@ extern "C" __global__ void spqr_octet_dequant(const uint2* __restrict__ codes, c
 """
 
 
-def octet_source(*, warps: int, per_octet: int, depth: int, hi: bool, bf16: bool) -> str:
-    """The CUDA source of both kernels: ``warps`` per block, ``per_octet`` warps splitting each octet's steps
-    (divides ``warps``), ``depth`` steps of loads in flight per warp, ``hi`` (activation rows 8-15 present) and the
-    activation dtype."""
-    return render(_SOURCE, W=warps, P=per_octet, D=depth, HI=hi, BF16=bf16)
+def octet_source(
+    *, warps: int, hi: bool, bf16: bool, per_octet: int = 1, depth: int = 1, stage_steps: int = 4, stages: int = 4
+) -> str:
+    """The CUDA source of the three kernels: ``warps`` per block, ``hi`` (activation rows 8-15 present) and the
+    activation dtype; for ``spqr_octet_gemv`` ``per_octet`` warps splitting each octet's steps (divides ``warps``)
+    and ``depth`` steps of loads in flight per warp; for ``spqr_octet_stream`` ``stage_steps`` steps per ring stage
+    and ``stages`` stages per warp."""
+    skip = "".join(f"#define SKIP_{p.upper()} 1\n" for p in sorted(_SKIP))
+    return render(_SOURCE, W=warps, P=per_octet, D=depth, U=stage_steps, R=stages, HI=hi, BF16=bf16, SKIP=skip)
 
 
 def octet_supported(
@@ -436,6 +736,16 @@ def octet_supported(
     if in_features > 65536:
         return f"in_features={in_features}; the octet kernels take at most 65536 (16-bit outlier columns)"
     return None
+
+
+def _as_int32(v: torch.Tensor) -> torch.Tensor:
+    """Unsigned 32-bit values (int64) as the int32 of the same bits."""
+    return ((v + 2**31) % 2**32 - 2**31).to(torch.int32)
+
+
+def _ov_bits(ov: torch.Tensor) -> torch.Tensor:
+    """The bits of fp16 values as int64 in [0, 65536)."""
+    return ov.view(torch.int16).to(torch.int64) & 0xFFFF
 
 
 def octet_layout(
@@ -482,7 +792,7 @@ def octet_layout(
     c = c.reshape(no16 * 2, 8, ks, 4, 2, 4, 2).permute(0, 2, 1, 3, 4, 5, 6)[:no]
     shifts = 4 * torch.arange(4, device=dev)[:, None] + 16 * torch.arange(2, device=dev)[None, :]
     words = (c << shifts).sum((-1, -2))  # octet, step, g, t, h
-    codes_l = ((words + 2**31) % 2**32 - 2**31).to(torch.int32).contiguous()
+    codes_l = _as_int32(words).contiguous()
     # statistics per (row, 16-column slice): the group of slice j is 16 j // group_size
     scol = torch.arange(ks * 4, device=dev) * 16
     grp = (scol // group_size).clamp_max(g - 1)
@@ -494,10 +804,20 @@ def octet_layout(
     rows2 = (torch.arange(no16, device=dev) * 16 // stats_group_size).clamp_max(s2.shape[0] - 1)
     st2 = s2[rows2][:, grp][..., [0, 2, 1, 3]] * valid[None, :, None]  # (16-row block, slice, 4)
     stats2_l = st2.reshape(no16, ks, 4, 4).to(torch.float16).contiguous()
-    ov_bits = ov.view(torch.int16).to(torch.int64) & 0xFFFF
-    ent = cols | (ov_bits << 16)
+    ent = cols | (_ov_bits(ov) << 16)
+    # the outliers again, for spqr_octet_stream: sorted by (octet, step, row, column), each entry
+    # column-in-step | row-in-octet << 6 | (step mod 128) << 9 | fp16 correction << 16, and the first entry of every
+    # (octet, step) item in sptr (NO * KS + 1 values), so a run of items has a contiguous run of entries
+    item = (orow // 8) * ks + cols // 64
+    order = torch.argsort(item * (8 * 64) + (orow % 8) * 64 + cols % 64)
+    sent = ((cols % 64) | ((orow % 8) << 6) | (((cols // 64) % 128) << 9) | (_ov_bits(ov) << 16))[order]
+    sptr = torch.zeros(no * ks + 1, dtype=torch.int64, device=dev)
+    sptr[1:] = torch.cumsum(torch.bincount(item, minlength=no * ks), 0)
     perm = tensors.get("perm")
     layout: dict[str, Any] = {
+        "sent": torch.nn.functional.pad(_as_int32(sent), (0, -sent.numel() % 4)),  # 16-byte runs
+        "sptr": sptr.to(torch.int32),
+        "cnt": torch.zeros(no, dtype=torch.int32, device=dev),  # spqr_octet_stream's arrival counters (kept at 0)
         "codes": codes_l.reshape(-1),
         "stats": stats_l.reshape(-1),
         "stats2": stats2_l.reshape(-1),
@@ -505,7 +825,8 @@ def octet_layout(
         "k": k,
         "ks": ks,
         "no": no,
-        "oent": ((ent + 2**31) % 2**32 - 2**31).to(torch.int32),
+        # padded to a multiple of 4 entries: spqr_octet_stream copies 16-byte aligned runs
+        "oent": torch.nn.functional.pad(_as_int32(ent), (0, -ent.numel() % 4)),
         "optr": ptr.to(torch.int32),
         "ov": ov,
         "oc": cols.to(torch.int32),
@@ -556,6 +877,37 @@ def _check(x: torch.Tensor, layout: dict[str, Any]) -> None:
         )
 
 
+def _rows(x: torch.Tensor, layout: dict[str, Any], kernel: str) -> tuple[torch.Size, torch.Tensor, torch.Tensor]:
+    """``(lead, x2, y)``: the leading shape, x as contiguous-row (rows, in) and the empty (rows, out) output."""
+    _check(x, layout)
+    lead, k = x.shape[:-1], layout["k"]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if x2.shape[0] > MAX_ROWS:
+        raise HfEffllmError(f"x has {x2.shape[0]} rows; {kernel} takes at most {MAX_ROWS}.")
+    return lead, x2, torch.empty(x2.shape[0], layout["n"], device=x.device, dtype=x.dtype)
+
+
+def _bias(bias: torch.Tensor | None, n: int, dtype: torch.dtype) -> torch.Tensor | None:
+    if bias is None:
+        return None
+    if bias.shape != (n,):
+        raise HfEffllmError(f"bias has shape {tuple(bias.shape)}; expected ({n},).")
+    return bias.to(dtype).contiguous()
+
+
+def _kernel(key: tuple, device: torch.device, source: Any, name: str, smem: int) -> Any:
+    """The compiled kernel ``name`` with ``smem`` bytes of dynamic shared memory opted in (above the default 48 KiB
+    including the static 256)."""
+    kern = compiled(key, device, source, name)
+    need = max(smem, 48 * 1024) if smem + _STATIC_SMEM > 48 * 1024 else 0
+    if need > _SMEM_SET.get(id(kern), 0):
+        kern.set_shared_memory_config(need)
+        _SMEM_SET[id(kern)] = need
+    return kern
+
+
 def spqr_octet_gemv(
     x: torch.Tensor,
     layout: dict[str, Any],
@@ -582,15 +934,8 @@ def spqr_octet_gemv(
     Returns:
         (..., out_features) in ``x.dtype``.
     """
-    _check(x, layout)
-    n, k, ks, no = layout["n"], layout["k"], layout["ks"], layout["no"]
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    m = x2.shape[0]
-    if m > MAX_ROWS:
-        raise HfEffllmError(f"x has {m} rows; spqr_octet_gemv takes at most {MAX_ROWS}.")
+    lead, x2, y = _rows(x, layout, "spqr_octet_gemv")
+    n, k, ks, no, m = layout["n"], layout["k"], layout["ks"], layout["no"], x2.shape[0]
     w0, p0, d0, b0 = default_launch(m, no, ks, x.device)
     warps = w0 if warps is None else warps
     per_octet = p0 if per_octet is None else per_octet
@@ -604,13 +949,9 @@ def spqr_octet_gemv(
         raise HfEffllmError(f"depth={depth} is out of range; use 1 to 8.")
     if blocks_per_sm < 1:
         raise HfEffllmError(f"blocks_per_sm={blocks_per_sm} must be >= 1.")
-    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     if m == 0 or n == 0:
         return y.reshape(*lead, n)
-    if bias is not None:
-        if bias.shape != (n,):
-            raise HfEffllmError(f"bias has shape {tuple(bias.shape)}; expected ({n},).")
-        bias = bias.to(x.dtype).contiguous()
+    bias = _bias(bias, n, x.dtype)
     per_launch = rows_per_launch(k, x.device, warps, per_octet)
     if per_launch == 0:
         raise HfEffllmError(
@@ -630,15 +971,123 @@ def spqr_octet_gemv(
             def source(hi: bool = hi) -> str:
                 return octet_source(warps=warps, per_octet=per_octet, depth=depth, hi=hi, bf16=bf16)
 
-            gemv = compiled(key, x.device, source, "spqr_octet_gemv")
-            need = max(smem, 48 * 1024) if smem + _STATIC_SMEM > 48 * 1024 else 0
-            if need > _SMEM_SET.get(id(gemv), 0):
-                gemv.set_shared_memory_config(need)
-                _SMEM_SET[id(gemv)] = need
+            gemv = _kernel(key, x.device, source, "spqr_octet_gemv", smem)
             launch(
                 gemv, (grid, 1, 1), warps * 32, smem,
                 [x2[m0:], layout.get("perm"), layout["codes"], layout["stats"], layout["stats2"], layout["oent"],
                  layout["optr"], bias, y[m0:]],
+                [mc, n, k, ks, no, x2.stride(0), y.stride(0)],
+            )  # fmt: skip
+    return y.reshape(*lead, n)
+
+
+STREAM_ROWS = 2  # activation rows one spqr_octet_stream launch takes (SM_: its per-lane outlier sums)
+
+
+def stream_smem_bytes(rows: int, steps: int, warps: int, stage_steps: int, stages: int) -> int:
+    """Dynamic shared memory of a ``spqr_octet_stream`` block: the activations (``rows`` of ``256 steps + 64``
+    bytes), ``stages`` ring stages of ``384 stage_steps + 16`` bytes (codes, statistics, a header and room for 16
+    outliers per step) and an 8-byte barrier per warp, and ``8 x rows`` fp32 sums per warp."""
+    return rows * (steps * 256 + 64) + warps * stages * (stage_steps * 384 + 16 + 8) + warps * 8 * rows * 4
+
+
+def stream_launch(rows: int, steps: int, device: torch.device) -> tuple[int, int, int, int]:
+    """``(warps, stage_steps, stages, blocks per SM)`` of :func:`spqr_octet_stream`: 16 warps, 8 steps per stage, 2
+    stages, one block per SM, the fastest launch of the H200 sweep at 1 and 2 rows of 4096 -> 11008 (the shape
+    ``kernels.spqr.cuda_path`` sends to this kernel; ``benchmarks/results/spqr_speed_stream.md``)."""
+    return 16, 8, 2, 1
+
+
+_WS: dict[tuple[int, int], torch.Tensor] = {}  # spqr_octet_stream's partial sums, one buffer per (device, stream)
+
+
+def _workspace(device: torch.device, floats: int) -> torch.Tensor:
+    stream = torch.cuda.current_stream(device)
+    key = (stream.device_index, stream.cuda_stream)
+    ws = _WS.get(key)
+    if ws is None or ws.numel() < floats:
+        ws = torch.empty(max(floats, 1 << 18), device=device, dtype=torch.float32)
+        if not torch.cuda.is_current_stream_capturing():  # a graph's own pool must not outlive the graph
+            _WS[key] = ws
+    return ws
+
+
+def spqr_octet_stream(
+    x: torch.Tensor,
+    layout: dict[str, Any],
+    *,
+    bias: torch.Tensor | None = None,
+    warps: int | None = None,
+    stage_steps: int | None = None,
+    stages: int | None = None,
+    blocks_per_sm: int | None = None,
+) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` for at most 16 rows of activations, W in :func:`octet_layout`: the same function as
+    :func:`spqr_octet_gemv`, computed by ``spqr_octet_stream`` (the layer's steps split evenly over all warps of a
+    persistent grid, each warp's codes, statistics and outliers streamed by bulk copies through its own ring of
+    shared-memory stages). Needs an sm_90 GPU (H100/H200). The layout's arrival counters (``layout["cnt"]``) make
+    concurrent calls of the *same* layer on two streams unsafe.
+
+    Args:
+        x: (..., in_features) float16 or bfloat16, at most 16 rows in total.
+        layout: the layer's :func:`octet_layout`.
+        bias: optional (out_features,) bias.
+        warps: warps per block (1-32); stage_steps: 64-column steps per ring stage (1-8); stages: ring stages per
+            warp (2-16); blocks_per_sm: resident blocks per SM the grid is sized for. ``None``: :func:`stream_launch`.
+
+    Returns:
+        (..., out_features) in ``x.dtype``.
+    """
+    _check(x, layout)
+    if not x.is_cuda or torch.cuda.get_device_capability(x.device) < (9, 0):
+        raise HfEffllmError(
+            f"spqr_octet_stream needs a CUDA GPU with bulk copies (compute capability 9.0+); x is on {x.device}. "
+            f"Use spqr_octet_gemv on older GPUs."
+        )
+    lead, x2, y = _rows(x, layout, "spqr_octet_stream")
+    n, k, ks, no, m = layout["n"], layout["k"], layout["ks"], layout["no"], x2.shape[0]
+    if m == 0 or n == 0:
+        return y.reshape(*lead, n)
+    w0, u0, r0, b0 = stream_launch(m, ks, x.device)
+    warps = w0 if warps is None else warps
+    stage_steps = u0 if stage_steps is None else stage_steps
+    stages = r0 if stages is None else stages
+    blocks_per_sm = b0 if blocks_per_sm is None else blocks_per_sm
+    for name, value, lo, hi in (("warps", warps, 1, 32), ("stage_steps", stage_steps, 1, 8), ("stages", stages, 2, 16)):
+        if not lo <= value <= hi:
+            raise HfEffllmError(f"{name}={value} is out of range; use {lo} to {hi}.")
+    if blocks_per_sm < 1:
+        raise HfEffllmError(f"blocks_per_sm={blocks_per_sm} must be >= 1.")
+    items = no * ks
+    if items < warps:  # every warp needs at least one step
+        return spqr_octet_gemv(x, layout, bias=bias)
+    bias = _bias(bias, n, x.dtype)
+    limit = smem_limit(x.device) - _STATIC_SMEM
+    per_launch = next(
+        (r for r in range(STREAM_ROWS, 0, -1) if stream_smem_bytes(r, ks, warps, stage_steps, stages) <= limit), 0
+    )
+    if per_launch == 0:
+        raise HfEffllmError(
+            f"one activation row of {k} features and {stages} stages of {stage_steps} steps for {warps} warps do not "
+            f"fit one block's shared memory on this GPU; use fewer stages or spqr_octet_gemv."
+        )
+    grid = min(blocks_per_sm * sm_count(x.device), items // warps)
+    ws = _workspace(x.device, grid * warps * 2 * 8 * STREAM_ROWS)  # two slots of partial sums per warp
+    bf16 = x.dtype == torch.bfloat16
+    with on_device(x.device):
+        for m0 in range(0, m, per_launch):
+            mc = min(per_launch, m - m0)
+            smem = stream_smem_bytes(mc, ks, warps, stage_steps, stages)
+            key = ("spqr_octet_stream", warps, stage_steps, stages, bf16, _SKIP)
+
+            def source() -> str:
+                return octet_source(warps=warps, hi=False, bf16=bf16, stage_steps=stage_steps, stages=stages)
+
+            kern = _kernel(key, x.device, source, "spqr_octet_stream", smem)
+            launch(
+                kern, (grid, 1, 1), warps * 32, smem,
+                [x2[m0:], layout.get("perm"), layout["codes"], layout["stats"], layout["stats2"], layout["sent"],
+                 layout["sptr"], bias, y[m0:], ws, layout["cnt"]],
                 [mc, n, k, ks, no, x2.stride(0), y.stride(0)],
             )  # fmt: skip
     return y.reshape(*lead, n)

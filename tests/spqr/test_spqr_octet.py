@@ -12,6 +12,7 @@ from hf_effllm.kernels.spqr_octet import (
     smem_bytes,
     spqr_octet_dequant,
     spqr_octet_gemv,
+    spqr_octet_stream,
 )
 
 from hf_effllm import HfEffllmError
@@ -72,7 +73,7 @@ def emulate_gemv(x, lay):
                     p = (row & 7) * (rsb // 2) + base + 2 * (row >> 3)
                     a = smem[[p, p + 1, p + 4, p + 5]]  # x[row][c, c+1] and x[row][c+2, c+3]
                     y[row] += wp[:, c : c + 4] @ a
-    ent = lay["oent"].long() & 0xFFFFFFFF
+    ent = lay["oent"][: int(lay["optr"][-1])].long() & 0xFFFFFFFF
     cols = ent & 0xFFFF
     vals = (ent >> 16).to(torch.int16).view(torch.float16).float()
     rows = torch.repeat_interleave(torch.arange(n), (lay["optr"][1:] - lay["optr"][:-1]).long())
@@ -82,6 +83,36 @@ def emulate_gemv(x, lay):
         accumulate=True,
     )
     return y
+
+
+def outlier_matrix(rows, cols, vals, n, k):
+    w = torch.zeros(n, k, dtype=torch.float64)
+    w.index_put_((rows, cols), vals.double(), accumulate=True)
+    return w
+
+
+def csr_outliers(lay):
+    """The outliers of the CSR copy (``oent``/``optr``) as a dense (out, in) matrix in stored order."""
+    nnz = int(lay["optr"][-1])
+    ent = lay["oent"][:nnz].long() & 0xFFFFFFFF
+    rows = torch.repeat_interleave(torch.arange(lay["n"]), (lay["optr"][1:] - lay["optr"][:-1]).long())
+    vals = (ent >> 16).to(torch.int16).view(torch.float16)
+    return outlier_matrix(rows, ent & 0xFFFF, vals, lay["n"], lay["k"])
+
+
+def stream_outliers(lay):
+    """The same from the step-sorted copy (``sent``/``sptr``) that ``spqr_octet_stream`` reads: entry ``column in
+    step | row in octet << 6 | (step mod 128) << 9 | fp16 << 16``, ``sptr`` the first entry of each (octet, step)."""
+    no, ks, sptr = lay["no"], lay["ks"], lay["sptr"].long()
+    nnz = int(sptr[-1])
+    assert lay["sent"].numel() % 4 == 0 and not lay["sent"][nnz:].any()  # padded for 16-byte copies
+    item = torch.repeat_interleave(torch.arange(no * ks), sptr[1:] - sptr[:-1])
+    ent = lay["sent"][:nnz].long() & 0xFFFFFFFF
+    step = item % ks
+    assert torch.equal((ent >> 9) & 127, step % 128)
+    rows = (item // ks) * 8 + ((ent >> 6) & 7)
+    vals = (ent >> 16).to(torch.int16).view(torch.float16)
+    return outlier_matrix(rows, step * 64 + (ent & 63), vals, lay["n"], lay["k"])
 
 
 LAYOUT_CASES = [
@@ -103,9 +134,11 @@ def test_octet_layout_decodes_to_the_reference_weight(out, inp, bits, gs, perm):
     x = torch.randn(3, inp)
     ref = spqr_matmul_reference(x, t, **meta)
     torch.testing.assert_close(emulate_gemv(x, lay), ref, rtol=0, atol=5e-3 * ref.abs().max().item())
+    assert torch.equal(stream_outliers(lay), csr_outliers(lay))
     if perm == "act_order":
-        assert res.nnz > 0 and lay["oent"].numel() == res.nnz
-    assert lay["optr"][-1].item() == lay["oent"].numel()
+        assert res.nnz > 0 and lay["optr"][-1].item() == res.nnz
+    nnz = lay["optr"][-1].item()
+    assert lay["oent"].numel() == -(nnz // -4) * 4 and not lay["oent"][nnz:].any()  # padded for 16-byte copies
 
 
 def test_octet_layout_with_stats_blocks_of_32_rows_and_16_activation_rows():
@@ -164,10 +197,12 @@ def test_formats_and_inputs_the_octet_kernels_refuse():
         spqr_octet_gemv(torch.zeros(17, 40, dtype=torch.float16), lay)
     with pytest.raises(HfEffllmError, match="float32"):
         spqr_octet_dequant(lay, torch.float32)
+    with pytest.raises(HfEffllmError, match="compute capability 9.0"):
+        spqr_octet_stream(torch.zeros(1, 40, dtype=torch.float16), lay)
 
 
 def test_cuda_path_prefers_the_octet_kernel_where_it_runs_in_one_launch(monkeypatch):
-    from hf_effllm.kernels import spqr_octet
+    from hf_effllm.kernels import spqr, spqr_octet
     from hf_effllm.kernels.spqr import cuda_path
 
     monkeypatch.setattr(spqr_octet, "smem_limit", lambda device: 232448)  # the H200's opt-in limit
@@ -177,6 +212,14 @@ def test_cuda_path_prefers_the_octet_kernel_where_it_runs_in_one_launch(monkeypa
     wide = {**meta, "in_features": 11008}  # 16 rows of 11008 inputs need 352 KB: the other kernel, one launch
     assert [cuda_path(r, wide, dev) for r in (1, 5, 6, 16, 17)] == ["octet", "octet", "cuda", "cuda", "octet"]
     assert cuda_path(1, {**meta, "bits": 6}, dev) == "cuda"
+    # the streaming kernel: 1-2 rows of layers with >= 4096 inputs and twice as many outputs, on sm_90+
+    assert [cuda_path(r, meta, dev, out_features=11008) for r in (1, 2, 3)] == ["octet"] * 3  # no bulk copies
+    monkeypatch.setattr(spqr, "_bulk_copies", lambda device: True)
+    assert [cuda_path(r, meta, dev, out_features=11008) for r in (1, 2, 3)] == ["stream", "stream", "octet"]
+    assert cuda_path(1, meta, dev, out_features=4096) == "octet"
+    assert cuda_path(1, wide, dev, out_features=4096) == "octet"
+    assert cuda_path(1, {**meta, "in_features": 2048}, dev, out_features=8192) == "octet"
+    assert cuda_path(1, meta, dev) == "octet"  # out_features unknown
 
 
 GPU_CASES = [
@@ -185,13 +228,22 @@ GPU_CASES = [
     (21, 130, 8, 2, 32, "act_order"),
     (50, 202, 9, 3, 16, "act_order"),
     (300, 1000, 16, 3, 16, "act_order"),
+    (4000, 128, 2, 3, 16, "act_order"),  # 500 octets of 2 steps: whole octets per warp of the stream kernel
 ]
 
 
+# launches of each decode kernel: spqr_octet_gemv (warps, per_octet, depth, blocks_per_sm) and spqr_octet_stream
+# (warps, stage_steps, stages, blocks_per_sm: one warp per block gives several whole octets per warp; 16 warps on
+# the larger cases split each octet over many warps; 1-step stages take an octet's outliers in several runs)
+GEMV_CONFIGS = [(16, 16, 4, 1), (8, 4, 2, 2), (4, 1, 1, 3), (32, 8, 8, 1), (6, 3, 3, 1)]
+STREAM_CONFIGS = [(16, 4, 4, 1), (8, 2, 2, 2), (4, 1, 3, 1), (1, 2, 2, 1), (6, 3, 5, 1), (32, 8, 2, 1)]
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["gemv", "stream"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(("out", "inp", "rows", "bits", "gs", "perm"), GPU_CASES)
-def test_octet_gemv_matches_reference(out, inp, rows, bits, gs, perm, dtype):
+def test_octet_decode_kernels_match_reference(out, inp, rows, bits, gs, perm, dtype, kernel):
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU")
     layer, _ = make_layer(out, inp, bits=bits, group_size=gs, permutation=perm)
@@ -209,22 +261,84 @@ def test_octet_gemv_matches_reference(out, inp, rows, bits, gs, perm, dtype):
     xs = x.float().index_select(-1, lay["perm_long"]) if "perm_long" in lay else x.float()  # stored order
     slack = xs.abs().cpu() @ bound.T
     tol = 1e-2 if dtype == torch.float16 else 2e-2  # bf16 outputs round once more
-    configs = [(16, 16, 4, 1), (8, 4, 2, 2), (4, 1, 1, 3), (32, 8, 8, 1), (6, 3, 3, 1)]
-    for warps, per_octet, depth, per_sm in configs:
-        y = spqr_octet_gemv(
-            x, lay, bias=layer.bias, warps=warps, per_octet=per_octet, depth=depth, blocks_per_sm=per_sm
-        )
-        cfg = (warps, per_octet, depth, per_sm)
+    if kernel == "gemv":
+        runs = [
+            (
+                cfg,
+                lambda a, b, c, d: spqr_octet_gemv(
+                    x, lay, bias=layer.bias, warps=a, per_octet=b, depth=c, blocks_per_sm=d
+                ),
+            )
+            for cfg in GEMV_CONFIGS
+        ]
+    else:
+        runs = [
+            (
+                cfg,
+                lambda a, b, c, d: spqr_octet_stream(
+                    x, lay, bias=layer.bias, warps=a, stage_steps=b, stages=c, blocks_per_sm=d
+                ),
+            )
+            for cfg in STREAM_CONFIGS
+        ]
+    for cfg, run in runs:
+        y = run(*cfg)
         assert y.dtype == dtype and y.shape == (rows, out)
         assert (y.float() - ref).norm() <= 5e-3 * ref.norm(), cfg
         err = (y.float() - ref).abs().cpu()
         assert (err <= tol * (ref.abs().cpu() + ref.abs().max().item()) + slack).all(), cfg
-    y3 = spqr_octet_gemv(x.view(rows, 1, inp), lay)
+        if kernel == "stream":  # shared octets are added in warp order: the same launch gives the same bits
+            assert torch.equal(run(*cfg), y), cfg
+            assert not lay["cnt"].any(), cfg  # the arrival counters are back at zero for the next call
+    fn = spqr_octet_gemv if kernel == "gemv" else spqr_octet_stream
+    y3 = fn(x.view(rows, 1, inp), lay)
     assert y3.shape == (rows, 1, out)
-    w = spqr_octet_dequant(lay, dtype)
-    ulp = 2.0**-10 if dtype == torch.float16 else 2.0**-7
-    wbound = ulp * (base.abs() + wref.abs().cpu()) + 1e-3 * wref.abs().max().item()
-    assert ((w.float() - wref).abs().cpu() <= wbound).all()
+    if kernel == "gemv":
+        w = spqr_octet_dequant(lay, dtype)
+        ulp = 2.0**-10 if dtype == torch.float16 else 2.0**-7
+        wbound = ulp * (base.abs() + wref.abs().cpu()) + 1e-3 * wref.abs().max().item()
+        assert ((w.float() - wref).abs().cpu() <= wbound).all()
+
+
+@pytest.mark.gpu
+def test_stream_kernel_with_many_stages_per_warp():
+    """Over 64 stages per warp: the stages' outlier ranges are read from sptr 32 stages at a time."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    layer, _ = make_layer(3000, 2048, bits=3)
+    layer = layer.cuda()
+    t, meta = layer.packed_tensors(), layer.packed_meta()
+    lay = octet_layout(t, **meta)
+    x = torch.randn(2, 2048, device="cuda", dtype=torch.float16)
+    ref = spqr_matmul_reference(x.float(), t, bias=layer.bias, **meta)
+    for warps, steps, stages in [(1, 1, 2), (2, 1, 3), (1, 2, 16)]:  # 132 warps for 12,000 steps: 91 / 45 stages
+        y = spqr_octet_stream(x, lay, bias=layer.bias, warps=warps, stage_steps=steps, stages=stages, blocks_per_sm=1)
+        assert (y.float() - ref).norm() <= 5e-3 * ref.norm(), (warps, steps, stages)
+
+
+@pytest.mark.gpu
+def test_spqr_linear_routes_one_or_two_rows_of_wide_layers_to_the_stream_kernel():
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("needs an sm_90 GPU")
+    from hf_effllm.kernels.spqr import cuda_path
+
+    from hf_effllm import SpQRConfig
+    from hf_effllm.quant.spqr import SpQRLinear, spqr_quantize_matrix
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(8200, 4096, device="cuda", generator=g)
+    w[torch.rand(w.shape, device="cuda", generator=g) < 0.01] *= 8
+    cfg = SpQRConfig(bits=3, outlier_threshold=0.1)
+    res = spqr_quantize_matrix(w, None, cfg)
+    layer = SpQRLinear.from_packed(res.tensors, cfg, in_features=4096, bias=torch.randn(8200, device="cuda"))
+    t, meta = layer.packed_tensors(), layer.packed_meta()
+    for rows in (1, 2, 3):
+        x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+        path = cuda_path(rows, meta, x.device, out_features=8200)
+        assert path == ("stream" if rows <= 2 else "octet")
+        ref = spqr_matmul_reference(x.float(), t, bias=layer.bias, **meta)
+        y = layer(x)
+        assert y.dtype == torch.bfloat16 and (y.float() - ref).norm() <= 5e-3 * ref.norm(), rows
 
 
 @pytest.mark.gpu
@@ -240,5 +354,7 @@ def test_octet_gemv_splits_rows_that_do_not_fit_shared_memory():
     assert 0 < per < 16
     x = torch.randn(16, 12000, device="cuda", dtype=torch.bfloat16)
     ref = spqr_matmul_reference(x.float(), t, **meta)
-    y = spqr_octet_gemv(x, octet_layout(t, **meta))
-    assert (y.float() - ref).norm() <= 5e-3 * ref.norm()
+    lay = octet_layout(t, **meta)
+    for fn in (spqr_octet_gemv, spqr_octet_stream):
+        y = fn(x, lay)
+        assert (y.float() - ref).norm() <= 5e-3 * ref.norm(), fn.__name__

@@ -260,7 +260,8 @@ class SpQRLinear(nn.Module):
             if self._use_cuda(x):
                 from ...kernels.spqr import cuda_path
 
-                if cuda_path(x.numel() // self.in_features, meta, x.device) == "octet":
+                path = cuda_path(x.numel() // self.in_features, meta, x.device, out_features=self.out_features)
+                if path in ("octet", "stream"):
                     return spqr_matmul(x, t, bias=self.bias, octet_layout=self.octet_layout(), **meta)
                 return spqr_matmul(x, t, bias=self.bias, cuda_layout=self.cuda_layout(), **meta)
             layout = self.kernel_layout() if self._use_triton(x.device) else None
