@@ -867,17 +867,18 @@ def cuda_path(rows: int, meta: dict[str, Any], device: torch.device, out_feature
     H200 the octet kernel is the faster of the two at 1, 4 and 16 rows except where 16 rows need several launches
     (11008 inputs: ``benchmarks/results/spqr_speed_octet.md``).
 
-    ``"stream"`` (``spqr_octet_stream``, same layout) for 1-2 rows of layers with at least 4096 inputs and twice as
-    many outputs (e.g. 4096 -> 11008, the MLP's up and gate projections) on sm_90+: there it measured 10-15% faster
-    than ``spqr_octet_gemv`` (``benchmarks/results/spqr_speed_stream.md``), and slower on 4096 -> 4096 and
-    11008 -> 4096."""
+    ``"stream"`` (``spqr_octet_stream``, same layout) for 1-2 rows of layers with at least 4096 inputs and one side
+    at least twice the other (the MLP's projections, e.g. 4096 -> 11008 and 11008 -> 4096) on sm_90+: there it
+    measured 1.06x / 1.01x bf16 at one row against 0.86x / 0.96x for ``spqr_octet_gemv``, and slower on square
+    layers (4096 -> 4096: 0.85x against 0.95x; ``benchmarks/results/spqr_speed_stream.md``)."""
     if octet_supported(**meta) is not None:
         return "cuda"
+    k = meta["in_features"]
     if (
         rows <= STREAM_ROWS
         and out_features is not None
-        and meta["in_features"] >= 4096
-        and out_features >= 2 * meta["in_features"]
+        and k >= 4096
+        and max(k, out_features) >= 2 * min(k, out_features)
         and _bulk_copies(device)
     ):
         return "stream"

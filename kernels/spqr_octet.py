@@ -34,8 +34,7 @@ Layout (:func:`octet_layout`, from the packed format; ``group_size`` and ``stats
   entries), ``optr`` int32 row offsets; and for the prefill path ``ov``/``orow``/``oc`` as in ``cuda_layout``.
 * the outliers again, sorted by (octet, step, row, column), for ``spqr_octet_stream``: ``sent`` int32
   ``column in step | row in octet << 6 | (step mod 128) << 9 | fp16 correction << 16`` (zero-padded to a multiple
-  of 4) and ``sptr`` int32, the first entry of every (octet, step) item; ``cnt`` int32 per octet, that kernel's
-  arrival counters (zero between calls).
+  of 4) and ``sptr`` int32, the first entry of every (octet, step) item.
 
 Bytes per weight read by the decode kernels: 4 + 0.5 + 0.25 bits, plus 4 bytes per outlier and 4 per row
 (``spqr_octet_gemv``) or 4 per (octet, step) (``spqr_octet_stream``).
@@ -46,12 +45,14 @@ in registers); at the end of a round each warp stores its fragment sums plus its
 its own shared-memory slot and the block adds the slots and writes the rows. The dequantization kernel
 ``spqr_octet_dequant`` writes the dense weight for the prefill path.
 
-The streaming decode kernel ``spqr_octet_stream`` (1-2 rows, sm_90+): the NO x KS (octet, step) items split evenly
-over all warps of a persistent grid (stream-K), each warp streaming its items through its own ring of shared-memory
-stages filled by bulk copies (``cp.async.bulk`` with an ``mbarrier`` per stage): a stage is up to ``U`` steps of one
-octet plus those steps' outlier entries from ``sent``. An octet shared by neighbouring warps is summed by the last
-contributor to arrive (``cnt``), in warp order. Faster than ``spqr_octet_gemv`` on 4096 -> 11008 at 1-2 rows, slower
-on narrower layers (``benchmarks/results/spqr_speed_stream.md``); ``kernels.spqr.cuda_path`` picks between them.
+The streaming decode kernel ``spqr_octet_stream`` (1-2 rows, sm_90+): whole octets split evenly over the blocks of
+a persistent grid and each block's (octet, step) items evenly over its warps (stream-K inside the block), each warp
+streaming its items through its own ring of shared-memory stages filled by bulk copies (``cp.async.bulk`` with an
+``mbarrier`` per stage): a stage is up to ``U`` steps of one octet plus those steps' outlier entries from ``sent``.
+An octet shared by neighbouring warps is summed by the last contributor to arrive (a shared-memory counter), in
+warp order. Faster than ``spqr_octet_gemv`` at 1 row of the MLP shapes (4096 -> 11008,
+11008 -> 4096), slower on square layers and at 4 rows (``benchmarks/results/spqr_speed_stream.md``);
+``kernels.spqr.cuda_path`` picks between them.
 
 The PyTorch reference of the same function is :func:`kernels.spqr.spqr_matmul_reference`.
 
@@ -449,9 +450,12 @@ __device__ __forceinline__ void mbar_wait(u32 bar, u32 phase) {
     }
 }
 
-// the warp that owns flattened item i of T = NO * KS when warp w of WT takes items [w T / WT, (w + 1) T / WT)
-__device__ __forceinline__ long long item_owner(long long i, long long T, long long WT) {
-    return ((i + 1) * WT + T - 1) / T - 1;
+// the first item of warp w of a block whose W_ warps split the TB items from B0 evenly (an empty range when TB < W_)
+__device__ __forceinline__ long long warp_begin(int w, long long B0, long long TB) { return B0 + w * TB / W_; }
+
+// the last warp of the block whose range begins at or before item i
+__device__ __forceinline__ int item_owner(long long i, long long B0, long long TB) {
+    return (int)(((i - B0 + 1) * W_ + TB - 1) / TB - 1);
 }
 
 // the item after stage j of a warp with items [ib, ie): stages are up to U_ consecutive steps of one octet
@@ -462,39 +466,44 @@ __device__ __forceinline__ long long stage_end(long long ib, long long ie, int K
     return min(ie, o1end + (jj / spo) * KS + min((jj % spo + 1) * U_, (long long)KS));
 }
 
-// y (M, N) = x (M, K) W^T (+ bias), M <= SM_, on a persistent grid. The NO * KS (octet, step) items are split
-// evenly over all warps of the grid in octet-major order (stream-K), so every warp gets the same number of steps
-// whatever the shape; most of a warp's octets are whole, the first and last may be shared with its neighbours.
+// y (M, N) = x (M, K) W^T (+ bias), M <= SM_, on a persistent grid. Block b takes the whole octets
+// [b NO / G, (b + 1) NO / G), and its warps split their NO_b x KS (octet, step) items evenly in octet-major order
+// (stream-K inside the block), so every warp of a block gets the same number of steps whatever the shape; most of a
+// warp's octets are whole, its first and last may be shared with its neighbours in the block.
 // Each warp streams its items through its own ring of R_ stages in shared memory, filled by bulk copies (lane 0
 // issues them; an mbarrier per stage counts the bytes in): a stage is up to U_ steps of one octet with the outlier
 // entries of those steps (the step-sorted copy sent/sptr), so the outliers are spread as evenly as the steps. The
 // stage's outlier range comes from sptr, read for 32 stages at a time one chunk ahead (lane j: stage 32 c + j).
 // Every lane runs the same stage sequence twice: the producer R_ stages ahead (state p_*) and the consumer.
-// An octet's sums go through the warp's slot of red; a shared octet's partial sums go to ws (two slots per warp:
-// its first and its last octet), and the contributor that arrives last (counter cnt[octet], reset by it) adds them
-// in warp order (deterministic) and writes the rows.
+// An octet's sums go through the warp's slot of red; a shared octet's partial sums go to the warp's slot of part
+// (two per warp: its first and its last octet), and the contributor that arrives last (shared-memory counter per
+// octet of the block) adds them in warp order (deterministic) and writes the rows.
 extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_octet_stream(
     const u16* __restrict__ x, const int* __restrict__ perm, const uint2* __restrict__ codes,
     const u8* __restrict__ stats, const uint2* __restrict__ stats2, const u32* __restrict__ sent,
-    const int* __restrict__ sptr, const u16* __restrict__ bias, u16* __restrict__ y, float* __restrict__ ws,
-    int* __restrict__ cnt, int M, int N, int K, int KS, int NO, int sx, int sy) {
+    const int* __restrict__ sptr, const u16* __restrict__ bias, u16* __restrict__ y, int M, int N, int K, int KS,
+    int NO, int sx, int sy) {
     extern __shared__ __align__(128) char smem[];
     const int KP = KS * 64, RSB = KP * 4 + 64, PR = M;            // M <= SM_ < 8: one row per row pair
     u16* xs = (u16*)smem;                                          // PR row pairs of RSB bytes (a multiple of 64)
     char* ring = smem + PR * RSB;                                  // [W_][R_] stages
     unsigned long long* bars = (unsigned long long*)(ring + W_ * R_ * STAGE_BYTES);  // [W_][R_]
     float* red = (float*)(bars + W_ * R_);                         // [W_][8][M]
+    float* part = red + W_ * 8 * M;                                // [W_][2][8 SM_]
+    int* cntb = (int*)(part + W_ * 2 * 8 * SM_);                   // [octets of the block]
     __shared__ float rmax[16];
     __shared__ float rscale[16];
     __shared__ float rinv[16];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const long long T = (long long)NO * KS, WT = (long long)gridDim.x * W_;
-    const long long gw = (long long)blockIdx.x * W_ + warp;
-    const long long ib = gw * T / WT, ie = (gw + 1) * T / WT;      // this warp's items (never empty: T >= WT)
-    const int first_oct = (int)(ib / KS), last_oct = (int)((ie - 1) / KS);
+    const int ob0 = (int)((long long)blockIdx.x * NO / gridDim.x), ob1 = (int)((long long)(blockIdx.x + 1) * NO / gridDim.x);
+    const long long B0 = (long long)ob0 * KS, TB = (long long)(ob1 - ob0) * KS;
+    const long long ib = warp_begin(warp, B0, TB), ie = warp_begin(warp + 1, B0, TB);  // this warp's items
+    const bool active = ib < ie;
+    const int first_oct = (int)(ib / KS), last_oct = active ? (int)((ie - 1) / KS) : first_oct - 1;
     char* wring = ring + warp * R_ * STAGE_BYTES;
     const u32 wring_s = smem_addr(wring), wbar = smem_addr(bars + warp * R_);
     float* wred = red + warp * 8 * M;
+    for (int i = threadIdx.x; i < ob1 - ob0; i += W_ * 32) cntb[i] = 0;  // before stage_activations' barriers
 
     if (lane == 0) {
 #pragma unroll
@@ -507,7 +516,7 @@ extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_octet_stream(
     // outlier entries from p_lo; lane j's bnd_cur / bnd_next: the first entry after stage 32 c + j / 32 (c + 1) + j
     int p_oct = first_oct, p_s = (int)(ib % KS), p_send = (int)min((long long)KS, ie - (long long)first_oct * KS);
     int p_j = 0;
-    bool p_done = false;
+    bool p_done = !active;
     int p_lo = sptr[ib];
     int bnd_cur = sptr[stage_end(ib, ie, KS, lane)], bnd_next = sptr[stage_end(ib, ie, KS, 32 + lane)];
 #ifndef SKIP_ONECOPY
@@ -652,21 +661,29 @@ extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_octet_stream(
                     y[(long long)m * sy + row] = act_from_f(val);
                 }
             }
-        } else {  // shared: partial sums to ws; the last to arrive adds all of them in warp order
-            float* wsp = ws + (gw * 2 + (o == first_oct ? 0 : 1)) * (8 * SM_);
-            for (int e = lane; e < 8 * M; e += 32) wsp[e] = wred[e];
+        } else {  // shared: partial sums to this warp's slot; the last to arrive adds all of them in warp order
+            float* pp = part + (warp * 2 + (o == first_oct ? 0 : 1)) * (8 * SM_);
+            for (int e = lane; e < 8 * M; e += 32) pp[e] = wred[e];
             __syncwarp();
             int old = 0;
-            if (lane == 0) asm volatile("atom.add.acq_rel.gpu.global.s32 %0, [%1], 1;" : "=r"(old) : "l"(cnt + o) : "memory");
+            if (lane == 0) {
+                __threadfence_block();
+                old = atomicAdd(cntb + (o - ob0), 1);
+                __threadfence_block();
+            }
             old = __shfl_sync(0xffffffffu, old, 0);
-            const long long wf = item_owner((long long)o * KS, T, WT), wl = item_owner((long long)o * KS + KS - 1, T, WT);
-            if (old == (int)(wl - wf)) {
+            const int wf = item_owner((long long)o * KS, B0, TB), wl = item_owner((long long)o * KS + KS - 1, B0, TB);
+            int nc = 0;
+            for (int w = wf; w <= wl; ++w) nc += warp_begin(w, B0, TB) < warp_begin(w + 1, B0, TB);
+            if (old == nc - 1) {
                 __syncwarp();
                 for (int e = lane; e < 8 * M; e += 32) {
                     float val = 0.f;
-                    for (long long w = wf; w <= wl; ++w) {
-                        const int sl = (w * T / WT) / KS == o ? 0 : 1;  // o is w's first octet, or its last
-                        val += __ldcg(ws + (w * 2 + sl) * (8 * SM_) + e);
+                    for (int w = wf; w <= wl; ++w) {
+                        const long long wb = warp_begin(w, B0, TB);
+                        if (wb == warp_begin(w + 1, B0, TB)) continue;  // an empty warp
+                        const int sl = wb / KS == o ? 0 : 1;              // o is w's first octet, or its last
+                        val += ((volatile float*)part)[(w * 2 + sl) * (8 * SM_) + e];
                     }
                     const int row = o * 8 + e / M, m = e % M;
                     if (row < N) {
@@ -675,7 +692,6 @@ extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_octet_stream(
                         y[(long long)m * sy + row] = act_from_f(val);
                     }
                 }
-                if (lane == 0) cnt[o] = 0;  // ready for the next call
             }
         }
         __syncwarp();  // wred is rewritten by the next octet
@@ -817,7 +833,6 @@ def octet_layout(
     layout: dict[str, Any] = {
         "sent": torch.nn.functional.pad(_as_int32(sent), (0, -sent.numel() % 4)),  # 16-byte runs
         "sptr": sptr.to(torch.int32),
-        "cnt": torch.zeros(no, dtype=torch.int32, device=dev),  # spqr_octet_stream's arrival counters (kept at 0)
         "codes": codes_l.reshape(-1),
         "stats": stats_l.reshape(-1),
         "stats2": stats2_l.reshape(-1),
@@ -984,11 +999,13 @@ def spqr_octet_gemv(
 STREAM_ROWS = 2  # activation rows one spqr_octet_stream launch takes (SM_: its per-lane outlier sums)
 
 
-def stream_smem_bytes(rows: int, steps: int, warps: int, stage_steps: int, stages: int) -> int:
+def stream_smem_bytes(rows: int, steps: int, warps: int, stage_steps: int, stages: int, octets: int = 0) -> int:
     """Dynamic shared memory of a ``spqr_octet_stream`` block: the activations (``rows`` of ``256 steps + 64``
     bytes), ``stages`` ring stages of ``384 stage_steps + 16`` bytes (codes, statistics, a header and room for 16
-    outliers per step) and an 8-byte barrier per warp, and ``8 x rows`` fp32 sums per warp."""
-    return rows * (steps * 256 + 64) + warps * stages * (stage_steps * 384 + 16 + 8) + warps * 8 * rows * 4
+    outliers per step) and an 8-byte barrier per warp, ``8 x rows`` fp32 sums and two slots of ``8 x 2`` partial sums
+    per warp, and a 4-byte counter per octet of the block (at most ``octets``)."""
+    per_warp = stages * (stage_steps * 384 + 16 + 8) + 8 * rows * 4 + 2 * 8 * STREAM_ROWS * 4
+    return rows * (steps * 256 + 64) + warps * per_warp + 4 * octets
 
 
 def stream_launch(rows: int, steps: int, device: torch.device) -> tuple[int, int, int, int]:
@@ -996,20 +1013,6 @@ def stream_launch(rows: int, steps: int, device: torch.device) -> tuple[int, int
     stages, one block per SM, the fastest launch of the H200 sweep at 1 and 2 rows of 4096 -> 11008 (the shape
     ``kernels.spqr.cuda_path`` sends to this kernel; ``benchmarks/results/spqr_speed_stream.md``)."""
     return 16, 8, 2, 1
-
-
-_WS: dict[tuple[int, int], torch.Tensor] = {}  # spqr_octet_stream's partial sums, one buffer per (device, stream)
-
-
-def _workspace(device: torch.device, floats: int) -> torch.Tensor:
-    stream = torch.cuda.current_stream(device)
-    key = (stream.device_index, stream.cuda_stream)
-    ws = _WS.get(key)
-    if ws is None or ws.numel() < floats:
-        ws = torch.empty(max(floats, 1 << 18), device=device, dtype=torch.float32)
-        if not torch.cuda.is_current_stream_capturing():  # a graph's own pool must not outlive the graph
-            _WS[key] = ws
-    return ws
 
 
 def spqr_octet_stream(
@@ -1023,10 +1026,10 @@ def spqr_octet_stream(
     blocks_per_sm: int | None = None,
 ) -> torch.Tensor:
     """``x @ W^T (+ bias)`` for at most 16 rows of activations, W in :func:`octet_layout`: the same function as
-    :func:`spqr_octet_gemv`, computed by ``spqr_octet_stream`` (the layer's steps split evenly over all warps of a
-    persistent grid, each warp's codes, statistics and outliers streamed by bulk copies through its own ring of
-    shared-memory stages). Needs an sm_90 GPU (H100/H200). The layout's arrival counters (``layout["cnt"]``) make
-    concurrent calls of the *same* layer on two streams unsafe.
+    :func:`spqr_octet_gemv`, computed by ``spqr_octet_stream`` (whole octets split evenly over the blocks of a
+    persistent grid and their steps evenly over each block's warps; each warp's codes, statistics and outliers
+    streamed by bulk copies through its own ring of shared-memory stages). Needs an sm_90 GPU (H100/H200); one launch
+    per 2 rows.
 
     Args:
         x: (..., in_features) float16 or bfloat16, at most 16 rows in total.
@@ -1058,26 +1061,24 @@ def spqr_octet_stream(
             raise HfEffllmError(f"{name}={value} is out of range; use {lo} to {hi}.")
     if blocks_per_sm < 1:
         raise HfEffllmError(f"blocks_per_sm={blocks_per_sm} must be >= 1.")
-    items = no * ks
-    if items < warps:  # every warp needs at least one step
-        return spqr_octet_gemv(x, layout, bias=bias)
     bias = _bias(bias, n, x.dtype)
+    grid = min(blocks_per_sm * sm_count(x.device), no)
+    octets = cdiv(no, grid)
     limit = smem_limit(x.device) - _STATIC_SMEM
     per_launch = next(
-        (r for r in range(STREAM_ROWS, 0, -1) if stream_smem_bytes(r, ks, warps, stage_steps, stages) <= limit), 0
+        (r for r in range(STREAM_ROWS, 0, -1) if stream_smem_bytes(r, ks, warps, stage_steps, stages, octets) <= limit),
+        0,
     )
     if per_launch == 0:
         raise HfEffllmError(
             f"one activation row of {k} features and {stages} stages of {stage_steps} steps for {warps} warps do not "
             f"fit one block's shared memory on this GPU; use fewer stages or spqr_octet_gemv."
         )
-    grid = min(blocks_per_sm * sm_count(x.device), items // warps)
-    ws = _workspace(x.device, grid * warps * 2 * 8 * STREAM_ROWS)  # two slots of partial sums per warp
     bf16 = x.dtype == torch.bfloat16
     with on_device(x.device):
         for m0 in range(0, m, per_launch):
             mc = min(per_launch, m - m0)
-            smem = stream_smem_bytes(mc, ks, warps, stage_steps, stages)
+            smem = stream_smem_bytes(mc, ks, warps, stage_steps, stages, octets)
             key = ("spqr_octet_stream", warps, stage_steps, stages, bf16, _SKIP)
 
             def source() -> str:
@@ -1087,7 +1088,7 @@ def spqr_octet_stream(
             launch(
                 kern, (grid, 1, 1), warps * 32, smem,
                 [x2[m0:], layout.get("perm"), layout["codes"], layout["stats"], layout["stats2"], layout["sent"],
-                 layout["sptr"], bias, y[m0:], ws, layout["cnt"]],
+                 layout["sptr"], bias, y[m0:]],
                 [mc, n, k, ks, no, x2.stride(0), y.stride(0)],
             )  # fmt: skip
     return y.reshape(*lead, n)

@@ -212,12 +212,13 @@ def test_cuda_path_prefers_the_octet_kernel_where_it_runs_in_one_launch(monkeypa
     wide = {**meta, "in_features": 11008}  # 16 rows of 11008 inputs need 352 KB: the other kernel, one launch
     assert [cuda_path(r, wide, dev) for r in (1, 5, 6, 16, 17)] == ["octet", "octet", "cuda", "cuda", "octet"]
     assert cuda_path(1, {**meta, "bits": 6}, dev) == "cuda"
-    # the streaming kernel: 1-2 rows of layers with >= 4096 inputs and twice as many outputs, on sm_90+
+    # the streaming kernel: 1-2 rows of layers with >= 4096 inputs and one side >= twice the other, on sm_90+
     assert [cuda_path(r, meta, dev, out_features=11008) for r in (1, 2, 3)] == ["octet"] * 3  # no bulk copies
     monkeypatch.setattr(spqr, "_bulk_copies", lambda device: True)
     assert [cuda_path(r, meta, dev, out_features=11008) for r in (1, 2, 3)] == ["stream", "stream", "octet"]
+    assert [cuda_path(r, wide, dev, out_features=4096) for r in (1, 2, 3)] == ["stream", "stream", "octet"]
     assert cuda_path(1, meta, dev, out_features=4096) == "octet"
-    assert cuda_path(1, wide, dev, out_features=4096) == "octet"
+    assert cuda_path(1, meta, dev, out_features=6144) == "octet"
     assert cuda_path(1, {**meta, "in_features": 2048}, dev, out_features=8192) == "octet"
     assert cuda_path(1, meta, dev) == "octet"  # out_features unknown
 
@@ -289,7 +290,6 @@ def test_octet_decode_kernels_match_reference(out, inp, rows, bits, gs, perm, dt
         assert (err <= tol * (ref.abs().cpu() + ref.abs().max().item()) + slack).all(), cfg
         if kernel == "stream":  # shared octets are added in warp order: the same launch gives the same bits
             assert torch.equal(run(*cfg), y), cfg
-            assert not lay["cnt"].any(), cfg  # the arrival counters are back at zero for the next call
     fn = spqr_octet_gemv if kernel == "gemv" else spqr_octet_stream
     y3 = fn(x.view(rows, 1, inp), lay)
     assert y3.shape == (rows, 1, out)
@@ -311,7 +311,11 @@ def test_stream_kernel_with_many_stages_per_warp():
     lay = octet_layout(t, **meta)
     x = torch.randn(2, 2048, device="cuda", dtype=torch.float16)
     ref = spqr_matmul_reference(x.float(), t, bias=layer.bias, **meta)
-    for warps, steps, stages in [(1, 1, 2), (2, 1, 3), (1, 2, 16)]:  # 132 warps for 12,000 steps: 91 / 45 stages
+    for warps, steps, stages in [
+        (1, 1, 2),
+        (2, 1, 3),
+        (1, 2, 16),
+    ]:  # 2-3 octets of 32 steps per 1-warp block: 64-96 stages
         y = spqr_octet_stream(x, lay, bias=layer.bias, warps=warps, stage_steps=steps, stages=stages, blocks_per_sm=1)
         assert (y.float() - ref).norm() <= 5e-3 * ref.norm(), (warps, steps, stages)
 
