@@ -426,6 +426,47 @@ def decode_rows(run: BenchmarkRun, dev: torch.device, quick: bool, new_tokens: i
         )
 
 
+# the GPU-only modes: flag -> (results name, description, rows function)
+GPU_MODES = {
+    "breakdown": (
+        "spqr_speed_breakdown",
+        "Where the SpQR CUDA decode kernel's time goes (3-bit, 16x16 groups, bf16 activations, default launch): "
+        "its CUDA-graph time over distinct weight copies with phases of the kernel compiled out (the results "
+        "are then wrong; timing only), against bf16 torch.matmul on the same weight. layout_gbps = bytes of "
+        "the kernel layout (codes, statistics, outliers, permutation) / time.",
+        breakdown_rows,
+    ),
+    "octet": (
+        "spqr_speed_octet",
+        "SpQR 3-bit (16x16 groups, act-order, outliers) decode products, bf16 activations: the octet kernel "
+        "(kernels.spqr_octet: activations in the mma A operand, one weight row per lane) vs the CUDA kernel of "
+        "kernels.spqr_cuda (weights in the A operand) vs bf16 torch.matmul, all as CUDA graphs over distinct "
+        "copies (no launch overhead, nothing L2-resident). rel_err vs the fp32 reference (default launch; "
+        "max_sweep_rel_err over the sweep); octet_gbps = bytes the kernel reads / best time; kernel_bits = those "
+        "bytes per weight x 8.",
+        octet_rows,
+    ),
+    "stream": (
+        "spqr_speed_stream",
+        "SpQR 3-bit (16x16 groups, act-order, outliers) decode products, bf16 activations: the streaming octet "
+        "kernel (kernels.spqr_octet.spqr_octet_stream: whole octets per block, the block's steps split evenly over "
+        "its warps, bulk copies into per-warp shared-memory rings) vs the octet kernel spqr_octet_gemv vs bf16 "
+        "torch.matmul, all as CUDA graphs over distinct copies (no launch overhead, nothing L2-resident). "
+        "rel_err vs the fp32 reference (default launch; max_sweep_rel_err over the sweep); stream_gbps = bytes "
+        "the kernel reads / best time; kernel_bits = those bytes per weight x 8.",
+        stream_rows,
+    ),
+    "stream_breakdown": (
+        "spqr_speed_stream_breakdown",
+        "Where spqr_octet_stream's time goes (3-bit, 16x16 groups, bf16 activations, batch 1): its CUDA-graph "
+        "time over distinct weight copies with phases compiled out (the results are then wrong; timing only), "
+        "against bf16 torch.matmul. launch = warps, stage_steps, stages, blocks_per_sm; gbps = bytes of the "
+        "layout the kernel reads / time.",
+        stream_breakdown_rows,
+    ),
+}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
@@ -441,62 +482,15 @@ def main() -> None:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type != "cuda" and not args.quick:
         raise SystemExit("spqr_speed.py needs a CUDA GPU; use --quick for the CPU smoke check.")
-    if args.breakdown:
-        if dev.type != "cuda":
-            raise SystemExit("spqr_speed.py --breakdown times the CUDA kernel: it needs a CUDA GPU.")
-        run = BenchmarkRun(
-            "spqr_speed_breakdown",
-            "Where the SpQR CUDA decode kernel's time goes (3-bit, 16x16 groups, bf16 activations, default launch): "
-            "its CUDA-graph time over distinct weight copies with phases of the kernel compiled out (the results "
-            "are then wrong; timing only), against bf16 torch.matmul on the same weight. layout_gbps = bytes of "
-            "the kernel layout (codes, statistics, outliers, permutation) / time.",
-        )
-        run.meta["outlier_threshold"] = args.outlier_threshold
-        breakdown_rows(run, dev, args.outlier_threshold)
-        print(run.write()[1].read_text())
-        return
-    if args.octet:
-        if dev.type != "cuda":
-            raise SystemExit("spqr_speed.py --octet times CUDA kernels: it needs a CUDA GPU.")
-        run = BenchmarkRun(
-            "spqr_speed_octet",
-            "SpQR 3-bit (16x16 groups, act-order, outliers) decode products, bf16 activations: the octet kernel "
-            "(kernels.spqr_octet: activations in the mma A operand, one weight row per lane) vs the CUDA kernel of "
-            "kernels.spqr_cuda (weights in the A operand) vs bf16 torch.matmul, all as CUDA graphs over distinct "
-            "copies (no launch overhead, nothing L2-resident). rel_err vs the fp32 reference (default launch; "
-            "max_sweep_rel_err over the sweep); octet_gbps = bytes the kernel reads / best time; kernel_bits = those bytes per weight x 8.",
-        )
-        run.meta["outlier_threshold"] = args.outlier_threshold
-        octet_rows(run, dev, args.outlier_threshold)
-        print(run.write()[1].read_text())
-        return
-    if args.stream_breakdown:
-        run = BenchmarkRun(
-            "spqr_speed_stream_breakdown",
-            "Where spqr_octet_stream's time goes (3-bit, 16x16 groups, bf16 activations, batch 1): its CUDA-graph "
-            "time over distinct weight copies with phases compiled out (the results are then wrong; timing only), "
-            "against bf16 torch.matmul. launch = warps, stage_steps, stages, blocks_per_sm; gbps = bytes of the "
-            "layout the kernel reads / time.",
-        )
-        stream_breakdown_rows(run, dev, args.outlier_threshold)
-        print(run.write()[1].read_text())
-        return
-    if args.stream:
-        if dev.type != "cuda":
-            raise SystemExit("spqr_speed.py --stream times CUDA kernels: it needs a CUDA GPU.")
-        run = BenchmarkRun(
-            "spqr_speed_stream",
-            "SpQR 3-bit (16x16 groups, act-order, outliers) decode products, bf16 activations: the streaming octet "
-            "kernel (kernels.spqr_octet.spqr_octet_stream: steps split evenly over a persistent grid's warps, "
-            "bulk copies into per-warp shared-memory rings) vs the octet kernel spqr_octet_gemv vs bf16 "
-            "torch.matmul, all as CUDA graphs over distinct copies (no launch overhead, nothing L2-resident). "
-            "rel_err vs the fp32 reference (default launch; max_sweep_rel_err over the sweep); stream_gbps = bytes "
-            "the kernel reads / best time; kernel_bits = those bytes per weight x 8.",
-        )
-        run.meta["outlier_threshold"] = args.outlier_threshold
-        stream_rows(run, dev, args.outlier_threshold)
-        print(run.write()[1].read_text())
-        return
+    for flag, (name, text, rows) in GPU_MODES.items():
+        if getattr(args, flag):
+            if dev.type != "cuda":
+                raise SystemExit(f"spqr_speed.py --{flag.replace('_', '-')} times CUDA kernels: it needs a CUDA GPU.")
+            run = BenchmarkRun(name, text)
+            run.meta["outlier_threshold"] = args.outlier_threshold
+            rows(run, dev, args.outlier_threshold)
+            print(run.write()[1].read_text())
+            return
     run = BenchmarkRun(
         ("spqr_decode" if args.skip_kernels else "spqr_speed") + ("_quick" if args.quick else ""),
         "SpQR 3-bit (16x16 bi-level groups, act-order, 16-bit outliers) fused dequantize+matvec/matmul kernels "

@@ -201,6 +201,20 @@ def test_formats_and_inputs_the_octet_kernels_refuse():
         spqr_octet_stream(torch.zeros(1, 40, dtype=torch.float16), lay)
 
 
+def test_stream_breakdown_switches_only_enter_the_source_when_set(monkeypatch):
+    """spqr_speed --stream-breakdown compiles phases of spqr_octet_stream out through _SKIP; by default the source
+    has none, and each switch set becomes one #define that the source tests."""
+    from hf_effllm.kernels import spqr_octet
+
+    default = spqr_octet.octet_source(warps=16, hi=False, bf16=True, stage_steps=8, stages=2)
+    assert "#define SKIP" not in default and "{SKIP}" not in default
+    monkeypatch.setattr(spqr_octet, "_SKIP", frozenset({"compute", "fixup"}))
+    src = spqr_octet.octet_source(warps=16, hi=False, bf16=True, stage_steps=8, stages=2)
+    assert "#define SKIP_COMPUTE 1" in src and "#define SKIP_FIXUP 1" in src and "#define SKIP_OUTLIERS" not in src
+    for name in ("SKIP_COMPUTE", "SKIP_OUTLIERS", "SKIP_FIXUP", "SKIP_ONECOPY"):
+        assert f"#ifndef {name}" in default or f"#ifdef {name}" in default
+
+
 def test_cuda_path_prefers_the_octet_kernel_where_it_runs_in_one_launch(monkeypatch):
     from hf_effllm.kernels import spqr, spqr_octet
     from hf_effllm.kernels.spqr import cuda_path
