@@ -2,7 +2,7 @@
 
 * :func:`available`: whether this torch compiles CUDA source at run time (NVRTC through
   ``torch.cuda._compile_kernel``, torch >= 2.8) and a GPU is present;
-* :func:`smem_limit`: the dynamic shared memory a block may opt in to;
+* :func:`smem_limit`: the dynamic shared memory a block may opt in to; :func:`capability`, :func:`sm_count`;
 * :func:`compiled`: compile a source once per (key, device) and keep the kernel;
 * ``DEVICE_COMMON``: device helpers shared by the sources (types, ``cp.async``, ``mma.m16n8k16``), and
   :func:`render`, which bakes a source's constants in and inserts them;
@@ -29,6 +29,7 @@ from hf_effllm.errors import HfEffllmError
 __all__ = [
     "DEVICE_COMMON",
     "available",
+    "capability",
     "cdiv",
     "compiled",
     "launch",
@@ -146,6 +147,16 @@ def sm_count(device: torch.device) -> int:
 @functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def capability(device: torch.device) -> tuple[int, int]:
+    """The compute capability of ``device`` (looked up once per device)."""
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def smem_limit(device: torch.device) -> int:

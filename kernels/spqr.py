@@ -28,7 +28,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -36,6 +35,7 @@ import torch
 from hf_effllm.errors import HfEffllmError
 from hf_effllm.quant.spqr.format import dequantize_weight, index_dtype
 
+from .cuda_rt import capability
 from .spqr_cuda import MAX_ROWS as CUDA_MAX_ROWS
 from .spqr_cuda import cuda_layout as build_cuda_layout
 from .spqr_cuda import spqr_dequantize_cuda, spqr_gemv_cuda
@@ -852,12 +852,7 @@ def spqr_gemv_triton(
 
 def _bulk_copies(device: torch.device) -> bool:
     """Whether ``device`` has the bulk-copy (TMA) unit ``spqr_octet_stream`` needs: compute capability 9.0+."""
-    return device.type == "cuda" and _capability(device.index if device.index is not None else -1) >= (9, 0)
-
-
-@functools.cache
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index if index >= 0 else torch.cuda.current_device())
+    return device.type == "cuda" and capability(device) >= (9, 0)
 
 
 def cuda_path(rows: int, meta: dict[str, Any], device: torch.device, out_features: int | None = None) -> str:

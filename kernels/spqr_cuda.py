@@ -54,7 +54,15 @@ from hf_effllm.quant.spqr.format import dequantize_stats
 
 from .cuda_rt import available, cdiv, compiled, launch, on_device, render, sm_count, smem_limit
 
-__all__ = ["MAX_ROWS", "cuda_layout", "cuda_source", "layout_supported", "spqr_dequantize_cuda", "spqr_gemv_cuda"]
+__all__ = [
+    "MAX_ROWS",
+    "cuda_layout",
+    "cuda_source",
+    "dequantize_launch",
+    "layout_supported",
+    "spqr_dequantize_cuda",
+    "spqr_gemv_cuda",
+]
 
 MAX_ROWS = 16  # activation rows of one call (two n8 blocks of the mma)
 _PREP_THREADS = 128
@@ -784,27 +792,38 @@ def spqr_gemv_cuda(
     return y.reshape(*lead, n)
 
 
-def spqr_dequantize_cuda(layout: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
-    """The dense weight (out, in) in stored column order and ``dtype`` (float16 or bfloat16), outliers added."""
+def dequantize_launch(
+    layout: dict[str, Any], dtype: torch.dtype, kind: str, key: tuple, source: Any, name: str, warps: int, ints: list
+) -> torch.Tensor:
+    """The dense weight (out, in) of a CUDA layout (``kind``: "CUDA" or "octet") in stored column order and ``dtype``
+    (float16 or bfloat16): kernel ``name`` of ``source()`` with one warp per unit of work (``warps`` in all, 8 per
+    block) over ``(codes, stats, stats2, out)`` and ``ints``, then the outliers added."""
     if dtype not in (torch.float16, torch.bfloat16):
-        raise HfEffllmError(f"dtype={dtype} is not supported by the SpQR CUDA kernels; use float16 or bfloat16.")
-    n, k, kc, nt = layout["n"], layout["k"], layout["kc"], layout["nt"]
+        raise HfEffllmError(f"dtype={dtype} is not supported by the SpQR {kind} kernels; use float16 or bfloat16.")
     dev = layout["codes"].device
-    w = torch.empty(n, k, device=dev, dtype=dtype)
-    if n == 0 or k == 0:
+    w = torch.empty(layout["n"], layout["k"], device=dev, dtype=dtype)
+    if w.numel() == 0:
         return w
-    key = ("spqr", 1, 2, 1, dtype == torch.bfloat16, False)
-
-    def source() -> str:
-        return cuda_source(warps=1, stages=2, nb=1, bf16=dtype == torch.bfloat16, xs=False)
-
     with on_device(dev):
-        kern = compiled(key, dev, source, "spqr_cuda_dequant")
+        kern = compiled(key, dev, source, name)
         per_block = 8
         launch(
-            kern, (cdiv(nt * kc, per_block), 1, 1), per_block * 32, 0,
-            [layout["codes"], layout["stats"], layout["stats2"], w], [n, k, kc, nt],
+            kern, (cdiv(warps, per_block), 1, 1), per_block * 32, 0,
+            [layout["codes"], layout["stats"], layout["stats2"], w], ints,
         )  # fmt: skip
     if layout["ov"].numel():
         w.index_put_((layout["orow"], layout["oc"]), layout["ov"].to(dtype), accumulate=True)
     return w
+
+
+def spqr_dequantize_cuda(layout: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight (out, in) in stored column order and ``dtype`` (float16 or bfloat16), outliers added."""
+    bf16 = dtype == torch.bfloat16
+
+    def source() -> str:
+        return cuda_source(warps=1, stages=2, nb=1, bf16=bf16, xs=False)
+
+    n, k, kc, nt = layout["n"], layout["k"], layout["kc"], layout["nt"]
+    return dequantize_launch(
+        layout, dtype, "CUDA", ("spqr", 1, 2, 1, bf16, False), source, "spqr_cuda_dequant", nt * kc, [n, k, kc, nt]
+    )

@@ -70,7 +70,8 @@ import torch
 
 from hf_effllm.errors import HfEffllmError
 
-from .cuda_rt import cdiv, compiled, launch, on_device, render, sm_count, smem_limit
+from .cuda_rt import capability, cdiv, compiled, launch, on_device, render, sm_count, smem_limit
+from .spqr_cuda import _recenter_outliers, dequantize_launch
 
 __all__ = [
     "MAX_ROWS",
@@ -778,7 +779,6 @@ def octet_layout(
 
     Works on any device (the tests check it on the CPU against the format's own dequantization)."""
     from .spqr import outlier_index, unpack_codes  # kernels.spqr imports this module
-    from .spqr_cuda import _recenter_outliers
 
     reason = octet_supported(
         in_features=in_features,
@@ -1041,16 +1041,13 @@ def spqr_octet_stream(
     Returns:
         (..., out_features) in ``x.dtype``.
     """
-    _check(x, layout)
-    if not x.is_cuda or torch.cuda.get_device_capability(x.device) < (9, 0):
+    lead, x2, y = _rows(x, layout, "spqr_octet_stream")
+    if not x.is_cuda or capability(x.device) < (9, 0):
         raise HfEffllmError(
             f"spqr_octet_stream needs a CUDA GPU with bulk copies (compute capability 9.0+); x is on {x.device}. "
             f"Use spqr_octet_gemv on older GPUs."
         )
-    lead, x2, y = _rows(x, layout, "spqr_octet_stream")
     n, k, ks, no, m = layout["n"], layout["k"], layout["ks"], layout["no"], x2.shape[0]
-    if m == 0 or n == 0:
-        return y.reshape(*lead, n)
     w0, u0, r0, b0 = stream_launch(m, ks, x.device)
     warps = w0 if warps is None else warps
     stage_steps = u0 if stage_steps is None else stage_steps
@@ -1061,6 +1058,8 @@ def spqr_octet_stream(
             raise HfEffllmError(f"{name}={value} is out of range; use {lo} to {hi}.")
     if blocks_per_sm < 1:
         raise HfEffllmError(f"blocks_per_sm={blocks_per_sm} must be >= 1.")
+    if m == 0 or n == 0:
+        return y.reshape(*lead, n)
     bias = _bias(bias, n, x.dtype)
     grid = min(blocks_per_sm * sm_count(x.device), no)
     octets = cdiv(no, grid)
@@ -1096,26 +1095,13 @@ def spqr_octet_stream(
 
 def spqr_octet_dequant(layout: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
     """The dense weight (out, in) in stored column order and ``dtype`` (float16 or bfloat16), outliers added."""
-    if dtype not in (torch.float16, torch.bfloat16):
-        raise HfEffllmError(f"dtype={dtype} is not supported by the SpQR octet kernels; use float16 or bfloat16.")
-    n, k, ks, no = layout["n"], layout["k"], layout["ks"], layout["no"]
-    dev = layout["codes"].device
-    w = torch.empty(n, k, device=dev, dtype=dtype)
-    if n == 0 or k == 0:
-        return w
     bf16 = dtype == torch.bfloat16
-    key = ("spqr_octet", 1, 1, 1, False, bf16)
 
     def source() -> str:
         return octet_source(warps=1, per_octet=1, depth=1, hi=False, bf16=bf16)
 
-    with on_device(dev):
-        kern = compiled(key, dev, source, "spqr_octet_dequant")
-        per_block = 8
-        launch(
-            kern, (cdiv(no * ks, per_block), 1, 1), per_block * 32, 0,
-            [layout["codes"], layout["stats"], layout["stats2"], w], [n, k, ks, no],
-        )  # fmt: skip
-    if layout["ov"].numel():
-        w.index_put_((layout["orow"], layout["oc"]), layout["ov"].to(dtype), accumulate=True)
-    return w
+    n, k, ks, no = layout["n"], layout["k"], layout["ks"], layout["no"]
+    return dequantize_launch(
+        layout, dtype, "octet", ("spqr_octet", 1, 1, 1, False, bf16), source, "spqr_octet_dequant", no * ks,
+        [n, k, ks, no],
+    )  # fmt: skip

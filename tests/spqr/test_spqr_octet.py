@@ -276,35 +276,19 @@ def test_octet_decode_kernels_match_reference(out, inp, rows, bits, gs, perm, dt
     xs = x.float().index_select(-1, lay["perm_long"]) if "perm_long" in lay else x.float()  # stored order
     slack = xs.abs().cpu() @ bound.T
     tol = 1e-2 if dtype == torch.float16 else 2e-2  # bf16 outputs round once more
-    if kernel == "gemv":
-        runs = [
-            (
-                cfg,
-                lambda a, b, c, d: spqr_octet_gemv(
-                    x, lay, bias=layer.bias, warps=a, per_octet=b, depth=c, blocks_per_sm=d
-                ),
-            )
-            for cfg in GEMV_CONFIGS
-        ]
-    else:
-        runs = [
-            (
-                cfg,
-                lambda a, b, c, d: spqr_octet_stream(
-                    x, lay, bias=layer.bias, warps=a, stage_steps=b, stages=c, blocks_per_sm=d
-                ),
-            )
-            for cfg in STREAM_CONFIGS
-        ]
-    for cfg, run in runs:
-        y = run(*cfg)
+    fn, names, configs = {
+        "gemv": (spqr_octet_gemv, ("warps", "per_octet", "depth", "blocks_per_sm"), GEMV_CONFIGS),
+        "stream": (spqr_octet_stream, ("warps", "stage_steps", "stages", "blocks_per_sm"), STREAM_CONFIGS),
+    }[kernel]
+    for cfg in configs:
+        launch = dict(zip(names, cfg))
+        y = fn(x, lay, bias=layer.bias, **launch)
         assert y.dtype == dtype and y.shape == (rows, out)
         assert (y.float() - ref).norm() <= 5e-3 * ref.norm(), cfg
         err = (y.float() - ref).abs().cpu()
         assert (err <= tol * (ref.abs().cpu() + ref.abs().max().item()) + slack).all(), cfg
         if kernel == "stream":  # shared octets are added in warp order: the same launch gives the same bits
-            assert torch.equal(run(*cfg), y), cfg
-    fn = spqr_octet_gemv if kernel == "gemv" else spqr_octet_stream
+            assert torch.equal(fn(x, lay, bias=layer.bias, **launch), y), cfg
     y3 = fn(x.view(rows, 1, inp), lay)
     assert y3.shape == (rows, 1, out)
     if kernel == "gemv":
