@@ -34,6 +34,7 @@ Results: ``benchmarks/results/million_speed.{json,md}`` (``million_speed_quick.*
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import sys
@@ -50,7 +51,6 @@ import torch.nn.functional as F  # noqa: E402
 from hf_effllm.kernels import million_cuda  # noqa: E402
 from hf_effllm.kernels.million import (  # noqa: E402
     ENCODE_VARIANTS,
-    _packed_table,
     _smem_chunks,
     ideal_bytes,
     million_attention,
@@ -67,8 +67,9 @@ HQ, HKV, D, K, WINDOW = 32, 8, 128, 256, 128
 SWEEP = {
     "l1": [(32, 4, None), (64, 4, None), (32, 8, None), (16, 4, None)],
     "smem": [(128, 8, None), (128, 8, 2), (64, 8, None), (64, 4, None), (64, 8, 2)],
-    "cuda": [(32, None, None), (32, 8, None), (32, 16, None)],  # warps: default (12 at Lq=1), 8, 16 (spills 36 B)
+    "cuda": [(32, None, None), (32, 8, None), (32, 16, None)],  # warps: default (12 at Lq=1), 8, 16 (spills)
 }
+SWEEP["cuda-fma"] = SWEEP["cuda"]
 
 
 def _inputs(b, hq, hkv, n, r, d, m, k, dtype, dev, seed=0):
@@ -83,19 +84,31 @@ def _inputs(b, hq, hkv, n, r, d, m, k, dtype, dev, seed=0):
     return q, ck, cv, cbk, cbv, rk, rv
 
 
-VARIANTS = ("l1", "smem", "cuda")
+VARIANTS = ("l1", "smem", "cuda", "cuda-fma")  # "cuda-fma": the CUDA kernel's "fma" design (values on the CUDA cores)
+
+
+@contextlib.contextmanager
+def _design(variant: str):
+    """``million_cuda.DESIGN`` for ``variant`` ("cuda-fma": "fma"; the others: the module default) while inside."""
+    old = million_cuda.DESIGN
+    million_cuda.DESIGN = "fma" if variant == "cuda-fma" else old
+    try:
+        yield "cuda" if variant.startswith("cuda") else variant
+    finally:
+        million_cuda.DESIGN = old
 
 
 def _skip(variant, q, ck, cv, cbk, m, d, k) -> bool:
     """Whether ``variant`` does not take this shape/dtype/device (the others are compared on it)."""
     if variant == "smem":
         return _smem_chunks(m, d // m, k, q.element_size()) is None  # e.g. fp32 with DSUB 4 (128-bit centroids)
-    if variant == "cuda":
-        return million_cuda.supports(q, ck, cv, cbk, q.shape[1] // ck.shape[1], q.shape[2]) is not None
+    if variant.startswith("cuda"):
+        with _design(variant):
+            return million_cuda.supports(q, ck, cv, cbk, q.shape[1] // ck.shape[1], q.shape[2]) is not None
     return False
 
 
-def check(run, dev, quick) -> dict[str, bool]:
+def check(run, dev, quick, variants=VARIANTS) -> dict[str, bool]:
     """Both kernel variants against the reference; returns {variant: passed}."""
     ok_all: dict[str, bool] = {}  # only the variants that ran on some shape here
     dtypes = [torch.float32, torch.float16] if dev.type == "cpu" else [torch.float16, torch.bfloat16]
@@ -108,11 +121,12 @@ def check(run, dev, quick) -> dict[str, bool]:
             q, ck, cv, cbk, cbv, rk, rv = _inputs(b, hq, hkv, n, r, d, m, k, dtype, dev, seed=n)
             cm = torch.rand(b, n, device=dev) > 0.1
             ref = million_attention_reference(q, ck, cv, cbk, cbv, rk, rv, scale=d**-0.5, code_mask=cm, path="lut")
-            for variant in VARIANTS:
+            for variant in variants:
                 if _skip(variant, q, ck, cv, cbk, m, d, k):
                     continue
-                out = million_attention(q, ck, cv, cbk, cbv, rk, rv, scale=d**-0.5, code_mask=cm, use_kernel=True,
-                                        variant=variant)  # fmt: skip
+                with _design(variant) as v:
+                    out = million_attention(q, ck, cv, cbk, cbv, rk, rv, scale=d**-0.5, code_mask=cm, use_kernel=True,
+                                            variant=v)  # fmt: skip
                 err = float((out.float() - ref.float()).norm() / ref.float().norm())
                 ok = err < (1e-4 if dtype == torch.float32 else 2e-2)
                 ok_all[variant] = ok_all.get(variant, True) and ok
@@ -123,7 +137,7 @@ def check(run, dev, quick) -> dict[str, bool]:
     return ok_all
 
 
-def bench_decode(run, dev, quick, ok):
+def bench_decode(run, dev, quick, ok, variants=VARIANTS):
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     hq, hkv, d = (HQ, HKV, D) if not quick else (8, 2, 32)
     ns = [8192, 32768, 131072] if not quick else [256, 1024]
@@ -145,7 +159,7 @@ def bench_decode(run, dev, quick, ok):
             del kk, vv
             for bits, m in ((4, d // 2), (2, d // 4)):
                 _, ck, cv, cbk, cbv, rk, rv = _inputs(b, hq, hkv, n, WINDOW, d, m, k, dtype, dev, seed=n)
-                for variant in VARIANTS:
+                for variant in variants:
                     if _skip(variant, q, ck, cv, cbk, m, d, k):
                         continue
                     configs = SWEEP[variant] if not quick else [(16, 4, None)]
@@ -153,8 +167,9 @@ def bench_decode(run, dev, quick, ok):
                     for bn, warps, chunks in configs:
 
                         def fn(bn=bn, w=warps, c=chunks, v=variant, t=(q, ck, cv, cbk, cbv, rk, rv)):
-                            return million_attention(*t, scale=d**-0.5, block_n=bn, num_warps=w, use_kernel=True,
-                                                     variant=v, chunks=c)  # fmt: skip
+                            with _design(v) as v_:
+                                return million_attention(*t, scale=d**-0.5, block_n=bn, num_warps=w, use_kernel=True,
+                                                         variant=v_, chunks=c)  # fmt: skip
 
                         try:
                             ms = time_ms(fn, warmup=25 if not quick else 1, rep=100 if not quick else 1)
@@ -168,8 +183,9 @@ def bench_decode(run, dev, quick, ok):
                     ib = ideal_bytes(b, hkv, n, d, m)
                     moved = ib["code_bytes"] + 2 * rk.numel() * rk.element_size()
                     ms, bn, warps, chunks = best
-                    if variant == "cuda":
-                        note = f"M={m} warps={warps or million_cuda.num_warps(q.shape[1] // hkv)}"
+                    if variant.startswith("cuda"):
+                        with _design(variant):
+                            note = f"M={m} warps={warps or million_cuda.num_warps(q.shape[1] // hkv)}"
                     else:
                         note = f"M={m} block_n={bn} warps={warps}" + (
                             f" chunks={chunks or 'default'}" if variant == "smem" else ""
@@ -179,9 +195,10 @@ def bench_decode(run, dev, quick, ok):
                             note=note + ("" if ok.get(variant, False) else "; FAILED or unchecked correctness"))  # fmt: skip
                     print(f"    {bits}-bit {variant:4s}: {ms:.4f} ms  x{base / ms:.2f} vs sdpa  "
                           f"({moved / ms / 1e9:.2f} TB/s, {note})")  # fmt: skip
-                    if variant == "cuda":  # where the time goes: the codes kernel alone (no window, no merge)
-                        codes_ms = _cuda_codes_only_ms(q, ck, cv, cbk, cbv, d, warps)
-                        run.add(section="decode", variant=f"MILLION {bits}-bit (cuda, codes kernel only)", batch=b,
+                    if variant.startswith("cuda"):  # where the time goes: the codes kernel alone (no window, no merge)
+                        with _design(variant):
+                            codes_ms = _cuda_codes_only_ms(q, ck, cv, cbk, cbv, d, warps)
+                        run.add(section="decode", variant=f"MILLION {bits}-bit ({variant}, codes kernel only)", batch=b,
                                 tokens=n, ms=codes_ms, tbps=ib["code_bytes"] / codes_ms / 1e9,
                                 bytes=ib["code_bytes"], speedup=base / codes_ms, note=note)  # fmt: skip
                         print(f"    {bits}-bit cuda codes kernel only: {codes_ms:.4f} ms")
@@ -197,7 +214,7 @@ def _cuda_codes_call(q, ck, cv, cbk, cbv, d, warps):
     po = torch.empty(b * hkv * splits * million_cuda.ROWS * d, dtype=torch.float32, device=q.device)
     pm = torch.empty(b * hkv * splits * million_cuda.ROWS, dtype=torch.float32, device=q.device)
     pl = torch.empty_like(pm)
-    tk, tv = million_cuda.swizzled_table(_packed_table(cbk)), _packed_table(cbv)
+    tk, tv = million_cuda.kernel_tables(cbk, cbv)
     return lambda: million_cuda.million_codes_cuda(
         q, ck, cv, tk, tv, None, po, pm, pl, n=n, split_len=split_len, splits=splits, scale=d**-0.5, hkv=hkv,
         gq=hq // hkv, lq=1, per_head=False, nwarps=warps,
@@ -233,7 +250,7 @@ def bench_host(run, dev):
         "million_attention (smem)": lambda: million_attention(q, ck, cv, cbk, cbv, rk, rv, scale=D**-0.5, variant="smem"),
         "cuda codes kernel launch": _cuda_codes_call(q, ck, cv, cbk, cbv, D, None),
         "cuda supports()": lambda: million_cuda.supports(q, ck, cv, cbk, HQ // HKV, 1),
-        "cuda tables (memoized)": lambda: (million_cuda.swizzled_table(_packed_table(cbk)), _packed_table(cbv)),
+        "cuda tables": lambda: million_cuda.kernel_tables(cbk, cbv),
     }  # fmt: skip
     for name, fn in parts.items():
         us = host_us(fn)
@@ -342,26 +359,35 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", type=int, default=32768, help="end-to-end prompt length (default 32768)")
     p.add_argument("--new-tokens", type=int, default=32, help="end-to-end generated tokens (default 32)")
     p.add_argument("--layers", type=int, default=32, help="end-to-end model layers (default 32, Llama-3-8B)")
+    p.add_argument("--decode-only", action="store_true", help="correctness and decode attention only")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"code kernels to run (default {','.join(VARIANTS)})")
+    p.add_argument("--name", default=None, help="results file name (default million_speed)")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
+    variants = tuple(v for v in args.variants.split(",") if v)
+    if not variants or any(v not in VARIANTS for v in variants):
+        p.error(f"--variants={args.variants!r}: use a comma-separated subset of {','.join(VARIANTS)}")
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     quick = args.quick or dev.type == "cpu"
-    run = BenchmarkRun("million_speed_quick" if quick else "million_speed",
+    run = BenchmarkRun(args.name or ("million_speed_quick" if quick else "million_speed"),
                        "MILLION decode attention (Triton, codes + 128-token window) vs bf16 sdpa decode, prompt "
                        "encoding, end-to-end generate. speedup = sdpa ms / MILLION ms in the same run; bytes = HBM "
                        "bytes a step must read (codes + window for MILLION, K+V for sdpa).")  # fmt: skip
     print("[1/4] correctness")
-    ok = check(run, dev, quick)
+    ok = check(run, dev, quick, variants)
     for variant, passed in ok.items():
         run.meta[f"correctness ({variant})"] = "passed" if passed else "FAILED"
     print("[2/4] decode attention")
-    bench_decode(run, dev, quick, ok)
-    if dev.type == "cuda":
+    bench_decode(run, dev, quick, ok, variants)
+    if args.decode_only:
+        pass
+    elif dev.type == "cuda":
         print("[2b] host overhead at batch 1")
         bench_host(run, dev)
-    print("[3/4] prompt encoding")
-    bench_encode(run, dev, quick)
-    if not args.skip_e2e:
+    if not args.decode_only:
+        print("[3/4] prompt encoding")
+        bench_encode(run, dev, quick)
+    if not (args.skip_e2e or args.decode_only):
         print("[4/4] end-to-end generate")
         bench_e2e(run, dev, quick, args.prompt if not quick else 256, args.new_tokens if not quick else 4, args.layers)
     cols = ["section", "variant", "batch", "tokens", "ms", "speedup", "tbps", "bytes", "host_us", "ttft_s",

@@ -1105,10 +1105,10 @@ def million_attention(
     part_l = torch.empty_like(part_m)
     cm = code_mask.to(torch.int8).contiguous() if code_mask is not None else part_m  # dummy pointer when unused
     if splits > 0 and variant == "cuda":
-        from .million_cuda import million_codes_cuda, swizzled_table
+        from .million_cuda import kernel_tables, million_codes_cuda
 
         million_codes_cuda(
-            q, codes_k, codes_v, swizzled_table(_packed_table(cbk)), _packed_table(cbv),
+            q, codes_k, codes_v, *kernel_tables(cbk, cbv),
             cm if code_mask is not None else None, part_o, part_m, part_l,
             n=n, split_len=split_len, splits=splits, scale=float(scale), hkv=hkv, gq=gq, lq=lq, per_head=g > 1,
             nwarps=num_warps,

@@ -50,7 +50,7 @@ import torch
 from hf_effllm.errors import HfEffllmError
 
 from .cuda_rt import available, cdiv, compiled, launch, on_device, render, sm_count, smem_limit
-from .million import memoized_per_tensor
+from .million import _WORD_DTYPES, _packed_table, memoized_per_tensor
 
 __all__ = [
     "available",
@@ -68,13 +68,328 @@ NWARPS = 16  # the most warps a block may have (the final merge reuses the table
 ROWS = 16  # query rows per KV head in the partials (the mma's M dimension)
 
 
-def num_warps(rows: int) -> int:
+def num_warps(rows: int, design: str | None = None) -> int:
     """Default warps per block for ``rows = GQ * Lq`` query rows, the most that compile without register spills
-    (ptxas 13.0, sm_90, with masks and per-head codebooks): 12 up to 4 rows (144 registers), else 8 (up to 174)."""
-    return 12 if rows <= 4 else 8
+    (ptxas 13.0, sm_90, with masks and per-head codebooks): ``"mma"``: 12 up to 8 rows (at most 168 registers),
+    else 8 (up to 218); ``"fma"``: 12 up to 4 rows (144 registers), else 8 (up to 174)."""
+    return 12 if rows <= (8 if (design or DESIGN) == "mma" else 4) else 8
 
 
 _SOURCE = r"""
+#define D_ {D}
+#define M_ {M}
+#define DSUB {DSUB}
+#define GQ {GQ}
+#define LQ {LQ}
+#define NQ (GQ * LQ)
+#define HKV {HKV}
+#define NWARPS {NWARPS}
+#define IS_BF16 {IS_BF16}
+#define PER_HEAD {PER_HEAD}
+#define HAS_MASK {HAS_MASK}
+#define KC 256
+#define WPS (DSUB / 2)         // 4-byte words per centroid
+#define CB (M_ / 4)            // key-code bytes per thread and token: subspaces t4 * CB ..
+#define KS (D_ / 16)           // k-slices of the score mma = m-tiles (16 dimensions) of the value mma
+#define VB (KS / WPS)          // value-code bytes per thread and token: subspaces g * VB ..
+#define VW ((VB + 3) / 4)      // their 32-bit words
+#define RR ((NQ > 8) ? 2 : 1)  // query-row halves in use: rows g (and g + 8 when more than 8 query rows)
+#define RROWS (8 * RR)         // query rows per warp in the final merge
+#define NEG_INF (-__int_as_float(0x7f800000))
+//@COMMON
+
+
+__device__ __forceinline__ u32 byte_at(const u32* w, int i) { return __byte_perm(w[i >> 2], 0u, 0x4440 | (i & 3)); }
+
+// shared-memory loads at a 32-bit shared address (the constant part of the address folds into the instruction)
+__device__ __forceinline__ u32 lds32(u32 a) {
+    u32 v;
+    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(a));
+    return v;
+}
+__device__ __forceinline__ uint2 lds64(u32 a) {
+    uint2 v;
+    asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(a));
+    return v;
+}
+
+__device__ __forceinline__ u32 pack2(float lo, float hi) {  // two floats -> one pair of the model dtype
+    u32 d;
+#if IS_BF16
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+#else
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+#endif
+    return d;
+}
+
+// key codes of this thread's tokens T0 + nt * 8 + g (subspaces t4 * CB ...) -> registers
+#define LOAD_K(T0)                                                                                   \
+    _Pragma("unroll") for (int nt = 0; nt < 4; ++nt) {                                               \
+        const int tok = (T0) + nt * 8 + g;                                                           \
+        _Pragma("unroll") for (int i = 0; i < CB / 4; ++i) ckr[nt][i] = 0u;                          \
+        if (tok < end) {                                                                             \
+            const u8* src = ck + ckb + (long long)tok * sc_n + t4 * CB;                              \
+            LOAD_W(ckr[nt], src, CB);                                                                \
+        }                                                                                            \
+    }
+// value codes of this thread's tokens T0 + 16 i + 8 (u >> 1) + 2 t4 + (u & 1) (subspaces g * VB ...) -> registers
+#define LOAD_V(T0)                                                                                   \
+    _Pragma("unroll") for (int i = 0; i < 2; ++i)                                                    \
+    _Pragma("unroll") for (int u = 0; u < 4; ++u) {                                                  \
+        const int tok = (T0) + 16 * i + 8 * (u >> 1) + 2 * t4 + (u & 1);                             \
+        _Pragma("unroll") for (int k = 0; k < VW; ++k) vcr[i][u][k] = 0u;                            \
+        if (tok < end) {                                                                             \
+            const u8* src = cv + cvb + (long long)tok * scv_n + g * VB;                              \
+            LOAD_W(vcr[i][u], src, VB);                                                              \
+        }                                                                                            \
+    }
+#define LOAD_W(cw, src, NB) load_w<NB>(cw, src)
+template <int NB> __device__ __forceinline__ void load_w(u32* cw, const u8* src) {  // NB code bytes -> words
+    if constexpr (NB == 16) {
+        const uint4 w = *(const uint4*)src;
+        cw[0] = w.x; cw[1] = w.y; cw[2] = w.z; cw[3] = w.w;
+    } else if constexpr (NB == 8) {
+        const uint2 w = *(const uint2*)src;
+        cw[0] = w.x; cw[1] = w.y;
+    } else if constexpr (NB == 4) {
+        cw[0] = *(const u32*)src;
+    } else {
+        cw[0] = *(const u16*)src;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_cuda(
+    const u16* __restrict__ q, const u8* __restrict__ ck, const u8* __restrict__ cv,
+    const u32* __restrict__ tk, const u32* __restrict__ tv, const signed char* __restrict__ cmask,
+    float* __restrict__ po, float* __restrict__ pm, float* __restrict__ pl,
+    int n_codes, int split_len, int num_splits, int scale_bits,
+    int sq_b, int sq_h, int sq_l, int sc_b, int sc_h, int sc_n, int scv_b, int scv_h, int scv_n,
+    int stab_g, int smask_b) {
+    extern __shared__ __align__(16) u32 smem[];
+    u32* sK = smem;                      // [M][KC] centroids (WPS words each), subspace-major
+    u32* sV = sK + KC * M_ * WPS;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t4 = lane & 3;
+
+    const int bh = blockIdx.x, sp = blockIdx.y;
+    const int b = bh / HKV, h = bh % HKV;
+    const u32* tkb = tk + (PER_HEAD ? (long long)h * stab_g * WPS : 0);
+    const u32* tvb = tv + (PER_HEAD ? (long long)h * stab_g * WPS : 0);
+    for (int i = threadIdx.x; i < KC * M_ * WPS / 4; i += NWARPS * 32) {
+        ((uint4*)sK)[i] = ((const uint4*)tkb)[i];
+        ((uint4*)sV)[i] = ((const uint4*)tvb)[i];
+    }
+
+    // A fragments of the scores: the query rows (row r = li * GQ + jh) with the head dimension permuted so that
+    // thread t4's subspaces in k-slice ks are the code bytes t4 * CB + ...: DSUB 2: m = t4*CB + 2ks + khi, dim
+    // 2m + e; DSUB 4: m = t4*CB + ks, dim 4m + 2khi + e (khi: k >= 8 within the slice, e: the pair element).
+    u32 afr[KS][4];
+    #pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+        #pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int row = g + (j & 1) * 8, khi = j >> 1;
+#if DSUB == 2
+            const int dim = 2 * (t4 * CB + 2 * ks + khi);
+#else
+            const int dim = 4 * (t4 * CB + ks) + 2 * khi;
+#endif
+            u32 v = 0;
+            if (row < NQ) {
+                const u16* qr = q + (long long)b * sq_b + (long long)(h * GQ + row % GQ) * sq_h + (long long)(row / GQ) * sq_l;
+                v = (u32)qr[dim] | ((u32)qr[dim + 1] << 16);
+            }
+            afr[ks][j] = v;
+        }
+    }
+    __syncthreads();
+
+    const float scale = __int_as_float(scale_bits);
+    const long long ckb = (long long)b * sc_b + (long long)h * sc_h;
+    const long long cvb = (long long)b * scv_b + (long long)h * scv_h;
+    const int start = sp * split_len;
+    const int end = min(start + split_len, n_codes);
+    // this thread's table rows: key subspaces t4 * CB .., value subspaces g * VB ..
+    const u32 sKt = (u32)__cvta_generic_to_shared(sK + t4 * CB * KC * WPS);
+    const u32 sVt = (u32)__cvta_generic_to_shared(sV + g * VB * KC * WPS);
+    float m_r[RR], l_r[RR];
+    // value accumulators: o[rr][j] = the value mma's C fragment of m-tile j: rows = dimensions 2w, 2w + 1 of word
+    // w = g * KS + j (c0, c1: 2w; c2, c3: 2w + 1), columns = query rows 8 rr + 2 t4 (c0, c2) and + 1 (c1, c3)
+    float o[RR][KS][4];
+    #pragma unroll
+    for (int rr = 0; rr < RR; ++rr) {
+        m_r[rr] = NEG_INF;
+        l_r[rr] = 0.f;
+        #pragma unroll
+        for (int j = 0; j < KS; ++j)
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) o[rr][j][e] = 0.f;
+    }
+
+    // Software pipeline: the next tile's key codes load while this tile's softmax and values run, its value codes
+    // while the next tile's scores run.
+    u32 ckr[4][CB / 4];
+    u32 vcr[2][4][VW];
+    int t0 = start + warp * 32;
+    if (t0 < end) {
+        LOAD_K(t0);
+        LOAD_V(t0);
+    }
+    for (; t0 < end; t0 += NWARPS * 32) {
+        const int tn = t0 + NWARPS * 32;
+        // scores of 16 rows x 32 tokens: four n-tiles of 8 tokens, the centroids gathered into the B fragments
+        float s[4][4];
+        #pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+            const u32* cw = ckr[nt];
+            float c[4] = {0.f, 0.f, 0.f, 0.f};
+            #pragma unroll
+            for (int ks = 0; ks < KS; ++ks) {
+#if DSUB == 2
+                const u32 b0 = lds32(sKt + (2 * ks) * KC * 4 + (byte_at(cw, 2 * ks) << 2));
+                const u32 b1 = lds32(sKt + (2 * ks + 1) * KC * 4 + (byte_at(cw, 2 * ks + 1) << 2));
+#else
+                const uint2 w = lds64(sKt + ks * KC * 8 + (byte_at(cw, ks) << 3));
+                const u32 b0 = w.x, b1 = w.y;
+#endif
+                mma16816(c, afr[ks], b0, b1);
+            }
+            #pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int tok_c = t0 + nt * 8 + t4 * 2 + e;
+                bool ok = tok_c < end;
+#if HAS_MASK
+                if (ok) ok = cmask[(long long)b * smask_b + tok_c] != 0;
+#endif
+                s[nt][e] = ok ? c[e] * scale : NEG_INF;
+                s[nt][2 + e] = ok ? c[2 + e] * scale : NEG_INF;
+            }
+        }
+        if (tn < end) LOAD_K(tn);
+        // online softmax: this thread holds rows g (and g + 8), tokens nt * 8 + t4 * 2 + e; the probabilities
+        // become the B fragments of the value mma (k = tokens 16 i + 2 t4 + e and 16 i + 8 + 2 t4 + e, n = row)
+        u32 pb[RR][2][2];
+        float alpha[RR][2];
+        #pragma unroll
+        for (int rr = 0; rr < RR; ++rr) {
+            float mx = NEG_INF;
+            #pragma unroll
+            for (int nt = 0; nt < 4; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * rr], s[nt][2 * rr + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float m_new = fmaxf(m_r[rr], mx);
+            const float m_safe = m_new == NEG_INF ? 0.f : m_new;
+            const float a = __expf(m_r[rr] - m_safe);
+            float p[4][2];
+            float sum = 0.f;
+            #pragma unroll
+            for (int nt = 0; nt < 4; ++nt)
+                #pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    p[nt][e] = __expf(s[nt][2 * rr + e] - m_safe);
+                    sum += p[nt][e];
+                }
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+            l_r[rr] = l_r[rr] * a + sum;
+            m_r[rr] = m_new;
+            #pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                pb[rr][i][0] = pack2(p[2 * i][0], p[2 * i][1]);
+                pb[rr][i][1] = pack2(p[2 * i + 1][0], p[2 * i + 1][1]);
+            }
+            // the accumulator columns are query rows 8 rr + 2 t4 + e, whose factor lane 4 (2 t4 + e) computed
+            alpha[rr][0] = __shfl_sync(0xffffffffu, a, 8 * t4);
+            alpha[rr][1] = __shfl_sync(0xffffffffu, a, 8 * t4 + 4);
+        }
+        // values on the tensor cores: O^T (dims x rows) += V^T (dims x tokens) P^T (tokens x rows), the centroid
+        // words gathered per token and transposed into the A fragments with byte permutes
+        #pragma unroll
+        for (int rr = 0; rr < RR; ++rr)
+            #pragma unroll
+            for (int j = 0; j < KS; ++j) {
+                o[rr][j][0] *= alpha[rr][0];
+                o[rr][j][1] *= alpha[rr][1];
+                o[rr][j][2] *= alpha[rr][0];
+                o[rr][j][3] *= alpha[rr][1];
+            }
+        #pragma unroll
+        for (int j = 0; j < KS; ++j) {
+            #pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                u32 x[4];
+                #pragma unroll
+                for (int u = 0; u < 4; ++u)
+                    x[u] = lds32(sVt + ((j / WPS) * KC * WPS + (j % WPS)) * 4 + (byte_at(vcr[i][u], j / WPS) << (WPS + 1)));
+                u32 a[4];
+                a[0] = prmt(x[0], x[1], 0x5410u);
+                a[1] = prmt(x[0], x[1], 0x7632u);
+                a[2] = prmt(x[2], x[3], 0x5410u);
+                a[3] = prmt(x[2], x[3], 0x7632u);
+                #pragma unroll
+                for (int rr = 0; rr < RR; ++rr) mma16816(o[rr][j], a, pb[rr][i][0], pb[rr][i][1]);
+            }
+        }
+        if (tn < end) LOAD_V(tn);
+    }
+
+    // merge the warps: accumulators [NWARPS][RROWS][D] over the tables, maxima and sums [NWARPS][16] after them
+    __syncthreads();
+    float* red = (float*)smem;
+    float* redM = red + NWARPS * RROWS * D_;
+    float* redL = redM + NWARPS * 16;
+    #pragma unroll
+    for (int rr = 0; rr < RR; ++rr)
+        #pragma unroll
+        for (int j = 0; j < KS; ++j) {
+            const int w = g * KS + j;
+            #pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int row = 2 * t4 + e;  // within the half rr
+                red[(warp * RROWS + 8 * rr + row) * D_ + 2 * w] = o[rr][j][e];
+                red[(warp * RROWS + 8 * rr + row) * D_ + 2 * w + 1] = o[rr][j][2 + e];
+            }
+        }
+    if (t4 == 0) {
+        #pragma unroll
+        for (int rr = 0; rr < RR; ++rr) {
+            redM[warp * 16 + g + 8 * rr] = m_r[rr];
+            redL[warp * 16 + g + 8 * rr] = l_r[rr];
+        }
+    }
+    __syncthreads();
+    const long long part = ((long long)bh * num_splits + sp) * 16;
+    for (int idx = threadIdx.x; idx < 16 * D_; idx += NWARPS * 32) {
+        const int r = idx / D_, d = idx % D_;
+        if (r < NQ) {
+            float mx = NEG_INF;
+            for (int w = 0; w < NWARPS; ++w) mx = fmaxf(mx, redM[w * 16 + r]);
+            const float m_safe = mx == NEG_INF ? 0.f : mx;
+            float o_ = 0.f, l = 0.f;
+            for (int w = 0; w < NWARPS; ++w) {
+                const float f = __expf(redM[w * 16 + r] - m_safe);
+                o_ += red[(w * RROWS + r) * D_ + d] * f;
+                l += redL[w * 16 + r] * f;
+            }
+            po[(part + r) * D_ + d] = o_;
+            if (d == 0) {
+                pm[part + r] = mx;
+                pl[part + r] = l;
+            }
+        } else {
+            po[(part + r) * D_ + d] = 0.f;
+            if (d == 0) {
+                pm[part + r] = NEG_INF;
+                pl[part + r] = 0.f;
+            }
+        }
+    }
+}
+"""
+
+
+_SOURCE_FMA = r"""
 #define D_ {D}
 #define M_ {M}
 #define DSUB {DSUB}
@@ -384,19 +699,51 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_cuda(
 """
 
 
+DESIGN = "mma"  # "mma": values on the tensor cores (this module's docstring); "fma": values on the CUDA cores
+
+
 def cuda_source(
-    *, d: int, m: int, gq: int, lq: int, hkv: int, bf16: bool, per_head: bool, has_mask: bool, nwarps: int = NWARPS
+    *,
+    d: int,
+    m: int,
+    gq: int,
+    lq: int,
+    hkv: int,
+    bf16: bool,
+    per_head: bool,
+    has_mask: bool,
+    nwarps: int = NWARPS,
+    design: str | None = None,
 ) -> str:
     """The kernel's CUDA source for one shape (constants baked in, like Triton's ``constexpr``)."""
+    src = _SOURCE if (design or DESIGN) == "mma" else _SOURCE_FMA
     return render(
-        _SOURCE, D=d, M=m, DSUB=d // m, GQ=gq, LQ=lq, HKV=hkv, NWARPS=nwarps, IS_BF16=bf16, PER_HEAD=per_head,
+        src, D=d, M=m, DSUB=d // m, GQ=gq, LQ=lq, HKV=hkv, NWARPS=nwarps, IS_BF16=bf16, PER_HEAD=per_head,
         HAS_MASK=has_mask,
     )  # fmt: skip
 
 
-def smem_bytes(d: int, m: int, nwarps: int = NWARPS) -> int:
-    """Dynamic shared memory of one block: both tables, the per-warp probability tile and two value-code tiles."""
-    return 2 * 256 * d * 2 + nwarps * (32 * 20 + 16) * 4 + nwarps * 2 * 32 * m
+def smem_bytes(d: int, m: int, nwarps: int = NWARPS, rows: int = ROWS, design: str | None = None) -> int:
+    """Dynamic shared memory of one block: both tables (256 x D x 2 bytes each; the final merge of the warps'
+    ``rows`` query rows reuses them, and needs more at 16 warps and 9-16 rows)."""
+    if (design or DESIGN) != "mma":
+        return 2 * 256 * d * 2 + nwarps * (32 * 20 + 16) * 4 + nwarps * 2 * 32 * m
+    merge = nwarps * ((8 if rows <= 8 else 16) * d + 32) * 4
+    return max(2 * 256 * d * 2, merge)
+
+
+def kernel_tables(codebook_k: torch.Tensor, codebook_v: torch.Tensor, design: str | None = None) -> tuple:
+    """The two ``(G, M, K, DSUB)`` codebooks as the kernel reads them: subspace-major words ``(G, M, K)`` (a view,
+    no copy, for ``design="mma"``), or the code-major tables of the ``"fma"`` design (the K table swizzled)."""
+    if (design or DESIGN) != "mma":
+        return swizzled_table(_packed_table(codebook_k)), _packed_table(codebook_v)
+    return tuple(subspace_table(cb) for cb in (codebook_k, codebook_v))
+
+
+def subspace_table(codebook: torch.Tensor) -> torch.Tensor:
+    """``(G, M, K, DSUB)`` codebook -> words ``(G, M, K)`` (one word = one centroid's ``DSUB`` elements): a view."""
+    cb = codebook.contiguous()
+    return cb.view(_WORD_DTYPES[cb.shape[-1] * cb.element_size()])[..., 0]
 
 
 _SWIZZLED: dict[int, tuple] = {}  # id(packed table) -> (weakref, (version, shape, dtype), swizzled copy)
@@ -433,7 +780,7 @@ def supports(
         return f"K={k}, DSUB={dsub}, D={d}; the CUDA kernel takes K=256, DSUB 2 or 4, D 64 or 128"
     if gq * lq > ROWS:
         return f"GQ * Lq = {gq * lq} query rows per KV head; the CUDA kernel takes at most {ROWS}"
-    need, limit = smem_bytes(d, d // dsub, num_warps(gq * lq)), smem_limit(q.device)
+    need, limit = smem_bytes(d, d // dsub, num_warps(gq * lq), gq * lq), smem_limit(q.device)
     if need > limit:
         return f"it needs {need} bytes of shared memory per block at D={d}, M={d // dsub}; this GPU gives {limit}"
     for name, c in (("codes_k", codes_k), ("codes_v", codes_v)):
@@ -458,14 +805,24 @@ def split_plan(n: int, bh: int, device: torch.device, splits: int | None = None)
 
 
 def _compiled(key: tuple, device: torch.device) -> tuple[Any, int]:
-    """``(kernel, shared-memory bytes)`` for ``key = (d, m, gq, lq, hkv, bf16, per_head, has_mask, nwarps)`` on
-    ``device``; the source is generated and compiled on the first call only (a dict lookup afterwards)."""
-    d, m, gq, lq, hkv, bf16, per_head, has_mask, nwarps = key
-    smem = smem_bytes(d, m, nwarps)
+    """``(kernel, shared-memory bytes)`` for ``key = (d, m, gq, lq, hkv, bf16, per_head, has_mask, nwarps,
+    design)`` on ``device``; the source is generated and compiled on the first call only (a dict lookup
+    afterwards)."""
+    d, m, gq, lq, hkv, bf16, per_head, has_mask, nwarps, design = key
+    smem = smem_bytes(d, m, nwarps, gq * lq, design)
 
     def source() -> str:
         return cuda_source(
-            d=d, m=m, gq=gq, lq=lq, hkv=hkv, bf16=bf16, per_head=per_head, has_mask=has_mask, nwarps=nwarps
+            d=d,
+            m=m,
+            gq=gq,
+            lq=lq,
+            hkv=hkv,
+            bf16=bf16,
+            per_head=per_head,
+            has_mask=has_mask,
+            nwarps=nwarps,
+            design=design,
         )
 
     return compiled(key, device, source, "million_codes_cuda", smem), smem
@@ -494,8 +851,7 @@ def million_codes_cuda(
 ) -> None:
     """Write the per-split partials (output, max, sum; ``ROWS`` rows per (batch, KV head, split)) of the codes.
 
-    ``table_v`` is the packed code-major table of :func:`kernels.million._packed_table`, ``table_k`` that table
-    passed through :func:`swizzled_table`; the other arguments are those of the Triton code kernels; ``nwarps``
+    ``table_k``, ``table_v``: the codebooks as :func:`kernel_tables` lays them out; the other arguments are those of the Triton code kernels; ``nwarps``
     (1-16) overrides :func:`num_warps`. Callers check :func:`supports` first.
     """
     b = q.shape[0]
@@ -508,13 +864,13 @@ def million_codes_cuda(
         raise HfEffllmError(f"nwarps={nwarps} is out of range; use 1 to {NWARPS} (or None for the default).")
     if splits > 65535:
         raise HfEffllmError(f"splits={splits} exceeds the grid limit 65535; use fewer splits.")
-    need, limit = smem_bytes(d, m, warps), smem_limit(q.device)
+    need, limit = smem_bytes(d, m, warps, gq * lq), smem_limit(q.device)
     if need > limit:
         raise HfEffllmError(
             f"nwarps={warps} needs {need} bytes of shared memory per block at D={d}, M={m}; this GPU gives {limit}. "
             f"Use fewer warps (the default, {num_warps(gq * lq)}, fits on the H100/H200)."
         )
-    key = (d, m, gq, lq, hkv, q.dtype == torch.bfloat16, per_head, code_mask is not None, warps)
+    key = (d, m, gq, lq, hkv, q.dtype == torch.bfloat16, per_head, code_mask is not None, warps, DESIGN)
     kernel, smem = _compiled(key, q.device)
     cm = code_mask if code_mask is not None else part_m
     scale_bits = struct.unpack("<i", struct.pack("<f", scale))[0]  # a float argument's C type differs by torch version

@@ -173,7 +173,11 @@ def test_bf16_kernels_on_gpu(variant, m, k):
         (2, 6, 2, 1, 31, 5, 64, 16, 2, False),  # fewer codes than one warp's tile, M = 16 (half the lanes)
     ],
 )
-def test_cuda_variant_matches_reference_on_gpu(dtype, b, hq, hkv, lq, n, r, d, m, g, masks):
+@pytest.mark.parametrize("design", ["mma", "fma"])
+def test_cuda_variant_matches_reference_on_gpu(monkeypatch, design, dtype, b, hq, hkv, lq, n, r, d, m, g, masks):
+    from hf_effllm.kernels import million_cuda
+
+    monkeypatch.setattr(million_cuda, "DESIGN", design)
     args = _inputs(b, hq, hkv, lq, n, r, d, m, 256, g, dtype, seed=n, masks=masks)
     q, ck, cv, cbk, cbv, rk, rv, cm, rm = (t.cuda() if t is not None else None for t in args)
     ref = million_attention_reference(q.float(), ck, cv, cbk.float(), cbv.float(), rk.float(), rv.float(),
@@ -232,6 +236,32 @@ def test_cuda_swizzled_table_is_the_kernels_layout(m, dsub):
         for col in range(m):
             assert sw[1, c, col ^ (c & swz)] == table[1, c, col]
     assert swizzled_table(table) is sw  # memoized
+
+
+@pytest.mark.parametrize("m,dsub", [(64, 2), (32, 4)])
+def test_cuda_subspace_table_is_a_view_in_the_kernels_layout(m, dsub):
+    """The "mma" design reads word (m, c) = centroid c of subspace m at m * K + c, straight from the codebook."""
+    from hf_effllm.kernels.million_cuda import kernel_tables, subspace_table
+
+    cb = torch.randn(2, m, 256, dsub).half()
+    table = subspace_table(cb)
+    assert table.shape == (2, m, 256) and table.data_ptr() == cb.data_ptr()  # no copy
+    flat = table.contiguous().view(torch.float16).reshape(2, m, 256, dsub)
+    assert torch.equal(flat, cb)
+    assert table.stride(0) == m * 256  # what the kernel's per-head table offset assumes
+    tk, tv = kernel_tables(cb, cb * 2, design="mma")
+    assert torch.equal(tk, table) and torch.equal(tv.contiguous().view(torch.float16).reshape(cb.shape), cb * 2)
+    tk_fma, _ = kernel_tables(cb, cb, design="fma")
+    assert tk_fma.shape == (2, 256, m)  # code-major, swizzled
+
+
+@pytest.mark.parametrize("d,m,rows,warps", [(128, 64, 4, 12), (128, 64, 16, 8), (64, 16, 16, 16), (128, 32, 8, 16)])
+def test_cuda_smem_bytes_covers_tables_and_the_final_merge(d, m, rows, warps):
+    from hf_effllm.kernels.million_cuda import smem_bytes
+
+    need = smem_bytes(d, m, warps, rows, design="mma")
+    assert need >= 2 * 256 * d * 2  # the two tables
+    assert need >= warps * ((8 if rows <= 8 else 16) * d + 32) * 4  # the warps' accumulators, maxima and sums
 
 
 @pytest.mark.parametrize("dsub,m", [(1, 16), (4, 4), (8, 2)])  # DSUB 8: the loop kernel hands over to "chunked"
