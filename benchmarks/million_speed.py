@@ -34,7 +34,6 @@ Results: ``benchmarks/results/million_speed.{json,md}`` (``million_speed_quick.*
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import os
 import sys
@@ -69,7 +68,6 @@ SWEEP = {
     "smem": [(128, 8, None), (128, 8, 2), (64, 8, None), (64, 4, None), (64, 8, 2)],
     "cuda": [(32, None, None), (32, 8, None), (32, 16, None)],  # warps: default (12 at Lq=1), 8, 16 (spills)
 }
-SWEEP["cuda-fma"] = SWEEP["cuda"]
 
 
 def _inputs(b, hq, hkv, n, r, d, m, k, dtype, dev, seed=0):
@@ -84,27 +82,15 @@ def _inputs(b, hq, hkv, n, r, d, m, k, dtype, dev, seed=0):
     return q, ck, cv, cbk, cbv, rk, rv
 
 
-VARIANTS = ("l1", "smem", "cuda", "cuda-fma")  # "cuda-fma": the CUDA kernel's "fma" design (values on the CUDA cores)
-
-
-@contextlib.contextmanager
-def _design(variant: str):
-    """``million_cuda.DESIGN`` for ``variant`` ("cuda-fma": "fma"; the others: the module default) while inside."""
-    old = million_cuda.DESIGN
-    million_cuda.DESIGN = "fma" if variant == "cuda-fma" else old
-    try:
-        yield "cuda" if variant.startswith("cuda") else variant
-    finally:
-        million_cuda.DESIGN = old
+VARIANTS = ("l1", "smem", "cuda")
 
 
 def _skip(variant, q, ck, cv, cbk, m, d, k) -> bool:
     """Whether ``variant`` does not take this shape/dtype/device (the others are compared on it)."""
     if variant == "smem":
         return _smem_chunks(m, d // m, k, q.element_size()) is None  # e.g. fp32 with DSUB 4 (128-bit centroids)
-    if variant.startswith("cuda"):
-        with _design(variant):
-            return million_cuda.supports(q, ck, cv, cbk, q.shape[1] // ck.shape[1], q.shape[2]) is not None
+    if variant == "cuda":
+        return million_cuda.supports(q, ck, cv, cbk, q.shape[1] // ck.shape[1], q.shape[2]) is not None
     return False
 
 
@@ -124,9 +110,8 @@ def check(run, dev, quick, variants=VARIANTS) -> dict[str, bool]:
             for variant in variants:
                 if _skip(variant, q, ck, cv, cbk, m, d, k):
                     continue
-                with _design(variant) as v:
-                    out = million_attention(q, ck, cv, cbk, cbv, rk, rv, scale=d**-0.5, code_mask=cm, use_kernel=True,
-                                            variant=v)  # fmt: skip
+                out = million_attention(q, ck, cv, cbk, cbv, rk, rv, scale=d**-0.5, code_mask=cm, use_kernel=True,
+                                        variant=variant)  # fmt: skip
                 err = float((out.float() - ref.float()).norm() / ref.float().norm())
                 ok = err < (1e-4 if dtype == torch.float32 else 2e-2)
                 ok_all[variant] = ok_all.get(variant, True) and ok
@@ -167,9 +152,8 @@ def bench_decode(run, dev, quick, ok, variants=VARIANTS):
                     for bn, warps, chunks in configs:
 
                         def fn(bn=bn, w=warps, c=chunks, v=variant, t=(q, ck, cv, cbk, cbv, rk, rv)):
-                            with _design(v) as v_:
-                                return million_attention(*t, scale=d**-0.5, block_n=bn, num_warps=w, use_kernel=True,
-                                                         variant=v_, chunks=c)  # fmt: skip
+                            return million_attention(*t, scale=d**-0.5, block_n=bn, num_warps=w, use_kernel=True,
+                                                     variant=v, chunks=c)  # fmt: skip
 
                         try:
                             ms = time_ms(fn, warmup=25 if not quick else 1, rep=100 if not quick else 1)
@@ -183,9 +167,8 @@ def bench_decode(run, dev, quick, ok, variants=VARIANTS):
                     ib = ideal_bytes(b, hkv, n, d, m)
                     moved = ib["code_bytes"] + 2 * rk.numel() * rk.element_size()
                     ms, bn, warps, chunks = best
-                    if variant.startswith("cuda"):
-                        with _design(variant):
-                            note = f"M={m} warps={warps or million_cuda.num_warps(q.shape[1] // hkv)}"
+                    if variant == "cuda":
+                        note = f"M={m} warps={warps or million_cuda.num_warps(q.shape[1] // hkv)}"
                     else:
                         note = f"M={m} block_n={bn} warps={warps}" + (
                             f" chunks={chunks or 'default'}" if variant == "smem" else ""
@@ -195,9 +178,8 @@ def bench_decode(run, dev, quick, ok, variants=VARIANTS):
                             note=note + ("" if ok.get(variant, False) else "; FAILED or unchecked correctness"))  # fmt: skip
                     print(f"    {bits}-bit {variant:4s}: {ms:.4f} ms  x{base / ms:.2f} vs sdpa  "
                           f"({moved / ms / 1e9:.2f} TB/s, {note})")  # fmt: skip
-                    if variant.startswith("cuda"):  # where the time goes: the codes kernel alone (no window, no merge)
-                        with _design(variant):
-                            codes_ms = _cuda_codes_only_ms(q, ck, cv, cbk, cbv, d, warps)
+                    if variant == "cuda":  # where the time goes: the codes kernel alone (no window, no merge)
+                        codes_ms = _cuda_codes_only_ms(q, ck, cv, cbk, cbv, d, warps)
                         run.add(section="decode", variant=f"MILLION {bits}-bit ({variant}, codes kernel only)", batch=b,
                                 tokens=n, ms=codes_ms, tbps=ib["code_bytes"] / codes_ms / 1e9,
                                 bytes=ib["code_bytes"], speedup=base / codes_ms, note=note)  # fmt: skip

@@ -7,29 +7,33 @@ wavefront when the 32 lanes of a warp hit 32 different banks; Triton has no per-
 4 bits). Here the two codebook tables are stored to shared memory once per block and every gather is one
 ``ld.shared``.
 
-Layout (per block: one (batch, KV head, split of the codes); 8-16 warps, each owning 32 tokens per step):
+Layout (per block: one (batch, KV head, split of the codes); 8-12 warps, each owning 32 tokens per step):
 
-* shared memory: the K table, code-major and XOR-swizzled (word of centroid ``c`` of subspace ``m`` at
-  ``c * M + (m ^ (c & SWZ))``), and the V table, code-major and plain (``c * M + m``): 256 x D x 4 B = 128 KiB at
-  D=128 for both; per warp a 32 x 16 probability tile, 16 rescale factors and two 32 x M tiles of value codes.
-* a software pipeline per warp: while one 32-token tile is computed, the next tile's key codes are loaded into
-  registers and its value codes copied into the other value-code tile (``cp.async``), so HBM latency is hidden by
-  the work of the same warp (4-12% faster on the H200 than loading each tile when it is needed).
+* shared memory: the K and V tables, subspace-major (word of centroid ``c`` of subspace ``m`` at ``m * K + c``:
+  the codebook tensor itself, no copy), 256 x D x 2 B each (128 KiB for both at D=128), stored once per block.
+* a software pipeline per warp: the next tile's key codes load into registers while this tile's softmax and
+  values run, its value codes while the next tile's scores run.
 * scores on the tensor cores: ``mma.m16n8k16`` with the (up to 16) query rows of the KV group as the A operand,
-  held in registers for the whole kernel, and the centroid words gathered straight into the B fragments (no
-  decoded key tile is written anywhere). The head dimension is permuted consistently in A and B so that each
-  thread's subspaces are ``M/4`` consecutive code bytes of its token: one 16-byte load of codes per token
-  and thread at 4 bits. Lanes of one gather share four subspaces across eight tokens, so the bank is randomised by
-  the swizzle: about 3.5 wavefronts per gather instruction instead of 8 or 16.
-* online softmax per warp and 32-token tile (rows are spread over groups of four lanes, two shuffles per reduction).
-* values on the CUDA cores: lane ``l`` owns subspaces ``l, l + 32, ...`` (one conflict-free gather per token and
-  subspace: the bank is ``m % 32``), multiplies the centroid by the tile's probabilities (a broadcast read) and
-  accumulates ``GQ * Lq x DSUB`` values per subspace in registers.
+  held in registers for the whole kernel, and the centroid words gathered straight into the B fragments. The head
+  dimension is permuted consistently in A and B so that each thread's subspaces are ``M/4`` consecutive code bytes
+  of its token (one 16-byte load of codes per token and thread at 4 bits). A gather is three instructions: the
+  code byte by one byte permute (``PRMT``), the address by one ``LEA`` (the subspace's row offset is folded into
+  the load's immediate), the ``ld.shared``.
+* online softmax per warp and 32-token tile; the probabilities stay in registers: the score mma's C fragments,
+  rounded to the model dtype, are exactly the B fragments of the value mma (as in FlashAttention-2).
+* values on the tensor cores: ``O^T (dims x rows) += V^T (dims x tokens) P^T (tokens x rows)``. Thread
+  ``(g, t4)`` owns the words ``g * D/16 + j`` (two dimensions each, one m-tile ``j`` per word) of the tokens
+  ``2 t4, 2 t4 + 1, 2 t4 + 8, 2 t4 + 9`` of each 16-token slice: it gathers the four centroid words and two byte
+  permutes per pair turn them into the A fragment (rows = the two dimensions, k = the tokens); its value codes
+  are ``D/16`` consecutive bytes (one 8-byte load per token at 4 bits).
 * the warps' (max, sum, accumulator) are merged in shared memory at the end; the block writes one partial per
   query row in the layout of the Triton kernels, so the same merge kernel adds the full-precision window.
 
-Bytes and gathers per cached token and KV head at 4 bits, D=128: 128 HBM bytes of codes (K and V), 64 K gathers
-(~3.5 wavefronts per 32) and 64 V gathers (1 wavefront per 32), 4 ``mma`` per 8 tokens per 16 dimensions.
+Counts per cached token and KV head at 4 bits, D=128: 128 HBM bytes of codes (K and V); 128 centroid gathers
+(64 K, 64 V) whose banks are set by the codes, so about 3.5 wavefronts per 32 instead of 1 (the limit: about 14
+shared-memory wavefronts per token); 30 warp instructions per token in the SASS of the main loop (the previous
+design, values on the CUDA cores from a probability tile in shared memory, took 64; it ran 1.12-1.14x slower at
+batch 16 and 1.2-1.3x slower at batch 1 on the H200: ``benchmarks/results/million_speed_mma.md``).
 
 Supported: float16/bfloat16, ``DSUB`` 2 or 4 (4 and 2 bits at D = 2M, 4M), 256 centroids, D in (64, 128),
 ``GQ * Lq <= 16``, codes rows 16-byte aligned; :func:`supports` says whether a call qualifies, and
@@ -50,29 +54,30 @@ import torch
 from hf_effllm.errors import HfEffllmError
 
 from .cuda_rt import available, cdiv, compiled, launch, on_device, render, sm_count, smem_limit
-from .million import _WORD_DTYPES, _packed_table, memoized_per_tensor
+from .million import _WORD_DTYPES
 
 __all__ = [
     "available",
     "cuda_source",
+    "kernel_tables",
     "million_codes_cuda",
     "num_warps",
     "smem_bytes",
     "smem_limit",
     "split_plan",
+    "subspace_table",
     "supports",
-    "swizzled_table",
 ]
 
 NWARPS = 16  # the most warps a block may have (the final merge reuses the tables' shared memory)
 ROWS = 16  # query rows per KV head in the partials (the mma's M dimension)
 
 
-def num_warps(rows: int, design: str | None = None) -> int:
+def num_warps(rows: int) -> int:
     """Default warps per block for ``rows = GQ * Lq`` query rows, the most that compile without register spills
-    (ptxas 13.0, sm_90, with masks and per-head codebooks): ``"mma"``: 12 up to 8 rows (at most 168 registers),
-    else 8 (up to 218); ``"fma"``: 12 up to 4 rows (144 registers), else 8 (up to 174)."""
-    return 12 if rows <= (8 if (design or DESIGN) == "mma" else 4) else 8
+    (ptxas 13.0, sm_90, with masks and per-head codebooks): 12 up to 8 rows (at most 168 registers), else 8 (up
+    to 218)."""
+    return 12 if rows <= 8 else 8
 
 
 _SOURCE = r"""
@@ -389,379 +394,33 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_cuda(
 """
 
 
-_SOURCE_FMA = r"""
-#define D_ {D}
-#define M_ {M}
-#define DSUB {DSUB}
-#define GQ {GQ}
-#define LQ {LQ}
-#define NQ (GQ * LQ)
-#define HKV {HKV}
-#define NWARPS {NWARPS}
-#define IS_BF16 {IS_BF16}
-#define PER_HEAD {PER_HEAD}
-#define HAS_MASK {HAS_MASK}
-#define KC 256
-#define WPS (DSUB / 2)
-#define CB (M_ / 4)
-#define KS (D_ / 16)
-#define MV ((M_ + 31) / 32)
-#define SWZ (((M_ < 32 / WPS) ? M_ : (32 / WPS)) - 1)
-#define NEG_INF (-__int_as_float(0x7f800000))
-#define PST 20  // floats per token in the probability tile: 16 rows + 4 pad (conflict-free stores, 16-byte rows)
-#define RR ((NQ > 8) ? 2 : 1)  // row halves in use: rows g (and g + 8 when more than 8 query rows)
-//@COMMON
-
-
-__device__ __forceinline__ float lo_f(u32 w) {
-#if IS_BF16
-    return __uint_as_float(w << 16);
-#else
-    float f;
-    asm("{ .reg .b16 l, h; mov.b32 {l, h}, %1; cvt.f32.f16 %0, l; }" : "=f"(f) : "r"(w));
-    return f;
-#endif
-}
-
-__device__ __forceinline__ float hi_f(u32 w) {
-#if IS_BF16
-    return __uint_as_float(w & 0xffff0000u);
-#else
-    float f;
-    asm("{ .reg .b16 l, h; mov.b32 {l, h}, %1; cvt.f32.f16 %0, h; }" : "=f"(f) : "r"(w));
-    return f;
-#endif
-}
-
-
-__device__ __forceinline__ u32 code_byte(const u32* cw, int i) { return (cw[i >> 2] >> ((i & 3) * 8)) & 255u; }
-
-
-// value codes of the 32 tokens from T0 -> the warp's tile BUF (cp.async, zero past the end)
-#define ISSUE_V(T0, BUF)                                                                              \
-    for (int ci = lane; ci < 32 * (M_ / 16); ci += 32) {                                              \
-        const int tok = ci / (M_ / 16), part = ci % (M_ / 16);                                        \
-        const bool in = (T0) + tok < end;                                                             \
-        cp_async16(cvS + (BUF) * 32 * M_ + tok * M_ + part * 16,                                      \
-                   cv + cvb + (long long)(in ? (T0) + tok : start) * scv_n + part * 16, in ? 16 : 0); \
-    }
-// key codes of this thread's tokens T0 + nt * 8 + g (subspaces t4 * CB ...) -> registers
-#define LOAD_K(T0)                                                                                   \
-    _Pragma("unroll") for (int nt = 0; nt < 4; ++nt) {                                               \
-        const int tok = (T0) + nt * 8 + g;                                                           \
-        _Pragma("unroll") for (int i = 0; i < CB / 4; ++i) ckr[nt][i] = 0u;                          \
-        if (tok < end) {                                                                             \
-            const u8* src = ck + ckb + (long long)tok * sc_n + t4 * CB;                              \
-            LOAD_CB(ckr[nt], src);                                                                   \
-        }                                                                                            \
-    }
-#if CB == 16
-#define LOAD_CB(cw, src) { const uint4 w = *(const uint4*)(src); cw[0] = w.x; cw[1] = w.y; cw[2] = w.z; cw[3] = w.w; }
-#elif CB == 8
-#define LOAD_CB(cw, src) { const uint2 w = *(const uint2*)(src); cw[0] = w.x; cw[1] = w.y; }
-#else
-#define LOAD_CB(cw, src) { cw[0] = *(const u32*)(src); }
-#endif
-
-extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_cuda(
-    const u16* __restrict__ q, const u8* __restrict__ ck, const u8* __restrict__ cv,
-    const u32* __restrict__ tk, const u32* __restrict__ tv, const signed char* __restrict__ cmask,
-    float* __restrict__ po, float* __restrict__ pm, float* __restrict__ pl,
-    int n_codes, int split_len, int num_splits, int scale_bits,
-    int sq_b, int sq_h, int sq_l, int sc_b, int sc_h, int sc_n, int scv_b, int scv_h, int scv_n,
-    int stab_g, int smask_b) {
-    extern __shared__ __align__(16) u32 smem[];
-    u32* sK = smem;
-    u32* sV = sK + KC * M_ * WPS;
-    float* tiles = (float*)(sV + KC * M_ * WPS);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    float* pS = tiles + warp * (32 * PST + 16);  // probabilities [32 tokens][PST], then 16 rescale factors
-    float* aS = pS + 32 * PST;
-    u8* cvS = (u8*)(tiles + NWARPS * (32 * PST + 16)) + warp * 2 * 32 * M_;  // two value-code tiles (double buffer)
-
-    const int bh = blockIdx.x, sp = blockIdx.y;
-    const int b = bh / HKV, h = bh % HKV;
-    const u32* tkb = tk + (PER_HEAD ? (long long)h * stab_g * WPS : 0);
-    const u32* tvb = tv + (PER_HEAD ? (long long)h * stab_g * WPS : 0);
-    // both tables, linear 16-byte copies (the host stored the K table already swizzled)
-    for (int i = threadIdx.x; i < KC * M_ * WPS / 4; i += NWARPS * 32) {
-        ((uint4*)sK)[i] = ((const uint4*)tkb)[i];
-        ((uint4*)sV)[i] = ((const uint4*)tvb)[i];
-    }
-
-    // A fragments: the query rows (row r = li * GQ + jh) with the head dimension permuted so that thread t4's
-    // subspaces in k-slice ks are the code bytes t4 * CB + ...: DSUB 2: m = t4*CB + 2ks + khi, dim 2m + e;
-    // DSUB 4: m = t4*CB + ks, dim 4m + 2khi + e (khi: k >= 8 within the slice, e: the pair element).
-    const int g = lane >> 2, t4 = lane & 3;
-    u32 afr[KS][4];
-    #pragma unroll
-    for (int ks = 0; ks < KS; ++ks) {
-        #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int row = g + (j & 1) * 8, khi = j >> 1;
-#if DSUB == 2
-            const int dim = 2 * (t4 * CB + 2 * ks + khi);
-#else
-            const int dim = 4 * (t4 * CB + ks) + 2 * khi;
-#endif
-            u32 v = 0;
-            if (row < NQ) {
-                const u16* qr = q + (long long)b * sq_b + (long long)(h * GQ + row % GQ) * sq_h + (long long)(row / GQ) * sq_l;
-                v = (u32)qr[dim] | ((u32)qr[dim + 1] << 16);
-            }
-            afr[ks][j] = v;
-        }
-    }
-    __syncthreads();
-
-    const float scale = __int_as_float(scale_bits);
-    const long long ckb = (long long)b * sc_b + (long long)h * sc_h;
-    const long long cvb = (long long)b * scv_b + (long long)h * scv_h;
-    const int start = sp * split_len;
-    const int end = min(start + split_len, n_codes);
-    float m_r[2] = {NEG_INF, NEG_INF}, l_r[2] = {0.f, 0.f};
-    float acc[NQ][MV][DSUB];
-    #pragma unroll
-    for (int r = 0; r < NQ; ++r)
-        #pragma unroll
-        for (int mv = 0; mv < MV; ++mv)
-            #pragma unroll
-            for (int e = 0; e < DSUB; ++e) acc[r][mv][e] = 0.f;
-
-    // Software pipeline: while a tile's scores, softmax and values are computed, the next tile's key codes are in
-    // flight to registers and its value codes to the other shared-memory tile (cp.async).
-    int buf = 0;
-    u32 ckr[4][CB / 4];
-    int t0 = start + warp * 32;
-    if (t0 < end) {
-        ISSUE_V(t0, 0);
-        LOAD_K(t0);
-    }
-    cp_async_commit();
-    for (; t0 < end; t0 += NWARPS * 32) {
-        const int tn = t0 + NWARPS * 32;
-        // scores of 16 rows x 32 tokens: four n-tiles of 8 tokens
-        float s[4][4];
-        #pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
-            const u32* cw = ckr[nt];
-            float c[4] = {0.f, 0.f, 0.f, 0.f};
-            #pragma unroll
-            for (int ks = 0; ks < KS; ++ks) {
-#if DSUB == 2
-                const u32 c0 = code_byte(cw, 2 * ks), c1 = code_byte(cw, 2 * ks + 1);
-                const int m0 = t4 * CB + 2 * ks;
-                const u32 b0 = sK[c0 * M_ + ((m0) ^ (c0 & SWZ))];
-                const u32 b1 = sK[c1 * M_ + ((m0 + 1) ^ (c1 & SWZ))];
-#else
-                const u32 c0 = code_byte(cw, ks);
-                const int m0 = t4 * CB + ks;
-                const uint2 w = ((const uint2*)sK)[c0 * M_ + (m0 ^ (c0 & SWZ))];
-                const u32 b0 = w.x, b1 = w.y;
-#endif
-                mma16816(c, afr[ks], b0, b1);
-            }
-            #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int tok_c = t0 + nt * 8 + t4 * 2 + e;
-                bool ok = tok_c < end;
-#if HAS_MASK
-                if (ok) ok = cmask[(long long)b * smask_b + tok_c] != 0;
-#endif
-                s[nt][e] = ok ? c[e] * scale : NEG_INF;
-                s[nt][2 + e] = ok ? c[2 + e] * scale : NEG_INF;
-            }
-        }
-        // the next tile's codes (the value-code tile it goes to was last read before the previous __syncwarp)
-        if (tn < end) {
-            LOAD_K(tn);
-            ISSUE_V(tn, buf ^ 1);
-        }
-        cp_async_commit();
-        // online softmax: this thread holds rows g and g + 8, tokens nt * 8 + t4 * 2 + e
-        #pragma unroll
-        for (int rr = 0; rr < RR; ++rr) {
-            float mx = NEG_INF;
-            #pragma unroll
-            for (int nt = 0; nt < 4; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * rr], s[nt][2 * rr + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float m_new = fmaxf(m_r[rr], mx);
-            const float m_safe = m_new == NEG_INF ? 0.f : m_new;
-            const float alpha = __expf(m_r[rr] - m_safe);
-            float sum = 0.f;
-            #pragma unroll
-            for (int nt = 0; nt < 4; ++nt)
-                #pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const float p = __expf(s[nt][2 * rr + e] - m_safe);
-                    sum += p;
-                    pS[(nt * 8 + t4 * 2 + e) * PST + g + 8 * rr] = p;
-                }
-            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-            sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-            l_r[rr] = l_r[rr] * alpha + sum;
-            m_r[rr] = m_new;
-            if (t4 == 0) aS[g + 8 * rr] = alpha;
-        }
-        cp_async_wait<1>();  // this tile's value codes (all but the group just committed) have landed
-        __syncwarp();
-        const u8* cvT = cvS + buf * 32 * M_;
-        // values: lane owns subspaces lane + 32 mv
-        #pragma unroll
-        for (int r = 0; r < NQ; ++r) {
-            const float a = aS[r];
-            #pragma unroll
-            for (int mv = 0; mv < MV; ++mv)
-                #pragma unroll
-                for (int e = 0; e < DSUB; ++e) acc[r][mv][e] *= a;
-        }
-        const int ntok = min(32, end - t0);
-        for (int j = 0; j < ntok; ++j) {
-            float p[NQ];
-            #pragma unroll
-            for (int r = 0; r < NQ; ++r) p[r] = pS[j * PST + r];
-            #pragma unroll
-            for (int mv = 0; mv < MV; ++mv) {
-                const int m = lane + 32 * mv;
-                if (M_ >= 32 || m < M_) {
-                    const u32 code = cvT[j * M_ + m];
-                    float v[DSUB];
-#if WPS == 1
-                    const u32 w = sV[code * M_ + m];
-                    v[0] = lo_f(w); v[1] = hi_f(w);
-#else
-                    const uint2 w = ((const uint2*)sV)[code * M_ + m];
-                    v[0] = lo_f(w.x); v[1] = hi_f(w.x); v[2] = lo_f(w.y); v[3] = hi_f(w.y);
-#endif
-                    #pragma unroll
-                    for (int r = 0; r < NQ; ++r)
-                        #pragma unroll
-                        for (int e = 0; e < DSUB; ++e) acc[r][mv][e] = fmaf(p[r], v[e], acc[r][mv][e]);
-                }
-            }
-        }
-        __syncwarp();
-        buf ^= 1;
-    }
-    cp_async_wait<0>();
-
-    // merge the warps: accumulators [NWARPS][16][D] over the tables, maxima and sums after them
-    __syncthreads();
-    float* red = (float*)smem;
-    float* redM = red + NWARPS * 16 * D_;
-    float* redL = redM + NWARPS * 16;
-    #pragma unroll
-    for (int r = 0; r < NQ; ++r)
-        #pragma unroll
-        for (int mv = 0; mv < MV; ++mv) {
-            const int m = lane + 32 * mv;
-            if (M_ >= 32 || m < M_) {
-                #pragma unroll
-                for (int e = 0; e < DSUB; ++e) red[(warp * 16 + r) * D_ + m * DSUB + e] = acc[r][mv][e];
-            }
-        }
-    if (t4 == 0) {
-        #pragma unroll
-        for (int rr = 0; rr < RR; ++rr) {
-            redM[warp * 16 + g + 8 * rr] = m_r[rr];
-            redL[warp * 16 + g + 8 * rr] = l_r[rr];
-        }
-    }
-    __syncthreads();
-    const long long part = ((long long)bh * num_splits + sp) * 16;
-    for (int idx = threadIdx.x; idx < 16 * D_; idx += NWARPS * 32) {
-        const int r = idx / D_, d = idx % D_;
-        if (r < NQ) {
-            float mx = NEG_INF;
-            for (int w = 0; w < NWARPS; ++w) mx = fmaxf(mx, redM[w * 16 + r]);
-            const float m_safe = mx == NEG_INF ? 0.f : mx;
-            float o = 0.f, l = 0.f;
-            for (int w = 0; w < NWARPS; ++w) {
-                const float f = __expf(redM[w * 16 + r] - m_safe);
-                o += red[(w * 16 + r) * D_ + d] * f;
-                l += redL[w * 16 + r] * f;
-            }
-            po[(part + r) * D_ + d] = o;
-            if (d == 0) {
-                pm[part + r] = mx;
-                pl[part + r] = l;
-            }
-        } else {
-            po[(part + r) * D_ + d] = 0.f;
-            if (d == 0) {
-                pm[part + r] = NEG_INF;
-                pl[part + r] = 0.f;
-            }
-        }
-    }
-}
-"""
-
-
-DESIGN = "mma"  # "mma": values on the tensor cores (this module's docstring); "fma": values on the CUDA cores
-
-
 def cuda_source(
-    *,
-    d: int,
-    m: int,
-    gq: int,
-    lq: int,
-    hkv: int,
-    bf16: bool,
-    per_head: bool,
-    has_mask: bool,
-    nwarps: int = NWARPS,
-    design: str | None = None,
+    *, d: int, m: int, gq: int, lq: int, hkv: int, bf16: bool, per_head: bool, has_mask: bool, nwarps: int = NWARPS
 ) -> str:
     """The kernel's CUDA source for one shape (constants baked in, like Triton's ``constexpr``)."""
-    src = _SOURCE if (design or DESIGN) == "mma" else _SOURCE_FMA
     return render(
-        src, D=d, M=m, DSUB=d // m, GQ=gq, LQ=lq, HKV=hkv, NWARPS=nwarps, IS_BF16=bf16, PER_HEAD=per_head,
+        _SOURCE, D=d, M=m, DSUB=d // m, GQ=gq, LQ=lq, HKV=hkv, NWARPS=nwarps, IS_BF16=bf16, PER_HEAD=per_head,
         HAS_MASK=has_mask,
     )  # fmt: skip
 
 
-def smem_bytes(d: int, m: int, nwarps: int = NWARPS, rows: int = ROWS, design: str | None = None) -> int:
-    """Dynamic shared memory of one block: both tables (256 x D x 2 bytes each; the final merge of the warps'
-    ``rows`` query rows reuses them, and needs more at 16 warps and 9-16 rows)."""
-    if (design or DESIGN) != "mma":
-        return 2 * 256 * d * 2 + nwarps * (32 * 20 + 16) * 4 + nwarps * 2 * 32 * m
+def smem_bytes(d: int, m: int, nwarps: int = NWARPS, rows: int = ROWS) -> int:
+    """Dynamic shared memory of one block: both tables (256 x D x 2 bytes each); the final merge of the warps'
+    ``rows`` query rows reuses them (and needs more at 16 warps with 9-16 rows)."""
     merge = nwarps * ((8 if rows <= 8 else 16) * d + 32) * 4
     return max(2 * 256 * d * 2, merge)
 
 
-def kernel_tables(codebook_k: torch.Tensor, codebook_v: torch.Tensor, design: str | None = None) -> tuple:
-    """The two ``(G, M, K, DSUB)`` codebooks as the kernel reads them: subspace-major words ``(G, M, K)`` (a view,
-    no copy, for ``design="mma"``), or the code-major tables of the ``"fma"`` design (the K table swizzled)."""
-    if (design or DESIGN) != "mma":
-        return swizzled_table(_packed_table(codebook_k)), _packed_table(codebook_v)
-    return tuple(subspace_table(cb) for cb in (codebook_k, codebook_v))
+def kernel_tables(codebook_k: torch.Tensor, codebook_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two ``(G, M, K, DSUB)`` codebooks as the kernel reads them: words ``(G, M, K)``, one word = one
+    centroid's ``DSUB`` elements (views of the codebooks, no copy)."""
+    return subspace_table(codebook_k), subspace_table(codebook_v)
 
 
 def subspace_table(codebook: torch.Tensor) -> torch.Tensor:
     """``(G, M, K, DSUB)`` codebook -> words ``(G, M, K)`` (one word = one centroid's ``DSUB`` elements): a view."""
     cb = codebook.contiguous()
     return cb.view(_WORD_DTYPES[cb.shape[-1] * cb.element_size()])[..., 0]
-
-
-_SWIZZLED: dict[int, tuple] = {}  # id(packed table) -> (weakref, (version, shape, dtype), swizzled copy)
-
-
-def swizzled_table(table: torch.Tensor) -> torch.Tensor:
-    """The packed code-major K table ``(G, K, M)`` with each code's row XOR-swizzled as the kernel reads it: word
-    ``m`` of centroid ``c`` at column ``m ^ (c & SWZ)`` (``SWZ + 1`` = the subspaces one bank sweep holds: 32 for
-    4-byte words, 16 for 8-byte words, at most ``M``). Memoized per table tensor (identity and version)."""
-
-    def swizzle(t: torch.Tensor) -> torch.Tensor:
-        k, m = t.shape[-2:]
-        swz = min(m, 32 // (t.element_size() // 4)) - 1
-        c = torch.arange(k, device=t.device)[:, None]
-        idx = torch.arange(m, device=t.device)[None, :] ^ (c & swz)  # involution: source column of each slot
-        return t.gather(-1, idx.expand(*t.shape[:-2], k, m).contiguous()).contiguous()
-
-    return memoized_per_tensor(_SWIZZLED, table, swizzle)
 
 
 def supports(
@@ -805,24 +464,14 @@ def split_plan(n: int, bh: int, device: torch.device, splits: int | None = None)
 
 
 def _compiled(key: tuple, device: torch.device) -> tuple[Any, int]:
-    """``(kernel, shared-memory bytes)`` for ``key = (d, m, gq, lq, hkv, bf16, per_head, has_mask, nwarps,
-    design)`` on ``device``; the source is generated and compiled on the first call only (a dict lookup
-    afterwards)."""
-    d, m, gq, lq, hkv, bf16, per_head, has_mask, nwarps, design = key
-    smem = smem_bytes(d, m, nwarps, gq * lq, design)
+    """``(kernel, shared-memory bytes)`` for ``key = (d, m, gq, lq, hkv, bf16, per_head, has_mask, nwarps)`` on
+    ``device``; the source is generated and compiled on the first call only (a dict lookup afterwards)."""
+    d, m, gq, lq, hkv, bf16, per_head, has_mask, nwarps = key
+    smem = smem_bytes(d, m, nwarps, gq * lq)
 
     def source() -> str:
         return cuda_source(
-            d=d,
-            m=m,
-            gq=gq,
-            lq=lq,
-            hkv=hkv,
-            bf16=bf16,
-            per_head=per_head,
-            has_mask=has_mask,
-            nwarps=nwarps,
-            design=design,
+            d=d, m=m, gq=gq, lq=lq, hkv=hkv, bf16=bf16, per_head=per_head, has_mask=has_mask, nwarps=nwarps
         )
 
     return compiled(key, device, source, "million_codes_cuda", smem), smem
@@ -870,7 +519,7 @@ def million_codes_cuda(
             f"nwarps={warps} needs {need} bytes of shared memory per block at D={d}, M={m}; this GPU gives {limit}. "
             f"Use fewer warps (the default, {num_warps(gq * lq)}, fits on the H100/H200)."
         )
-    key = (d, m, gq, lq, hkv, q.dtype == torch.bfloat16, per_head, code_mask is not None, warps, DESIGN)
+    key = (d, m, gq, lq, hkv, q.dtype == torch.bfloat16, per_head, code_mask is not None, warps)
     kernel, smem = _compiled(key, q.device)
     cm = code_mask if code_mask is not None else part_m
     scale_bits = struct.unpack("<i", struct.pack("<f", scale))[0]  # a float argument's C type differs by torch version

@@ -173,11 +173,7 @@ def test_bf16_kernels_on_gpu(variant, m, k):
         (2, 6, 2, 1, 31, 5, 64, 16, 2, False),  # fewer codes than one warp's tile, M = 16 (half the lanes)
     ],
 )
-@pytest.mark.parametrize("design", ["mma", "fma"])
-def test_cuda_variant_matches_reference_on_gpu(monkeypatch, design, dtype, b, hq, hkv, lq, n, r, d, m, g, masks):
-    from hf_effllm.kernels import million_cuda
-
-    monkeypatch.setattr(million_cuda, "DESIGN", design)
+def test_cuda_variant_matches_reference_on_gpu(dtype, b, hq, hkv, lq, n, r, d, m, g, masks):
     args = _inputs(b, hq, hkv, lq, n, r, d, m, 256, g, dtype, seed=n, masks=masks)
     q, ck, cv, cbk, cbv, rk, rv, cm, rm = (t.cuda() if t is not None else None for t in args)
     ref = million_attention_reference(q.float(), ck, cv, cbk.float(), cbv.float(), rk.float(), rv.float(),
@@ -222,25 +218,9 @@ def test_cuda_split_plan_covers_every_code_once(n, splits):
     assert split_plan(0, 8, torch.device("cpu"), splits)[0] == 0
 
 
-@pytest.mark.parametrize("m,dsub", [(64, 2), (32, 4), (16, 4)])
-def test_cuda_swizzled_table_is_the_kernels_layout(m, dsub):
-    """Word m of centroid c sits at column m ^ (c & SWZ) (SWZ + 1: 32 words of 4 bytes or 16 of 8, at most M)."""
-    from hf_effllm.kernels.million import _packed_table
-    from hf_effllm.kernels.million_cuda import swizzled_table
-
-    cb = torch.randn(2, m, 256, dsub).half()
-    table = _packed_table(cb)
-    sw = swizzled_table(table)
-    swz = min(m, 32 // (dsub // 2)) - 1
-    for c in (0, 1, 7, 31, 200, 255):
-        for col in range(m):
-            assert sw[1, c, col ^ (c & swz)] == table[1, c, col]
-    assert swizzled_table(table) is sw  # memoized
-
-
 @pytest.mark.parametrize("m,dsub", [(64, 2), (32, 4)])
 def test_cuda_subspace_table_is_a_view_in_the_kernels_layout(m, dsub):
-    """The "mma" design reads word (m, c) = centroid c of subspace m at m * K + c, straight from the codebook."""
+    """The kernel reads word (m, c) = centroid c of subspace m at m * K + c, straight from the codebook."""
     from hf_effllm.kernels.million_cuda import kernel_tables, subspace_table
 
     cb = torch.randn(2, m, 256, dsub).half()
@@ -249,17 +229,15 @@ def test_cuda_subspace_table_is_a_view_in_the_kernels_layout(m, dsub):
     flat = table.contiguous().view(torch.float16).reshape(2, m, 256, dsub)
     assert torch.equal(flat, cb)
     assert table.stride(0) == m * 256  # what the kernel's per-head table offset assumes
-    tk, tv = kernel_tables(cb, cb * 2, design="mma")
+    tk, tv = kernel_tables(cb, cb * 2)
     assert torch.equal(tk, table) and torch.equal(tv.contiguous().view(torch.float16).reshape(cb.shape), cb * 2)
-    tk_fma, _ = kernel_tables(cb, cb, design="fma")
-    assert tk_fma.shape == (2, 256, m)  # code-major, swizzled
 
 
 @pytest.mark.parametrize("d,m,rows,warps", [(128, 64, 4, 12), (128, 64, 16, 8), (64, 16, 16, 16), (128, 32, 8, 16)])
 def test_cuda_smem_bytes_covers_tables_and_the_final_merge(d, m, rows, warps):
     from hf_effllm.kernels.million_cuda import smem_bytes
 
-    need = smem_bytes(d, m, warps, rows, design="mma")
+    need = smem_bytes(d, m, warps, rows)
     assert need >= 2 * 256 * d * 2  # the two tables
     assert need >= warps * ((8 if rows <= 8 else 16) * d + 32) * 4  # the warps' accumulators, maxima and sums
 
