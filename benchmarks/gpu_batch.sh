@@ -47,7 +47,7 @@ for step in "$@"; do
     spqr_tests) gpu_pytest spqr_tests "${T_SPQR_TESTS:-300}" tests/spqr ;;
     million) bench "million_speed --skip-e2e" 600 ;;
     million_cuda) gpu_pytest million_cuda_tests 300 tests/million/test_million_kernel.py
-                  bench "million_speed --decode-only --variants cuda --name million_speed_cuda" 420 ;;
+                  bench "million_speed --decode-only --variants cuda,cuda-mma --name million_speed_cuda" 420 ;;
     million_e2e) bench "million_speed" 600 ;;
     spqr_speed) bench "spqr_speed --skip-decode" 420 ;;
     spqr_breakdown) bench "spqr_speed --breakdown" 300 ;;

@@ -34,6 +34,7 @@ Results: ``benchmarks/results/million_speed.{json,md}`` (``million_speed_quick.*
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import sys
@@ -63,11 +64,12 @@ from hf_effllm.benchmarking import BenchmarkRun, markdown_table, time_ms  # noqa
 HQ, HKV, D, K, WINDOW = 32, 8, 128, 256, 128
 # (block_n, num_warps, chunks) tried per variant on the GPU; the best is reported. All compile with triton 3.6
 # for sm_90 without spills at Lq = 1 (smem: chunks None = 16 subspaces per chunk, 2 = 32: conflict-free gathers)
-SWEEP = {
+SWEEP = {  # "cuda-mma" (below) sweeps as "cuda"
     "l1": [(32, 4, None), (64, 4, None), (32, 8, None), (16, 4, None)],
     "smem": [(128, 8, None), (128, 8, 2), (64, 8, None), (64, 4, None), (64, 8, 2)],
-    "cuda": [(32, None, None), (32, 8, None), (32, 16, None)],  # warps: default (12 at Lq=1), 8, 16 (spills)
+    "cuda": [(32, None, None), (32, 8, None), (32, 16, None)],  # warps: default (12 at Lq=1), 8, 16
 }
+SWEEP["cuda-mma"] = SWEEP["cuda"]
 
 
 def _inputs(b, hq, hkv, n, r, d, m, k, dtype, dev, seed=0):
@@ -82,14 +84,26 @@ def _inputs(b, hq, hkv, n, r, d, m, k, dtype, dev, seed=0):
     return q, ck, cv, cbk, cbv, rk, rv
 
 
-VARIANTS = ("l1", "smem", "cuda")
+VARIANTS = ("l1", "smem", "cuda", "cuda-mma")  # "cuda-mma": the CUDA kernel with its "mma" design forced
+
+
+@contextlib.contextmanager
+def _design(variant: str):
+    """Run ``variant`` ("cuda-mma": variant "cuda" with ``million_cuda.DESIGN = "mma"``); yields the variant name
+    ``million_attention`` takes."""
+    old = million_cuda.DESIGN
+    million_cuda.DESIGN = "mma" if variant == "cuda-mma" else old
+    try:
+        yield "cuda" if variant.startswith("cuda") else variant
+    finally:
+        million_cuda.DESIGN = old
 
 
 def _skip(variant, q, ck, cv, cbk, m, d, k) -> bool:
     """Whether ``variant`` does not take this shape/dtype/device (the others are compared on it)."""
     if variant == "smem":
         return _smem_chunks(m, d // m, k, q.element_size()) is None  # e.g. fp32 with DSUB 4 (128-bit centroids)
-    if variant == "cuda":
+    if variant.startswith("cuda"):
         return million_cuda.supports(q, ck, cv, cbk, q.shape[1] // ck.shape[1], q.shape[2]) is not None
     return False
 
@@ -110,8 +124,9 @@ def check(run, dev, quick, variants=VARIANTS) -> dict[str, bool]:
             for variant in variants:
                 if _skip(variant, q, ck, cv, cbk, m, d, k):
                     continue
-                out = million_attention(q, ck, cv, cbk, cbv, rk, rv, scale=d**-0.5, code_mask=cm, use_kernel=True,
-                                        variant=variant)  # fmt: skip
+                with _design(variant) as v:
+                    out = million_attention(q, ck, cv, cbk, cbv, rk, rv, scale=d**-0.5, code_mask=cm, use_kernel=True,
+                                            variant=v)  # fmt: skip
                 err = float((out.float() - ref.float()).norm() / ref.float().norm())
                 ok = err < (1e-4 if dtype == torch.float32 else 2e-2)
                 ok_all[variant] = ok_all.get(variant, True) and ok
@@ -152,8 +167,9 @@ def bench_decode(run, dev, quick, ok, variants=VARIANTS):
                     for bn, warps, chunks in configs:
 
                         def fn(bn=bn, w=warps, c=chunks, v=variant, t=(q, ck, cv, cbk, cbv, rk, rv)):
-                            return million_attention(*t, scale=d**-0.5, block_n=bn, num_warps=w, use_kernel=True,
-                                                     variant=v, chunks=c)  # fmt: skip
+                            with _design(v) as v_:
+                                return million_attention(*t, scale=d**-0.5, block_n=bn, num_warps=w, use_kernel=True,
+                                                         variant=v_, chunks=c)  # fmt: skip
 
                         try:
                             ms = time_ms(fn, warmup=25 if not quick else 1, rep=100 if not quick else 1)
@@ -167,8 +183,10 @@ def bench_decode(run, dev, quick, ok, variants=VARIANTS):
                     ib = ideal_bytes(b, hkv, n, d, m)
                     moved = ib["code_bytes"] + 2 * rk.numel() * rk.element_size()
                     ms, bn, warps, chunks = best
-                    if variant == "cuda":
-                        note = f"M={m} warps={warps or million_cuda.num_warps(q.shape[1] // hkv)}"
+                    if variant.startswith("cuda"):
+                        with _design(variant):
+                            design = million_cuda.design_for(q.shape[1] // hkv, cbv)
+                        note = f"M={m} {design} warps={warps or million_cuda.num_warps(q.shape[1] // hkv, design)}"
                     else:
                         note = f"M={m} block_n={bn} warps={warps}" + (
                             f" chunks={chunks or 'default'}" if variant == "smem" else ""
@@ -178,8 +196,9 @@ def bench_decode(run, dev, quick, ok, variants=VARIANTS):
                             note=note + ("" if ok.get(variant, False) else "; FAILED or unchecked correctness"))  # fmt: skip
                     print(f"    {bits}-bit {variant:4s}: {ms:.4f} ms  x{base / ms:.2f} vs sdpa  "
                           f"({moved / ms / 1e9:.2f} TB/s, {note})")  # fmt: skip
-                    if variant == "cuda":  # where the time goes: the codes kernel alone (no window, no merge)
-                        codes_ms = _cuda_codes_only_ms(q, ck, cv, cbk, cbv, d, warps)
+                    if variant.startswith("cuda"):  # where the time goes: the codes kernel alone (no window, no merge)
+                        with _design(variant):
+                            codes_ms = _cuda_codes_only_ms(q, ck, cv, cbk, cbv, d, warps)
                         run.add(section="decode", variant=f"MILLION {bits}-bit ({variant}, codes kernel only)", batch=b,
                                 tokens=n, ms=codes_ms, tbps=ib["code_bytes"] / codes_ms / 1e9,
                                 bytes=ib["code_bytes"], speedup=base / codes_ms, note=note)  # fmt: skip
@@ -196,10 +215,11 @@ def _cuda_codes_call(q, ck, cv, cbk, cbv, d, warps):
     po = torch.empty(b * hkv * splits * million_cuda.ROWS * d, dtype=torch.float32, device=q.device)
     pm = torch.empty(b * hkv * splits * million_cuda.ROWS, dtype=torch.float32, device=q.device)
     pl = torch.empty_like(pm)
-    tk, tv = million_cuda.kernel_tables(cbk, cbv)
+    design = million_cuda.design_for(hq // hkv, cbv)
+    tk, tv = million_cuda.kernel_tables(cbk, cbv, design)
     return lambda: million_cuda.million_codes_cuda(
         q, ck, cv, tk, tv, None, po, pm, pl, n=n, split_len=split_len, splits=splits, scale=d**-0.5, hkv=hkv,
-        gq=hq // hkv, lq=1, per_head=False, nwarps=warps,
+        gq=hq // hkv, lq=1, per_head=False, nwarps=warps, design=design,
     )  # fmt: skip
 
 
@@ -232,7 +252,7 @@ def bench_host(run, dev):
         "million_attention (smem)": lambda: million_attention(q, ck, cv, cbk, cbv, rk, rv, scale=D**-0.5, variant="smem"),
         "cuda codes kernel launch": _cuda_codes_call(q, ck, cv, cbk, cbv, D, None),
         "cuda supports()": lambda: million_cuda.supports(q, ck, cv, cbk, HQ // HKV, 1),
-        "cuda tables": lambda: million_cuda.kernel_tables(cbk, cbv),
+        "cuda tables": lambda: million_cuda.kernel_tables(cbk, cbv, million_cuda.design_for(HQ // HKV, cbv)),
     }  # fmt: skip
     for name, fn in parts.items():
         us = host_us(fn)

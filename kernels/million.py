@@ -1105,13 +1105,14 @@ def million_attention(
     part_l = torch.empty_like(part_m)
     cm = code_mask.to(torch.int8).contiguous() if code_mask is not None else part_m  # dummy pointer when unused
     if splits > 0 and variant == "cuda":
-        from .million_cuda import kernel_tables, million_codes_cuda
+        from .million_cuda import design_for, kernel_tables, million_codes_cuda
 
+        design = design_for(gq * lq, cbv)
         million_codes_cuda(
-            q, codes_k, codes_v, *kernel_tables(cbk, cbv),
+            q, codes_k, codes_v, *kernel_tables(cbk, cbv, design),
             cm if code_mask is not None else None, part_o, part_m, part_l,
             n=n, split_len=split_len, splits=splits, scale=float(scale), hkv=hkv, gq=gq, lq=lq, per_head=g > 1,
-            nwarps=num_warps,
+            nwarps=num_warps, design=design,
         )  # fmt: skip
     elif splits > 0 and variant == "smem":
         tk, tv = _packed_table(cbk), _packed_table(cbv)

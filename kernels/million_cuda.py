@@ -54,7 +54,7 @@ import torch
 from hf_effllm.errors import HfEffllmError
 
 from .cuda_rt import available, cdiv, compiled, launch, on_device, render, sm_count, smem_limit
-from .million import _WORD_DTYPES
+from .million import _WORD_DTYPES, memoized_per_tensor
 
 __all__ = [
     "available",
@@ -71,16 +71,18 @@ __all__ = [
 
 NWARPS = 16  # the most warps a block may have (the final merge reuses the tables' shared memory)
 ROWS = 16  # query rows per KV head in the partials (the mma's M dimension)
+LUT_ROWS = 4  # query rows per KV head the "lut" design takes (four fp16 values per table entry)
+DESIGNS = ("mma", "lut")
 
 
-def num_warps(rows: int) -> int:
+def num_warps(rows: int, design: str = "mma") -> int:
     """Default warps per block for ``rows = GQ * Lq`` query rows, the most that compile without register spills
-    (ptxas 13.0, sm_90, with masks and per-head codebooks): 12 up to 8 rows (at most 168 registers), else 8 (up
-    to 218)."""
-    return 12 if rows <= 8 else 8
+    (ptxas 13.0, sm_90, with masks and per-head codebooks): ``"mma"``: 12 up to 8 rows (at most 168 registers),
+    else 8 (up to 218); ``"lut"``: 12."""
+    return 12 if design == "lut" or rows <= 8 else 8
 
 
-_SOURCE = r"""
+_HEADER = r"""
 #define D_ {D}
 #define M_ {M}
 #define DSUB {DSUB}
@@ -100,6 +102,10 @@ _SOURCE = r"""
 #define VW ((VB + 3) / 4)      // their 32-bit words
 #define RR ((NQ > 8) ? 2 : 1)  // query-row halves in use: rows g (and g + 8 when more than 8 query rows)
 #define RROWS (8 * RR)         // query rows per warp in the final merge
+#define SPL ((M_ + 31) / 32)   // "lut": value subspaces per lane (SPL * lane ..)
+#define VLANES (M_ / SPL)      // "lut": lanes that own value subspaces
+#define NBLK (M_ / 16)         // "lut": 16-subspace blocks of a key-code row
+#define PW 68                  // "lut": words per warp of the probability tile (16 tokens x 4 rows) + 4 rescale factors
 #define NEG_INF (-__int_as_float(0x7f800000))
 //@COMMON
 
@@ -128,6 +134,30 @@ __device__ __forceinline__ u32 pack2(float lo, float hi) {  // two floats -> one
     return d;
 }
 
+// m16n8k16 product in fp16 whatever the model dtype (the lookup tables are fp16)
+__device__ __forceinline__ void mma_f16(float* c, const u32* a, u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float ex2(float x) {  // 2^x (ex2.approx: -inf -> 0)
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ u32 half2_of(float lo, float hi) {  // fp16 pair, saturated to the finite range
+    lo = fminf(fmaxf(lo, -65504.f), 65504.f);
+    hi = fminf(fmaxf(hi, -65504.f), 65504.f);
+    u32 d;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+    return d;
+}
+"""
+
+_SOURCE = r"""
 // key codes of this thread's tokens T0 + nt * 8 + g (subspaces t4 * CB ...) -> registers
 #define LOAD_K(T0)                                                                                   \
     _Pragma("unroll") for (int nt = 0; nt < 4; ++nt) {                                               \
@@ -394,26 +424,346 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_cuda(
 """
 
 
+_SOURCE_LUT = r"""
+// key codes of this lane's token rows T0 + g and T0 + g + 8: word 4 b + t4 of each 16-byte block b -> registers
+#define LOAD_K(T0)                                                                                   \
+    _Pragma("unroll") for (int r = 0; r < 2; ++r) {                                                  \
+        const int tok = min((T0) + g + 8 * r, end - 1);  /* past the end: scored -inf */             \
+        const u8* src = ck + ckb + (long long)tok * sc_n + 4 * t4;                                   \
+        _Pragma("unroll") for (int bb = 0; bb < NBLK; ++bb) kw[r][bb] = *(const u32*)(src + 16 * bb); \
+    }
+// value codes of the tokens T0 .. T0 + 15: the SPL bytes at SPL * lane -> registers
+#define LOAD_V(T0)                                                                                   \
+    _Pragma("unroll") for (int j = 0; j < 16; ++j) {                                                 \
+        const int tok = min((T0) + j, end - 1);  /* past the end: probability 0 */                   \
+        const u8* src = cv + cvb + (long long)tok * scv_n + SPL * lane;                              \
+        vc[j] = lane < VLANES ? (SPL == 2 ? (u32)*(const u16*)src : (u32)*src) : 0u;                 \
+    }
+
+extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_lut(
+    const u16* __restrict__ q, const u8* __restrict__ ck, const u8* __restrict__ cv,
+    const u32* __restrict__ tk, const u32* __restrict__ tv, const signed char* __restrict__ cmask,
+    float* __restrict__ po, float* __restrict__ pm, float* __restrict__ pl,
+    int n_codes, int split_len, int num_splits, int scale_bits,
+    int sq_b, int sq_h, int sq_l, int sc_b, int sc_h, int sc_n, int scv_b, int scv_h, int scv_n,
+    int stab_g, int smask_b) {
+    extern __shared__ __align__(16) u32 smem[];
+    u32* sL = smem;                          // lookup table: entry (m, c) = 4 fp16 row values at words 2 (c M + m)
+    u32* sV = sL + KC * M_ * 2;              // value table (fp16, code-major, see kernel_tables); first the K table
+    float* qS = (float*)(sV + KC * M_ * WPS);  // the 4 query rows x D, times scale * log2(e)
+    u32* tiles = (u32*)(qS + 4 * D_);        // per warp: probabilities [16 tokens][4 rows] (fp16 pairs), 4 factors
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, t4 = lane & 3;
+    const int bh = blockIdx.x, sp = blockIdx.y;
+    const int b = bh / HKV, h = bh % HKV;
+    const float scale = __int_as_float(scale_bits);
+
+    // 1. the query rows (scaled) and the key codebook, subspace-major, into shared memory
+    for (int i = threadIdx.x; i < 4 * D_; i += NWARPS * 32) {
+        const int r = i / D_, d = i % D_;
+        float v = 0.f;
+        if (r < NQ) {
+            const u16* qr = q + (long long)b * sq_b + (long long)(h * GQ + r % GQ) * sq_h + (long long)(r / GQ) * sq_l;
+#if IS_BF16
+            v = __uint_as_float(((u32)qr[d]) << 16) * scale * 1.4426950408889634f;
+#else
+            v = half_f(qr[d]) * scale * 1.4426950408889634f;
+#endif
+        }
+        qS[i] = v;
+    }
+    const u32* tkb = tk + (PER_HEAD ? (long long)h * stab_g * WPS : 0);
+    const u32* tvb = tv + (PER_HEAD ? (long long)h * stab_g * WPS : 0);
+    for (int i = threadIdx.x; i < KC * M_ * WPS / 4; i += NWARPS * 32) ((uint4*)sV)[i] = ((const uint4*)tkb)[i];
+    __syncthreads();
+
+    // 2. the lookup table LUT[m][c][r] = scale log2(e) q_r(subspace m) . C_k[m][c]: a warp takes blocks of 32 codes x 16
+    // subspaces, lane l the code cb + l and the subspaces mb + ((l + k) & 15), so that both the codebook reads and
+    // the table writes hit distinct banks
+    for (int blk = warp; blk < (KC / 32) * NBLK; blk += NWARPS) {
+        const int c = (blk % (KC / 32)) * 32 + lane, mb = (blk / (KC / 32)) * 16;
+        #pragma unroll 4
+        for (int k = 0; k < 16; ++k) {
+            const int m = mb + ((lane + k) & 15);
+            float e[DSUB];
+            #pragma unroll
+            for (int w = 0; w < WPS; ++w) {
+                const u32 x = sV[(m * KC + c) * WPS + w];
+#if IS_BF16
+                e[2 * w] = __uint_as_float(x << 16);
+                e[2 * w + 1] = __uint_as_float(x & 0xffff0000u);
+#else
+                e[2 * w] = half_f((u16)(x & 0xffffu));
+                e[2 * w + 1] = half_f((u16)(x >> 16));
+#endif
+            }
+            float v[4];
+            #pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                v[r] = 0.f;
+                #pragma unroll
+                for (int i = 0; i < DSUB; ++i) v[r] = fmaf(qS[r * D_ + DSUB * m + i], e[i], v[r]);
+            }
+            *(uint2*)(sL + 2 * (c * M_ + m)) = make_uint2(half2_of(v[0], v[1]), half2_of(v[2], v[3]));
+        }
+    }
+    __syncthreads();
+    // 3. the value table (fp16, code-major, subspaces permuted for conflict-free gathers) over the key codebook
+    for (int i = threadIdx.x; i < KC * M_ * WPS / 4; i += NWARPS * 32) ((uint4*)sV)[i] = ((const uint4*)tvb)[i];
+    __syncthreads();
+
+    const long long ckb = (long long)b * sc_b + (long long)h * sc_h;
+    const long long cvb = (long long)b * scv_b + (long long)h * scv_h;
+    const int start = sp * split_len;
+    const int end = min(start + split_len, n_codes);
+    u32* Ps = tiles + warp * PW;
+    float* As = (float*)(Ps + 64);
+    const u32 sLa = (u32)__cvta_generic_to_shared(sL);
+    const u32 sVa = (u32)__cvta_generic_to_shared(sV);
+    // Scores: A = table entries (16 rows: 8 tokens x the row pairs 0-1 and 2-3 of the 4 query rows; k: 8 subspaces x
+    // 2 query rows), B = a 0/1 matrix that adds the k-slots of query row 0 (or 2) into column 0 and of row 1 (or 3)
+    // into column 1. Lane (g, t4), step (bb, i), takes subspace 16 bb + 4 t4 + ((i + g) & 3) of its token g: byte
+    // (i + g) & 3 of its code word bb; the 16 lanes of a half-warp then read 16 distinct 8-byte banks, and one
+    // 8-byte entry (4 query rows) is exactly the registers a_{0,1} or a_{2,3} of the A fragment.
+    u32 sel[4], lb[4];
+    #pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int x = (i + g) & 3;
+        sel[i] = 0x4440u | (u32)x;
+        lb[i] = sLa + (4 * t4 + x) * 8;
+    }
+    const u32 bsel = (g == 0 ? 0x3C00u : 0u) | (g == 1 ? 0x3C000000u : 0u);  // k-slot 2t4 (+8): column 0; +1: 1
+    // Values: lane l owns subspaces SPL l + s (s < SPL) for all 4 rows, accumulated in fp16 pairs over a 16-token
+    // step and in fp32 across steps.
+    u32 vb[SPL];
+    #pragma unroll
+    for (int s = 0; s < SPL; ++s) vb[s] = sVa + (SPL == 2 ? s * 32 + lane : lane) * WPS * 4;
+    float acc[4][SPL * WPS][2];
+    #pragma unroll
+    for (int r = 0; r < 4; ++r)
+        #pragma unroll
+        for (int i = 0; i < SPL * WPS; ++i) acc[r][i][0] = acc[r][i][1] = 0.f;
+    float m_r[4] = {NEG_INF, NEG_INF, NEG_INF, NEG_INF}, l_r[4] = {0.f, 0.f, 0.f, 0.f};  // lanes t4 = 0
+
+    u32 kw[2][NBLK];
+    u32 vc[16];
+    int t0 = start + warp * 16;
+    if (t0 < end) {
+        LOAD_K(t0);
+        LOAD_V(t0);
+    }
+    for (; t0 < end; t0 += NWARPS * 16) {
+        const int tn = t0 + NWARPS * 16;
+        // c[r]: token t0 + g + 8 r, query rows 0..3 (in the lanes t4 = 0; the other lanes hold zeros)
+        float c[2][4];
+        #pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            c[r][0] = c[r][1] = c[r][2] = c[r][3] = 0.f;
+            #pragma unroll
+            for (int bb = 0; bb < NBLK; ++bb)
+                #pragma unroll
+                for (int pp = 0; pp < 2; ++pp) {
+                    const u32 c1 = __byte_perm(kw[r][bb], 0u, sel[2 * pp]);
+                    const u32 c2 = __byte_perm(kw[r][bb], 0u, sel[2 * pp + 1]);
+                    const uint2 e1 = lds64(lb[2 * pp] + bb * 128 + c1 * (M_ * 8));
+                    const uint2 e2 = lds64(lb[2 * pp + 1] + bb * 128 + c2 * (M_ * 8));
+                    const u32 af[4] = {e1.x, e1.y, e2.x, e2.y};
+                    mma_f16(c[r], af, bsel, bsel);
+                }
+        }
+        if (tn < end) LOAD_K(tn);
+        bool ok[2] = {t0 + g < end, t0 + g + 8 < end};
+#if HAS_MASK
+        #pragma unroll
+        for (int r = 0; r < 2; ++r)
+            if (ok[r]) ok[r] = cmask[(long long)b * smask_b + t0 + g + 8 * r] != 0;
+#endif
+        // online softmax in log2 units (the table holds scale * log2(e) * q . k): row max over the 16 tokens
+        float p[2][4], al[4];
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float s0 = ok[0] ? c[0][e] : NEG_INF, s1 = ok[1] ? c[1][e] : NEG_INF;
+            float mx = fmaxf(s0, s1);
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+            const float m_new = fmaxf(m_r[e], mx);
+            const float m_safe = m_new == NEG_INF ? 0.f : m_new;
+            al[e] = ex2(m_r[e] - m_safe);
+            p[0][e] = ex2(s0 - m_safe);
+            p[1][e] = ex2(s1 - m_safe);
+            l_r[e] = l_r[e] * al[e] + p[0][e] + p[1][e];  // this lane's share; the 8 lanes of a row add up at the end
+            m_r[e] = m_new;
+        }
+        if (t4 == 0) {
+            #pragma unroll
+            for (int r = 0; r < 2; ++r)
+                *(uint4*)(Ps + (g + 8 * r) * 4) = make_uint4(half2_of(p[r][0], p[r][0]), half2_of(p[r][1], p[r][1]),
+                                                             half2_of(p[r][2], p[r][2]), half2_of(p[r][3], p[r][3]));
+            if (g == 0) *(float4*)As = make_float4(al[0], al[1], al[2], al[3]);
+        }
+        __syncwarp();
+        if (lane < VLANES) {
+            const float4 al4 = *(const float4*)As;
+            const float alr[4] = {al4.x, al4.y, al4.z, al4.w};
+            u32 a16[4][SPL * WPS];
+            #pragma unroll
+            for (int r = 0; r < 4; ++r)
+                #pragma unroll
+                for (int i = 0; i < SPL * WPS; ++i) {
+                    acc[r][i][0] *= alr[r];
+                    acc[r][i][1] *= alr[r];
+                    a16[r][i] = 0u;
+                }
+            #pragma unroll
+            for (int j = 0; j < 16; ++j) {
+                const uint4 pp = *(const uint4*)(Ps + j * 4);
+                const u32 pr[4] = {pp.x, pp.y, pp.z, pp.w};
+                #pragma unroll
+                for (int s = 0; s < SPL; ++s) {
+                    const u32 code = __byte_perm(vc[j], 0u, 0x4440u | (u32)s);
+#if WPS == 1
+                    const u32 x[1] = {lds32(vb[s] + code * (M_ * 4))};
+#else
+                    const uint2 x2 = lds64(vb[s] + code * (M_ * 8));
+                    const u32 x[2] = {x2.x, x2.y};
+#endif
+                    #pragma unroll
+                    for (int w = 0; w < WPS; ++w)
+                        #pragma unroll
+                        for (int r = 0; r < 4; ++r) a16[r][s * WPS + w] = hfma2(pr[r], x[w], a16[r][s * WPS + w]);
+                }
+            }
+            #pragma unroll
+            for (int r = 0; r < 4; ++r)
+                #pragma unroll
+                for (int i = 0; i < SPL * WPS; ++i) {
+                    acc[r][i][0] += half_f((u16)(a16[r][i] & 0xffffu));
+                    acc[r][i][1] += half_f((u16)(a16[r][i] >> 16));
+                }
+        }
+        __syncwarp();
+        if (tn < end) LOAD_V(tn);
+    }
+    #pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        l_r[e] += __shfl_xor_sync(0xffffffffu, l_r[e], 4);
+        l_r[e] += __shfl_xor_sync(0xffffffffu, l_r[e], 8);
+        l_r[e] += __shfl_xor_sync(0xffffffffu, l_r[e], 16);
+    }
+
+    // merge the warps: accumulators [NWARPS][4][D] over the lookup table, maxima and sums [NWARPS][16] after them
+    __syncthreads();
+    float* red = (float*)smem;
+    float* redM = red + NWARPS * 4 * D_;
+    float* redL = redM + NWARPS * 16;
+    if (lane < VLANES) {
+        #pragma unroll
+        for (int r = 0; r < 4; ++r)
+            #pragma unroll
+            for (int s = 0; s < SPL; ++s)
+                #pragma unroll
+                for (int w = 0; w < WPS; ++w) {
+                    const int dim = DSUB * (SPL * lane + s) + 2 * w;
+                    red[(warp * 4 + r) * D_ + dim] = acc[r][s * WPS + w][0];
+                    red[(warp * 4 + r) * D_ + dim + 1] = acc[r][s * WPS + w][1];
+                }
+    }
+    if (lane == 0) {
+        #pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            redM[warp * 16 + e] = m_r[e];
+            redL[warp * 16 + e] = l_r[e];
+        }
+    }
+    __syncthreads();
+    const long long part = ((long long)bh * num_splits + sp) * 16;
+    for (int idx = threadIdx.x; idx < 16 * D_; idx += NWARPS * 32) {
+        const int r = idx / D_, d = idx % D_;
+        if (r < NQ) {
+            float mx = NEG_INF;
+            for (int w = 0; w < NWARPS; ++w) mx = fmaxf(mx, redM[w * 16 + r]);
+            const float m_safe = mx == NEG_INF ? 0.f : mx;
+            float o_ = 0.f, l = 0.f;
+            for (int w = 0; w < NWARPS; ++w) {
+                const float f = ex2(redM[w * 16 + r] - m_safe);
+                o_ += red[(w * 4 + r) * D_ + d] * f;
+                l += redL[w * 16 + r] * f;
+            }
+            po[(part + r) * D_ + d] = o_;
+            if (d == 0) {
+                pm[part + r] = mx * 0.6931471805599453f;  // log2 -> natural-log units (the merge kernel's)
+                pl[part + r] = l;
+            }
+        } else {
+            po[(part + r) * D_ + d] = 0.f;
+            if (d == 0) {
+                pm[part + r] = NEG_INF;
+                pl[part + r] = 0.f;
+            }
+        }
+    }
+}
+"""
+
+
+DESIGN: str | None = None  # None: "lut" where it applies (design_for), else "mma"; a name forces that design
+
+
+def design_for(rows: int, codebook_v: torch.Tensor) -> str:
+    """The kernel design for ``rows = GQ * Lq`` query rows: ``"lut"`` (lookup tables for the scores, values on the
+    CUDA cores: this module's docstring) up to 4 rows when the value codebook fits fp16, else ``"mma"``; the module
+    setting ``DESIGN`` overrides (the benchmark compares the two)."""
+    if DESIGN is not None:
+        if DESIGN not in DESIGNS:
+            raise HfEffllmError(f"million_cuda.DESIGN={DESIGN!r} is not known; use one of {DESIGNS} or None.")
+        if DESIGN == "lut" and rows > LUT_ROWS:
+            raise HfEffllmError(f"design 'lut' takes at most {LUT_ROWS} query rows per KV head; got {rows}.")
+        return DESIGN
+    return "lut" if rows <= LUT_ROWS and lut_value_table(codebook_v) is not None else "mma"
+
+
 def cuda_source(
-    *, d: int, m: int, gq: int, lq: int, hkv: int, bf16: bool, per_head: bool, has_mask: bool, nwarps: int = NWARPS
+    *,
+    d: int,
+    m: int,
+    gq: int,
+    lq: int,
+    hkv: int,
+    bf16: bool,
+    per_head: bool,
+    has_mask: bool,
+    nwarps: int = NWARPS,
+    design: str = "mma",
 ) -> str:
     """The kernel's CUDA source for one shape (constants baked in, like Triton's ``constexpr``)."""
     return render(
-        _SOURCE, D=d, M=m, DSUB=d // m, GQ=gq, LQ=lq, HKV=hkv, NWARPS=nwarps, IS_BF16=bf16, PER_HEAD=per_head,
-        HAS_MASK=has_mask,
+        _HEADER + (_SOURCE_LUT if design == "lut" else _SOURCE), D=d, M=m, DSUB=d // m, GQ=gq, LQ=lq, HKV=hkv,
+        NWARPS=nwarps, IS_BF16=bf16, PER_HEAD=per_head, HAS_MASK=has_mask,
     )  # fmt: skip
 
 
-def smem_bytes(d: int, m: int, nwarps: int = NWARPS, rows: int = ROWS) -> int:
-    """Dynamic shared memory of one block: both tables (256 x D x 2 bytes each); the final merge of the warps'
-    ``rows`` query rows reuses them (and needs more at 16 warps with 9-16 rows)."""
+def smem_bytes(d: int, m: int, nwarps: int = NWARPS, rows: int = ROWS, design: str = "mma") -> int:
+    """Dynamic shared memory of one block. ``"mma"``: both tables (256 x D x 2 bytes each); the final merge of the
+    warps' ``rows`` query rows reuses them (and needs more at 16 warps with 9-16 rows). ``"lut"``: the lookup table
+    (256 x M x 8 bytes), the value table, the scaled query rows and each warp's probability tile."""
+    if design == "lut":
+        return 256 * m * 8 + 256 * d * 2 + 4 * d * 4 + nwarps * 68 * 4
     merge = nwarps * ((8 if rows <= 8 else 16) * d + 32) * 4
     return max(2 * 256 * d * 2, merge)
 
 
-def kernel_tables(codebook_k: torch.Tensor, codebook_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two ``(G, M, K, DSUB)`` codebooks as the kernel reads them: words ``(G, M, K)``, one word = one
-    centroid's ``DSUB`` elements (views of the codebooks, no copy)."""
+def kernel_tables(
+    codebook_k: torch.Tensor, codebook_v: torch.Tensor, design: str = "mma"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two ``(G, M, K, DSUB)`` codebooks as the kernel reads them. ``"mma"``: words ``(G, M, K)``, one word =
+    one centroid's ``DSUB`` elements (views of the codebooks, no copy). ``"lut"``: the keys the same way, the values
+    as :func:`lut_value_table`."""
+    if design == "lut":
+        table_v = lut_value_table(codebook_v)
+        if table_v is None:
+            raise HfEffllmError("design 'lut' needs a value codebook that fits fp16 (finite, |x| <= 65504).")
+        return subspace_table(codebook_k), table_v
     return subspace_table(codebook_k), subspace_table(codebook_v)
 
 
@@ -421,6 +771,29 @@ def subspace_table(codebook: torch.Tensor) -> torch.Tensor:
     """``(G, M, K, DSUB)`` codebook -> words ``(G, M, K)`` (one word = one centroid's ``DSUB`` elements): a view."""
     cb = codebook.contiguous()
     return cb.view(_WORD_DTYPES[cb.shape[-1] * cb.element_size()])[..., 0]
+
+
+_LUT_V: dict[int, tuple] = {}  # id(value codebook) -> (weakref, (version, shape, dtype), table or None)
+
+
+def lut_value_table(codebook_v: torch.Tensor) -> torch.Tensor | None:
+    """The value codebook as the ``"lut"`` kernel reads it, or None when it does not fit fp16: fp16, code-major,
+    int32 words ``(G, K * M * DSUB / 2)``; word ``w`` of centroid ``c`` of subspace ``m`` at
+    ``(c * M + perm(m)) * DSUB / 2 + w``, where ``perm`` gives lane ``l``'s subspaces ``2 l, 2 l + 1`` the banks
+    ``l`` and ``32 + l`` when ``M = 64`` (identity otherwise). Memoized per codebook tensor (one check of its range
+    per new codebook)."""
+
+    def build(cb: torch.Tensor) -> torch.Tensor | None:
+        if not bool(torch.isfinite(cb).all()) or float(cb.abs().max()) > 65504.0:
+            return None
+        g, m, k, dsub = cb.shape
+        x = cb.to(torch.float16).permute(0, 2, 1, 3)  # (G, K, M, DSUB)
+        if m > 32:  # SPL = 2: position p holds subspace 2 (p % 32) + p // 32
+            pos = torch.arange(m, device=cb.device)
+            x = x[:, :, 2 * (pos % 32) + pos // 32]
+        return x.contiguous().view(torch.int32).reshape(g, -1)
+
+    return memoized_per_tensor(_LUT_V, codebook_v, build)
 
 
 def supports(
@@ -464,17 +837,28 @@ def split_plan(n: int, bh: int, device: torch.device, splits: int | None = None)
 
 
 def _compiled(key: tuple, device: torch.device) -> tuple[Any, int]:
-    """``(kernel, shared-memory bytes)`` for ``key = (d, m, gq, lq, hkv, bf16, per_head, has_mask, nwarps)`` on
-    ``device``; the source is generated and compiled on the first call only (a dict lookup afterwards)."""
-    d, m, gq, lq, hkv, bf16, per_head, has_mask, nwarps = key
-    smem = smem_bytes(d, m, nwarps, gq * lq)
+    """``(kernel, shared-memory bytes)`` for ``key = (d, m, gq, lq, hkv, bf16, per_head, has_mask, nwarps,
+    design)`` on ``device``; the source is generated and compiled on the first call only (a dict lookup
+    afterwards)."""
+    d, m, gq, lq, hkv, bf16, per_head, has_mask, nwarps, design = key
+    smem = smem_bytes(d, m, nwarps, gq * lq, design)
 
     def source() -> str:
         return cuda_source(
-            d=d, m=m, gq=gq, lq=lq, hkv=hkv, bf16=bf16, per_head=per_head, has_mask=has_mask, nwarps=nwarps
+            d=d,
+            m=m,
+            gq=gq,
+            lq=lq,
+            hkv=hkv,
+            bf16=bf16,
+            per_head=per_head,
+            has_mask=has_mask,
+            nwarps=nwarps,
+            design=design,
         )
 
-    return compiled(key, device, source, "million_codes_cuda", smem), smem
+    name = "million_codes_lut" if design == "lut" else "million_codes_cuda"
+    return compiled(key, device, source, name, smem), smem
 
 
 def million_codes_cuda(
@@ -497,29 +881,33 @@ def million_codes_cuda(
     lq: int,
     per_head: bool,
     nwarps: int | None = None,
+    design: str = "mma",
 ) -> None:
     """Write the per-split partials (output, max, sum; ``ROWS`` rows per (batch, KV head, split)) of the codes.
 
-    ``table_k``, ``table_v``: the codebooks as :func:`kernel_tables` lays them out; the other arguments are those of the Triton code kernels; ``nwarps``
-    (1-16) overrides :func:`num_warps`. Callers check :func:`supports` first.
+    ``table_k``, ``table_v``: the codebooks as :func:`kernel_tables` lays them out for ``design``
+    (:func:`design_for`); the other arguments are those of the Triton code kernels; ``nwarps`` (1-16) overrides
+    :func:`num_warps`. Callers check :func:`supports` first.
     """
     b = q.shape[0]
     d = q.shape[-1]
     m = codes_k.shape[-1]
     if part_o.numel() < b * hkv * splits * ROWS * d:
         raise HfEffllmError(f"part_o holds {part_o.numel()} floats; need {b * hkv * splits * ROWS * d}.")
-    warps = nwarps or num_warps(gq * lq)
+    if design not in DESIGNS or (design == "lut" and gq * lq > LUT_ROWS):
+        raise HfEffllmError(f"design={design!r} does not take GQ * Lq = {gq * lq} query rows; use 'mma'.")
+    warps = nwarps or num_warps(gq * lq, design)
     if not 1 <= warps <= NWARPS:
         raise HfEffllmError(f"nwarps={nwarps} is out of range; use 1 to {NWARPS} (or None for the default).")
     if splits > 65535:
         raise HfEffllmError(f"splits={splits} exceeds the grid limit 65535; use fewer splits.")
-    need, limit = smem_bytes(d, m, warps, gq * lq), smem_limit(q.device)
+    need, limit = smem_bytes(d, m, warps, gq * lq, design), smem_limit(q.device)
     if need > limit:
         raise HfEffllmError(
             f"nwarps={warps} needs {need} bytes of shared memory per block at D={d}, M={m}; this GPU gives {limit}. "
-            f"Use fewer warps (the default, {num_warps(gq * lq)}, fits on the H100/H200)."
+            f"Use fewer warps (the default, {num_warps(gq * lq, design)}, fits on the H100/H200)."
         )
-    key = (d, m, gq, lq, hkv, q.dtype == torch.bfloat16, per_head, code_mask is not None, warps)
+    key = (d, m, gq, lq, hkv, q.dtype == torch.bfloat16, per_head, code_mask is not None, warps, design)
     kernel, smem = _compiled(key, q.device)
     cm = code_mask if code_mask is not None else part_m
     scale_bits = struct.unpack("<i", struct.pack("<f", scale))[0]  # a float argument's C type differs by torch version
