@@ -105,7 +105,8 @@ _HEADER = r"""
 #define SPL ((M_ + 31) / 32)   // "lut": value subspaces per lane (SPL * lane ..)
 #define VLANES (M_ / SPL)      // "lut": lanes that own value subspaces
 #define NBLK (M_ / 16)         // "lut": 16-subspace blocks of a key-code row
-#define PW 68                  // "lut": words per warp of the probability tile (16 tokens x 4 rows) + 4 rescale factors
+#define PW 132                 // "lut": words per warp of the probability tile (32 tokens x 4 rows) + 4 rescale factors
+#define CS {CS}                // "lut": the codes' token stride in bytes when known at compile time (else 0)
 #define NEG_INF (-__int_as_float(0x7f800000))
 //@COMMON
 
@@ -146,6 +147,12 @@ __device__ __forceinline__ float ex2(float x) {  // 2^x (ex2.approx: -inf -> 0)
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
+}
+
+__device__ __forceinline__ u32 h2dup(float x) {  // (x, x) in fp16 (x in [0, 1]: a probability)
+    u32 d;
+    asm("cvt.rn.f16x2.f32 %0, %1, %1;" : "=r"(d) : "f"(x));
+    return d;
 }
 
 __device__ __forceinline__ u32 half2_of(float lo, float hi) {  // fp16 pair, saturated to the finite range
@@ -425,20 +432,38 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_cuda(
 
 
 _SOURCE_LUT = r"""
-// key codes of this lane's token rows T0 + g and T0 + g + 8: word 4 b + t4 of each 16-byte block b -> registers
+// key codes of this lane's token rows T0 + g + 8 r (r < 4): word 4 bb + t4 of each 16-byte block bb -> registers
+// (rows past the end read the last row: they are scored -inf); with a compile-time code stride (CS: the cache's
+// codes are rows of M bytes), a whole tile is one base address and immediate offsets
 #define LOAD_K(T0)                                                                                   \
-    _Pragma("unroll") for (int r = 0; r < 2; ++r) {                                                  \
-        const int tok = min((T0) + g + 8 * r, end - 1);  /* past the end: scored -inf */             \
-        const u8* src = ck + ckb + (long long)tok * sc_n + 4 * t4;                                   \
-        _Pragma("unroll") for (int bb = 0; bb < NBLK; ++bb) kw[r][bb] = *(const u32*)(src + 16 * bb); \
+    if ((T0) + 32 <= end) {                                                                          \
+        const u8* src = ck + ckb + (long long)((T0) + g) * SCN_K + 4 * t4;                           \
+        _Pragma("unroll") for (int r = 0; r < 4; ++r)                                                \
+        _Pragma("unroll") for (int bb = 0; bb < NBLK; ++bb)                                          \
+            kw[r][bb] = *(const u32*)(src + 8 * r * SCN_K + 16 * bb);                                \
+    } else {                                                                                         \
+        _Pragma("unroll") for (int r = 0; r < 4; ++r) {                                              \
+            const u8* src = ck + ckb + (long long)min((T0) + g + 8 * r, end - 1) * SCN_K + 4 * t4;   \
+            _Pragma("unroll") for (int bb = 0; bb < NBLK; ++bb) kw[r][bb] = *(const u32*)(src + 16 * bb); \
+        }                                                                                            \
     }
-// value codes of the tokens T0 .. T0 + 15: the SPL bytes at SPL * lane -> registers
+// value codes of the tokens T0 .. T0 + 31: the SPL bytes at SPL * lane -> registers (past the end: the last row,
+// whose probability is 0)
 #define LOAD_V(T0)                                                                                   \
-    _Pragma("unroll") for (int j = 0; j < 16; ++j) {                                                 \
-        const int tok = min((T0) + j, end - 1);  /* past the end: probability 0 */                   \
-        const u8* src = cv + cvb + (long long)tok * scv_n + SPL * lane;                              \
-        vc[j] = lane < VLANES ? (SPL == 2 ? (u32)*(const u16*)src : (u32)*src) : 0u;                 \
+    if (lane < VLANES) {                                                                             \
+        if ((T0) + 32 <= end) {                                                                      \
+            const u8* src = cv + cvb + (long long)(T0) * SCN_V + SPL * lane;                         \
+            _Pragma("unroll") for (int j = 0; j < 32; ++j)                                           \
+                vc[j] = SPL == 2 ? (u32)*(const u16*)(src + j * SCN_V) : (u32)src[j * SCN_V];        \
+        } else {                                                                                     \
+            _Pragma("unroll") for (int j = 0; j < 32; ++j) {                                         \
+                const u8* src = cv + cvb + (long long)min((T0) + j, end - 1) * SCN_V + SPL * lane;   \
+                vc[j] = SPL == 2 ? (u32)*(const u16*)src : (u32)*src;                                \
+            }                                                                                        \
+        }                                                                                            \
     }
+#define SCN_K (CS ? CS : sc_n)
+#define SCN_V (CS ? CS : scv_n)
 
 extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_lut(
     const u16* __restrict__ q, const u8* __restrict__ ck, const u8* __restrict__ cv,
@@ -451,7 +476,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_lut(
     u32* sL = smem;                          // lookup table: entry (m, c) = 4 fp16 row values at words 2 (c M + m)
     u32* sV = sL + KC * M_ * 2;              // value table (fp16, code-major, see kernel_tables); first the K table
     float* qS = (float*)(sV + KC * M_ * WPS);  // the 4 query rows x D, times scale * log2(e)
-    u32* tiles = (u32*)(qS + 4 * D_);        // per warp: probabilities [16 tokens][4 rows] (fp16 pairs), 4 factors
+    u32* tiles = (u32*)(qS + 4 * D_);        // per warp: probabilities [32 tokens][4 rows] (fp16 pairs), 4 factors
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, t4 = lane & 3;
     const int bh = blockIdx.x, sp = blockIdx.y;
@@ -517,7 +542,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_lut(
     const int start = sp * split_len;
     const int end = min(start + split_len, n_codes);
     u32* Ps = tiles + warp * PW;
-    float* As = (float*)(Ps + 64);
+    float* As = (float*)(Ps + 128);
     const u32 sLa = (u32)__cvta_generic_to_shared(sL);
     const u32 sVa = (u32)__cvta_generic_to_shared(sV);
     // Scores: A = table entries (16 rows: 8 tokens x the row pairs 0-1 and 2-3 of the 4 query rows; k: 8 subspaces x
@@ -533,7 +558,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_lut(
         lb[i] = sLa + (4 * t4 + x) * 8;
     }
     const u32 bsel = (g == 0 ? 0x3C00u : 0u) | (g == 1 ? 0x3C000000u : 0u);  // k-slot 2t4 (+8): column 0; +1: 1
-    // Values: lane l owns subspaces SPL l + s (s < SPL) for all 4 rows, accumulated in fp16 pairs over a 16-token
+    // Values: lane l owns subspaces SPL l + s (s < SPL) for all 4 rows, accumulated in fp16 pairs over a 32-token
     // step and in fp32 across steps.
     u32 vb[SPL];
     #pragma unroll
@@ -545,19 +570,19 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_lut(
         for (int i = 0; i < SPL * WPS; ++i) acc[r][i][0] = acc[r][i][1] = 0.f;
     float m_r[4] = {NEG_INF, NEG_INF, NEG_INF, NEG_INF}, l_r[4] = {0.f, 0.f, 0.f, 0.f};  // lanes t4 = 0
 
-    u32 kw[2][NBLK];
-    u32 vc[16];
-    int t0 = start + warp * 16;
+    u32 kw[4][NBLK];
+    u32 vc[32];
+    int t0 = start + warp * 32;
     if (t0 < end) {
         LOAD_K(t0);
         LOAD_V(t0);
     }
-    for (; t0 < end; t0 += NWARPS * 16) {
-        const int tn = t0 + NWARPS * 16;
+    for (; t0 < end; t0 += NWARPS * 32) {
+        const int tn = t0 + NWARPS * 32;
         // c[r]: token t0 + g + 8 r, query rows 0..3 (in the lanes t4 = 0; the other lanes hold zeros)
-        float c[2][4];
+        float c[4][4];
         #pragma unroll
-        for (int r = 0; r < 2; ++r) {
+        for (int r = 0; r < 4; ++r) {
             c[r][0] = c[r][1] = c[r][2] = c[r][3] = 0.f;
             #pragma unroll
             for (int bb = 0; bb < NBLK; ++bb)
@@ -572,34 +597,37 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_lut(
                 }
         }
         if (tn < end) LOAD_K(tn);
-        bool ok[2] = {t0 + g < end, t0 + g + 8 < end};
-#if HAS_MASK
+        bool ok[4];
         #pragma unroll
-        for (int r = 0; r < 2; ++r)
+        for (int r = 0; r < 4; ++r) {
+            ok[r] = t0 + g + 8 * r < end;
+#if HAS_MASK
             if (ok[r]) ok[r] = cmask[(long long)b * smask_b + t0 + g + 8 * r] != 0;
 #endif
-        // online softmax in log2 units (the table holds scale * log2(e) * q . k): row max over the 16 tokens
-        float p[2][4], al[4];
+        }
+        // online softmax in log2 units (the table holds scale * log2(e) * q . k): row max over the 32 tokens
+        float p[4][4], al[4];
         #pragma unroll
         for (int e = 0; e < 4; ++e) {
-            const float s0 = ok[0] ? c[0][e] : NEG_INF, s1 = ok[1] ? c[1][e] : NEG_INF;
-            float mx = fmaxf(s0, s1);
+            float sc[4];
+            #pragma unroll
+            for (int r = 0; r < 4; ++r) sc[r] = ok[r] ? c[r][e] : NEG_INF;
+            float mx = fmaxf(fmaxf(sc[0], sc[1]), fmaxf(sc[2], sc[3]));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
             const float m_new = fmaxf(m_r[e], mx);
             const float m_safe = m_new == NEG_INF ? 0.f : m_new;
             al[e] = ex2(m_r[e] - m_safe);
-            p[0][e] = ex2(s0 - m_safe);
-            p[1][e] = ex2(s1 - m_safe);
-            l_r[e] = l_r[e] * al[e] + p[0][e] + p[1][e];  // this lane's share; the 8 lanes of a row add up at the end
+            #pragma unroll
+            for (int r = 0; r < 4; ++r) p[r][e] = ex2(sc[r] - m_safe);
+            l_r[e] = l_r[e] * al[e] + ((p[0][e] + p[1][e]) + (p[2][e] + p[3][e]));  // this lane's share (added up at the end)
             m_r[e] = m_new;
         }
         if (t4 == 0) {
             #pragma unroll
-            for (int r = 0; r < 2; ++r)
-                *(uint4*)(Ps + (g + 8 * r) * 4) = make_uint4(half2_of(p[r][0], p[r][0]), half2_of(p[r][1], p[r][1]),
-                                                             half2_of(p[r][2], p[r][2]), half2_of(p[r][3], p[r][3]));
+            for (int r = 0; r < 4; ++r)
+                *(uint4*)(Ps + (g + 8 * r) * 4) = make_uint4(h2dup(p[r][0]), h2dup(p[r][1]), h2dup(p[r][2]), h2dup(p[r][3]));
             if (g == 0) *(float4*)As = make_float4(al[0], al[1], al[2], al[3]);
         }
         __syncwarp();
@@ -616,7 +644,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_lut(
                     a16[r][i] = 0u;
                 }
             #pragma unroll
-            for (int j = 0; j < 16; ++j) {
+            for (int j = 0; j < 32; ++j) {
                 const uint4 pp = *(const uint4*)(Ps + j * 4);
                 const u32 pr[4] = {pp.x, pp.y, pp.z, pp.w};
                 #pragma unroll
@@ -724,22 +752,14 @@ def design_for(rows: int, codebook_v: torch.Tensor) -> str:
 
 
 def cuda_source(
-    *,
-    d: int,
-    m: int,
-    gq: int,
-    lq: int,
-    hkv: int,
-    bf16: bool,
-    per_head: bool,
-    has_mask: bool,
-    nwarps: int = NWARPS,
-    design: str = "mma",
-) -> str:
-    """The kernel's CUDA source for one shape (constants baked in, like Triton's ``constexpr``)."""
+    *, d: int, m: int, gq: int, lq: int, hkv: int, bf16: bool, per_head: bool, has_mask: bool, nwarps: int = NWARPS,
+    design: str = "mma", code_stride: int = 0,
+) -> str:  # fmt: skip
+    """The kernel's CUDA source for one shape (constants baked in, like Triton's ``constexpr``); ``code_stride``:
+    the codes' token stride in bytes when it is known (``"lut"``; 0: read at run time)."""
     return render(
         _HEADER + (_SOURCE_LUT if design == "lut" else _SOURCE), D=d, M=m, DSUB=d // m, GQ=gq, LQ=lq, HKV=hkv,
-        NWARPS=nwarps, IS_BF16=bf16, PER_HEAD=per_head, HAS_MASK=has_mask,
+        NWARPS=nwarps, IS_BF16=bf16, PER_HEAD=per_head, HAS_MASK=has_mask, CS=code_stride if design == "lut" else 0,
     )  # fmt: skip
 
 
@@ -748,7 +768,7 @@ def smem_bytes(d: int, m: int, nwarps: int = NWARPS, rows: int = ROWS, design: s
     warps' ``rows`` query rows reuses them (and needs more at 16 warps with 9-16 rows). ``"lut"``: the lookup table
     (256 x M x 8 bytes), the value table, the scaled query rows and each warp's probability tile."""
     if design == "lut":
-        return 256 * m * 8 + 256 * d * 2 + 4 * d * 4 + nwarps * 68 * 4
+        return 256 * m * 8 + 256 * d * 2 + 4 * d * 4 + nwarps * 132 * 4
     merge = nwarps * ((8 if rows <= 8 else 16) * d + 32) * 4
     return max(2 * 256 * d * 2, merge)
 
@@ -838,9 +858,9 @@ def split_plan(n: int, bh: int, device: torch.device, splits: int | None = None)
 
 def _compiled(key: tuple, device: torch.device) -> tuple[Any, int]:
     """``(kernel, shared-memory bytes)`` for ``key = (d, m, gq, lq, hkv, bf16, per_head, has_mask, nwarps,
-    design)`` on ``device``; the source is generated and compiled on the first call only (a dict lookup
+    design, code_stride)`` on ``device``; the source is generated and compiled on the first call only (a dict lookup
     afterwards)."""
-    d, m, gq, lq, hkv, bf16, per_head, has_mask, nwarps, design = key
+    d, m, gq, lq, hkv, bf16, per_head, has_mask, nwarps, design, code_stride = key
     smem = smem_bytes(d, m, nwarps, gq * lq, design)
 
     def source() -> str:
@@ -907,7 +927,9 @@ def million_codes_cuda(
             f"nwarps={warps} needs {need} bytes of shared memory per block at D={d}, M={m}; this GPU gives {limit}. "
             f"Use fewer warps (the default, {num_warps(gq * lq, design)}, fits on the H100/H200)."
         )
-    key = (d, m, gq, lq, hkv, q.dtype == torch.bfloat16, per_head, code_mask is not None, warps, design)
+    # the cache's codes are rows of M bytes: that stride is compiled in ("lut"), any other one read at run time
+    cs = m if design == "lut" and codes_k.stride(2) == m and codes_v.stride(2) == m else 0
+    key = (d, m, gq, lq, hkv, q.dtype == torch.bfloat16, per_head, code_mask is not None, warps, design, cs)
     kernel, smem = _compiled(key, q.device)
     cm = code_mask if code_mask is not None else part_m
     scale_bits = struct.unpack("<i", struct.pack("<f", scale))[0]  # a float argument's C type differs by torch version
