@@ -12,7 +12,7 @@
 #   spqr_tests    pytest -m gpu tests/spqr only (the CUDA kernels against the reference)
 #   million       million_speed --skip-e2e: decode kernels l1/smem/cuda vs sdpa, the CUDA codes kernel alone, encode
 #   million_cuda  pytest -m gpu of the MILLION kernel tests, then million_speed --decode-only for the CUDA kernel
-#                 (vs sdpa) -> million_speed_cuda
+#                 (default designs, and "mma" forced) vs sdpa -> million_speed_cuda_default
 #   million_e2e   million_speed end to end (generate at 32k: time per token, time to first token, memory)
 #   spqr_speed    spqr_speed --skip-decode: matvec/matmul v1 vs v2 vs bf16
 #   spqr_breakdown spqr_speed --breakdown: the CUDA decode kernel's time with phases compiled out
@@ -47,7 +47,7 @@ for step in "$@"; do
     spqr_tests) gpu_pytest spqr_tests "${T_SPQR_TESTS:-300}" tests/spqr ;;
     million) bench "million_speed --skip-e2e" 600 ;;
     million_cuda) gpu_pytest million_cuda_tests 300 tests/million/test_million_kernel.py
-                  bench "million_speed --decode-only --variants cuda,cuda-mma --name million_speed_cuda" 420 ;;
+                  bench "million_speed --decode-only --variants cuda,cuda-mma --name million_speed_cuda_default" 420 ;;
     million_e2e) bench "million_speed" 600 ;;
     spqr_speed) bench "spqr_speed --skip-decode" 420 ;;
     spqr_breakdown) bench "spqr_speed --breakdown" 300 ;;

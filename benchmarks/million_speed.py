@@ -185,7 +185,9 @@ def bench_decode(run, dev, quick, ok, variants=VARIANTS):
                     ms, bn, warps, chunks = best
                     if variant.startswith("cuda"):
                         with _design(variant):
-                            design = million_cuda.design_for(q.shape[1] // hkv, cbv)
+                            design = million_cuda.design_for(
+                                q.shape[1] // hkv, cbv, million_cuda.split_plan(n, b * hkv, q.device)[1]
+                            )
                         note = f"M={m} {design} warps={warps or million_cuda.num_warps(q.shape[1] // hkv, design)}"
                     else:
                         note = f"M={m} block_n={bn} warps={warps}" + (
@@ -215,7 +217,7 @@ def _cuda_codes_call(q, ck, cv, cbk, cbv, d, warps):
     po = torch.empty(b * hkv * splits * million_cuda.ROWS * d, dtype=torch.float32, device=q.device)
     pm = torch.empty(b * hkv * splits * million_cuda.ROWS, dtype=torch.float32, device=q.device)
     pl = torch.empty_like(pm)
-    design = million_cuda.design_for(hq // hkv, cbv)
+    design = million_cuda.design_for(hq // hkv, cbv, split_len)
     tk, tv = million_cuda.kernel_tables(cbk, cbv, design)
     return lambda: million_cuda.million_codes_cuda(
         q, ck, cv, tk, tv, None, po, pm, pl, n=n, split_len=split_len, splits=splits, scale=d**-0.5, hkv=hkv,
@@ -252,7 +254,9 @@ def bench_host(run, dev):
         "million_attention (smem)": lambda: million_attention(q, ck, cv, cbk, cbv, rk, rv, scale=D**-0.5, variant="smem"),
         "cuda codes kernel launch": _cuda_codes_call(q, ck, cv, cbk, cbv, D, None),
         "cuda supports()": lambda: million_cuda.supports(q, ck, cv, cbk, HQ // HKV, 1),
-        "cuda tables": lambda: million_cuda.kernel_tables(cbk, cbv, million_cuda.design_for(HQ // HKV, cbv)),
+        "cuda tables": lambda: million_cuda.kernel_tables(
+            cbk, cbv, million_cuda.design_for(HQ // HKV, cbv, million_cuda.split_plan(8192, HKV, dev)[1])
+        ),
     }  # fmt: skip
     for name, fn in parts.items():
         us = host_us(fn)

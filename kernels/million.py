@@ -1107,7 +1107,7 @@ def million_attention(
     if splits > 0 and variant == "cuda":
         from .million_cuda import design_for, kernel_tables, million_codes_cuda
 
-        design = design_for(gq * lq, cbv)
+        design = design_for(gq * lq, cbv, split_len)
         million_codes_cuda(
             q, codes_k, codes_v, *kernel_tables(cbk, cbv, design),
             cm if code_mask is not None else None, part_o, part_m, part_l,

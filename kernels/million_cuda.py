@@ -7,7 +7,9 @@ wavefront when the 32 lanes of a warp hit 32 different banks; Triton has no per-
 4 bits). Here the two codebook tables are stored to shared memory once per block and every gather is one
 ``ld.shared``.
 
-Layout (per block: one (batch, KV head, split of the codes); 8-12 warps, each owning 32 tokens per step):
+Two designs of the kernel, one block per (batch, KV head, split of the codes); :func:`design_for` picks:
+
+**"mma"** (any shape up to 16 query rows; 8-12 warps, each owning 32 tokens per step):
 
 * shared memory: the K and V tables, subspace-major (word of centroid ``c`` of subspace ``m`` at ``m * K + c``:
   the codebook tensor itself, no copy), 256 x D x 2 B each (128 KiB for both at D=128), stored once per block.
@@ -26,17 +28,39 @@ Layout (per block: one (batch, KV head, split of the codes); 8-12 warps, each ow
   ``2 t4, 2 t4 + 1, 2 t4 + 8, 2 t4 + 9`` of each 16-token slice: it gathers the four centroid words and two byte
   permutes per pair turn them into the A fragment (rows = the two dimensions, k = the tokens); its value codes
   are ``D/16`` consecutive bytes (one 8-byte load per token at 4 bits).
-* the warps' (max, sum, accumulator) are merged in shared memory at the end; the block writes one partial per
-  query row in the layout of the Triton kernels, so the same merge kernel adds the full-precision window.
+* Counts per cached token and KV head at 4 bits, D=128: 128 HBM bytes of codes; 128 centroid gathers whose banks
+  are set by the code values (lanes of one gather share a subspace), so about 3.5 wavefronts per 32 instead of 1:
+  about 14 shared-memory wavefronts per token, the limit; 30 warp instructions per token (SASS of the main loop).
 
-Counts per cached token and KV head at 4 bits, D=128: 128 HBM bytes of codes (K and V); 128 centroid gathers
-(64 K, 64 V) whose banks are set by the codes, so about 3.5 wavefronts per 32 instead of 1 (the limit: about 14
-shared-memory wavefronts per token); 30 warp instructions per token in the SASS of the main loop (the previous
-design, values on the CUDA cores from a probability tile in shared memory, took 64; it ran 1.12-1.14x slower at
-batch 16 and 1.2-1.3x slower at batch 1 on the H200: ``benchmarks/results/million_speed_mma.md``).
+**"lut"** (up to 4 query rows, e.g. Llama-3's GQA; the default there when a block has at least
+``LUT_MIN_TOKENS`` codes; 12 warps, each owning 32 tokens per step). Its gathers are free of bank conflicts:
+
+* each block first builds the lookup table ``LUT[m][c] = scale log2(e) q_r(m) . C_k[m][c]`` for the 4 query rows
+  ``r`` (fp16, 8 bytes per entry, code-major: 128 KiB at M=64), then stores the value table (fp16, code-major,
+  :func:`lut_value_table`) over the key codebook it no longer needs.
+* scores: lane ``(g, t4)`` reads the entries of its token ``g`` at subspace ``16 bb + 4 t4 + ((i + g) & 3)`` in
+  step ``(bb, i)``, so the 16 lanes of a half-warp hit 16 distinct 8-byte banks whatever the codes; one entry is
+  two registers of an mma A fragment (rows: 8 tokens x query rows 0-1 / 2-3), and a 0/1 B operand sums each
+  query row's k-slots: the per-token sum over the M subspaces runs on the tensor cores in fp32.
+* online softmax in log2 units over 32 tokens (lanes ``t4 = 0`` hold the 4 rows of their tokens); the
+  probabilities go to a per-warp tile in shared memory as fp16 pairs.
+* values on the CUDA cores: lane ``l`` owns subspaces ``2 l, 2 l + 1`` (M=64) or ``l``; the value table's layout
+  gives them distinct banks, so every gather is one wavefront; fp16 pair FMAs (``HFMA2``) over a 32-token step,
+  added to fp32 accumulators between steps.
+* Counts at 4 bits, D=128: about 7 shared-memory wavefronts per token (LUT 4, values 2, probabilities 1) and
+  about 32 warp instructions per token (8 of them ``HFMA2``): it is issue-bound.
+* Precision: the table entries are fp16 (relative error 2^-11 per subspace term) and the values are summed in
+  fp16 over 32 tokens; on the embedded model at 2k the perplexity through this kernel is +0.18% (4 bits) and
+  +1.67% (2 bits) over dense (``benchmarks/results/million_quality_lut.md``).
+
+The warps' (max, sum, accumulator) are merged in shared memory at the end; the block writes one partial per query
+row in the layout of the Triton kernels, so the same merge kernel adds the full-precision window.
+
+Measured on the H200 (``benchmarks/results/million_speed_cuda.md``, batch 16, 32k / 128k tokens, 4 bits): "lut"
+1.72x / 1.82x bf16 sdpa, "mma" 1.50x / 1.52x (the first "mma" version, values on the CUDA cores, 1.27x / 1.29x).
 
 Supported: float16/bfloat16, ``DSUB`` 2 or 4 (4 and 2 bits at D = 2M, 4M), 256 centroids, D in (64, 128),
-``GQ * Lq <= 16``, codes rows 16-byte aligned; :func:`supports` says whether a call qualifies, and
+``GQ * Lq <= 16`` ("lut": <= 4 and a value codebook within fp16's range), codes rows 16-byte aligned; :func:`supports` says whether a call qualifies, and
 :func:`kernels.million.million_attention` falls back to the Triton kernels otherwise. The PyTorch reference of the
 same function is :func:`kernels.million.million_attention_reference`.
 
@@ -72,6 +96,10 @@ __all__ = [
 NWARPS = 16  # the most warps a block may have (the final merge reuses the tables' shared memory)
 ROWS = 16  # query rows per KV head in the partials (the mma's M dimension)
 LUT_ROWS = 4  # query rows per KV head the "lut" design takes (four fp16 values per table entry)
+# codes per block from which "lut" is the default: on the H200 (million_speed_cuda.md, codes kernel alone) it was
+# 7-9% slower than "mma" at 512-2048 codes per block (batch 1, 8k-32k: building its tables dominates) and 5-17%
+# faster at 8192 and more
+LUT_MIN_TOKENS = 8192
 DESIGNS = ("mma", "lut")
 
 
@@ -738,17 +766,20 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_lut(
 DESIGN: str | None = None  # None: "lut" where it applies (design_for), else "mma"; a name forces that design
 
 
-def design_for(rows: int, codebook_v: torch.Tensor) -> str:
-    """The kernel design for ``rows = GQ * Lq`` query rows: ``"lut"`` (lookup tables for the scores, values on the
-    CUDA cores: this module's docstring) up to 4 rows when the value codebook fits fp16, else ``"mma"``; the module
-    setting ``DESIGN`` overrides (the benchmark compares the two)."""
+def design_for(rows: int, codebook_v: torch.Tensor, split_len: int = LUT_MIN_TOKENS) -> str:
+    """The kernel design for ``rows = GQ * Lq`` query rows and blocks of ``split_len`` codes: ``"lut"`` (lookup
+    tables for the scores, values on the CUDA cores: this module's docstring) up to 4 rows, when each block has at
+    least ``LUT_MIN_TOKENS`` codes to amortise building its tables and the value codebook fits fp16; else ``"mma"``.
+    The module setting ``DESIGN`` overrides (the benchmark compares the two)."""
     if DESIGN is not None:
         if DESIGN not in DESIGNS:
             raise HfEffllmError(f"million_cuda.DESIGN={DESIGN!r} is not known; use one of {DESIGNS} or None.")
         if DESIGN == "lut" and rows > LUT_ROWS:
             raise HfEffllmError(f"design 'lut' takes at most {LUT_ROWS} query rows per KV head; got {rows}.")
         return DESIGN
-    return "lut" if rows <= LUT_ROWS and lut_value_table(codebook_v) is not None else "mma"
+    if rows > LUT_ROWS or split_len < LUT_MIN_TOKENS:
+        return "mma"
+    return "lut" if lut_value_table(codebook_v) is not None else "mma"
 
 
 def cuda_source(
