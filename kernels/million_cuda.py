@@ -190,6 +190,47 @@ __device__ __forceinline__ u32 half2_of(float lo, float hi) {  // fp16 pair, sat
     asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
     return d;
 }
+// The block's 16 partial rows (output, max, sum) from its warps' shares: red [NWARPS][WROWS][D] accumulators,
+// redM / redL [NWARPS][16] maxima and sums; LOG2: the maxima are in log2 units (written out in natural-log units,
+// the merge kernel's); rows NQ.. are written empty.
+template <int WROWS, bool LOG2>
+__device__ __forceinline__ void write_partials(const float* red, const float* redM, const float* redL, float* po,
+                                               float* pm, float* pl, long long part) {
+    for (int idx = threadIdx.x; idx < 16 * D_; idx += NWARPS * 32) {
+        const int r = idx / D_, d = idx % D_;
+        if (r < NQ) {
+            float mx = NEG_INF;
+            for (int w = 0; w < NWARPS; ++w) mx = fmaxf(mx, redM[w * 16 + r]);
+            const float m_safe = mx == NEG_INF ? 0.f : mx;
+            float o = 0.f, l = 0.f;
+            for (int w = 0; w < NWARPS; ++w) {
+                const float f = LOG2 ? ex2(redM[w * 16 + r] - m_safe) : __expf(redM[w * 16 + r] - m_safe);
+                o += red[(w * WROWS + r) * D_ + d] * f;
+                l += redL[w * 16 + r] * f;
+            }
+            po[(part + r) * D_ + d] = o;
+            if (d == 0) {
+                pm[part + r] = LOG2 ? mx * 0.6931471805599453f : mx;
+                pl[part + r] = l;
+            }
+        } else {
+            po[(part + r) * D_ + d] = 0.f;
+            if (d == 0) {
+                pm[part + r] = NEG_INF;
+                pl[part + r] = 0.f;
+            }
+        }
+    }
+}
+
+// the parameters of both kernels (million_codes_cuda's host wrapper passes them in this order)
+#define KERNEL_PARAMS                                                                                   \
+    const u16* __restrict__ q, const u8* __restrict__ ck, const u8* __restrict__ cv,                   \
+    const u32* __restrict__ tk, const u32* __restrict__ tv, const signed char* __restrict__ cmask,     \
+    float* __restrict__ po, float* __restrict__ pm, float* __restrict__ pl,                            \
+    int n_codes, int split_len, int num_splits, int scale_bits,                                        \
+    int sq_b, int sq_h, int sq_l, int sc_b, int sc_h, int sc_n, int scv_b, int scv_h, int scv_n,         \
+    int stab_g, int smask_b
 """
 
 _SOURCE = r"""
@@ -229,13 +270,7 @@ template <int NB> __device__ __forceinline__ void load_w(u32* cw, const u8* src)
     }
 }
 
-extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_cuda(
-    const u16* __restrict__ q, const u8* __restrict__ ck, const u8* __restrict__ cv,
-    const u32* __restrict__ tk, const u32* __restrict__ tv, const signed char* __restrict__ cmask,
-    float* __restrict__ po, float* __restrict__ pm, float* __restrict__ pl,
-    int n_codes, int split_len, int num_splits, int scale_bits,
-    int sq_b, int sq_h, int sq_l, int sc_b, int sc_h, int sc_n, int scv_b, int scv_h, int scv_n,
-    int stab_g, int smask_b) {
+extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_cuda(KERNEL_PARAMS) {
     extern __shared__ __align__(16) u32 smem[];
     u32* sK = smem;                      // [M][KC] centroids (WPS words each), subspace-major
     u32* sV = sK + KC * M_ * WPS;
@@ -429,32 +464,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_cuda(
         }
     }
     __syncthreads();
-    const long long part = ((long long)bh * num_splits + sp) * 16;
-    for (int idx = threadIdx.x; idx < 16 * D_; idx += NWARPS * 32) {
-        const int r = idx / D_, d = idx % D_;
-        if (r < NQ) {
-            float mx = NEG_INF;
-            for (int w = 0; w < NWARPS; ++w) mx = fmaxf(mx, redM[w * 16 + r]);
-            const float m_safe = mx == NEG_INF ? 0.f : mx;
-            float o_ = 0.f, l = 0.f;
-            for (int w = 0; w < NWARPS; ++w) {
-                const float f = __expf(redM[w * 16 + r] - m_safe);
-                o_ += red[(w * RROWS + r) * D_ + d] * f;
-                l += redL[w * 16 + r] * f;
-            }
-            po[(part + r) * D_ + d] = o_;
-            if (d == 0) {
-                pm[part + r] = mx;
-                pl[part + r] = l;
-            }
-        } else {
-            po[(part + r) * D_ + d] = 0.f;
-            if (d == 0) {
-                pm[part + r] = NEG_INF;
-                pl[part + r] = 0.f;
-            }
-        }
-    }
+    write_partials<RROWS, false>(red, redM, redL, po, pm, pl, ((long long)bh * num_splits + sp) * 16);
 }
 """
 
@@ -493,13 +503,7 @@ _SOURCE_LUT = r"""
 #define SCN_K (CS ? CS : sc_n)
 #define SCN_V (CS ? CS : scv_n)
 
-extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_lut(
-    const u16* __restrict__ q, const u8* __restrict__ ck, const u8* __restrict__ cv,
-    const u32* __restrict__ tk, const u32* __restrict__ tv, const signed char* __restrict__ cmask,
-    float* __restrict__ po, float* __restrict__ pm, float* __restrict__ pl,
-    int n_codes, int split_len, int num_splits, int scale_bits,
-    int sq_b, int sq_h, int sq_l, int sc_b, int sc_h, int sc_n, int scv_b, int scv_h, int scv_n,
-    int stab_g, int smask_b) {
+extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_lut(KERNEL_PARAMS) {
     extern __shared__ __align__(16) u32 smem[];
     u32* sL = smem;                          // lookup table: entry (m, c) = 4 fp16 row values at words 2 (c M + m)
     u32* sV = sL + KC * M_ * 2;              // value table (fp16, code-major, see kernel_tables); first the K table
@@ -733,32 +737,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_lut(
         }
     }
     __syncthreads();
-    const long long part = ((long long)bh * num_splits + sp) * 16;
-    for (int idx = threadIdx.x; idx < 16 * D_; idx += NWARPS * 32) {
-        const int r = idx / D_, d = idx % D_;
-        if (r < NQ) {
-            float mx = NEG_INF;
-            for (int w = 0; w < NWARPS; ++w) mx = fmaxf(mx, redM[w * 16 + r]);
-            const float m_safe = mx == NEG_INF ? 0.f : mx;
-            float o_ = 0.f, l = 0.f;
-            for (int w = 0; w < NWARPS; ++w) {
-                const float f = ex2(redM[w * 16 + r] - m_safe);
-                o_ += red[(w * 4 + r) * D_ + d] * f;
-                l += redL[w * 16 + r] * f;
-            }
-            po[(part + r) * D_ + d] = o_;
-            if (d == 0) {
-                pm[part + r] = mx * 0.6931471805599453f;  // log2 -> natural-log units (the merge kernel's)
-                pl[part + r] = l;
-            }
-        } else {
-            po[(part + r) * D_ + d] = 0.f;
-            if (d == 0) {
-                pm[part + r] = NEG_INF;
-                pl[part + r] = 0.f;
-            }
-        }
-    }
+    write_partials<4, true>(red, redM, redL, po, pm, pl, ((long long)bh * num_splits + sp) * 16);
 }
 """
 
