@@ -4,7 +4,8 @@ Sections (all in one run, baseline measured alongside):
 
 1. correctness first: the code-kernel variants (``l1``: per-lane gathers from the L1-cached codebook; ``smem``:
    packed centroid words gathered from shared memory with ``tl.gather``; ``cuda``: the NVRTC-compiled kernel of
-   ``kernels/million_cuda.py``, tables stored to shared memory once per block; GPU only, D 64/128, 256 centroids)
+   ``kernels/million_cuda.py``, tables stored to shared memory once per block; GPU only, D 64/128, 256 centroids;
+   ``cuda-mma``: the same with its "mma" design forced, where the default may pick "lut")
    against the PyTorch reference on small odd shapes (fp16
    and bf16 on the GPU; fp32 and fp16 under the interpreter with ``--quick``); timings of a failing variant are
    flagged;
@@ -27,8 +28,10 @@ Usage (from the repo root)::
     python benchmarks/million_speed.py                 # full run on a GPU
     python benchmarks/million_speed.py --skip-e2e      # kernel sections only
     python benchmarks/million_speed.py --quick         # tiny shapes on the CPU (interpreter): a smoke check
+    python benchmarks/million_speed.py --decode-only --variants cuda,cuda-mma --name million_speed_cuda
 
-Results: ``benchmarks/results/million_speed.{json,md}`` (``million_speed_quick.*`` with ``--quick``).
+Results: ``benchmarks/results/million_speed.{json,md}`` (``million_speed_quick.*`` with ``--quick``; ``--name`` sets
+the stem).
 """
 
 from __future__ import annotations
