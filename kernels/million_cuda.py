@@ -81,9 +81,12 @@ from .cuda_rt import available, cdiv, compiled, launch, on_device, render, sm_co
 from .million import _WORD_DTYPES, memoized_per_tensor
 
 __all__ = [
+    "DESIGNS",
     "available",
     "cuda_source",
+    "design_for",
     "kernel_tables",
+    "lut_value_table",
     "million_codes_cuda",
     "num_warps",
     "smem_bytes",
