@@ -99,9 +99,9 @@ __all__ = [
 NWARPS = 16  # the most warps a block may have (the final merge reuses the tables' shared memory)
 ROWS = 16  # query rows per KV head in the partials (the mma's M dimension)
 LUT_ROWS = 4  # query rows per KV head the "lut" design takes (four fp16 values per table entry)
-# codes per block from which "lut" is the default: on the H200 (million_speed_cuda.md, codes kernel alone) it was
-# 7-9% slower than "mma" at 512-2048 codes per block (batch 1, 8k-32k: building its tables dominates) and 5-17%
-# faster at 8192 and more
+# codes per block from which "lut" is the default: on the H200 (million_speed_cuda.md, codes kernel alone, 4 bits)
+# it took 8-12% longer than "mma" at 512-2048 codes per block (batch 1, 8k-32k: building its tables dominates) and
+# was 7-19% faster at 8192 and more (2 bits: as fast or faster everywhere, 7-40%)
 LUT_MIN_TOKENS = 8192
 DESIGNS = ("mma", "lut")
 
