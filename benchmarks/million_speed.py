@@ -280,6 +280,17 @@ def bench_host(run, dev):
             fn()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    # where the Python time of one call goes (functions by own time, 200 calls)
+    import cProfile
+    import pstats
+
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(200):
+        fn()
+    pr.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(pr).sort_stats("tottime").print_stats(25)
 
 
 def bench_encode(run, dev, quick):
@@ -369,6 +380,7 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=32, help="end-to-end generated tokens (default 32)")
     p.add_argument("--layers", type=int, default=32, help="end-to-end model layers (default 32, Llama-3-8B)")
     p.add_argument("--decode-only", action="store_true", help="correctness and decode attention only")
+    p.add_argument("--host-only", action="store_true", help="the host-overhead section only (GPU; with profiles)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"code kernels to run (default {','.join(VARIANTS)})")
     p.add_argument("--name", default=None, help="results file name (default million_speed)")
     p.add_argument("--no-write", action="store_true")
@@ -382,6 +394,13 @@ def main(argv=None) -> int:
                        "MILLION decode attention (Triton, codes + 128-token window) vs bf16 sdpa decode, prompt "
                        "encoding, end-to-end generate. speedup = sdpa ms / MILLION ms in the same run; bytes = HBM "
                        "bytes a step must read (codes + window for MILLION, K+V for sdpa).")  # fmt: skip
+    if args.host_only:
+        if dev.type != "cuda":
+            p.error("--host-only needs a GPU (it times the CUDA path's host overhead)")
+        bench_host(run, dev)
+        if not args.no_write:
+            print("wrote", *run.write(["section", "variant", "batch", "tokens", "ms", "host_us", "note"]))
+        return 0
     print("[1/4] correctness")
     ok = check(run, dev, quick, variants)
     for variant, passed in ok.items():
