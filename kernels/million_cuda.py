@@ -77,7 +77,7 @@ import torch
 
 from hf_effllm.errors import HfEffllmError
 
-from .cuda_rt import available, cdiv, compiled, launch, on_device, render, sm_count, smem_limit
+from .cuda_rt import available, capability, cdiv, compiled, launch, on_device, render, sm_count, smem_limit
 from .million import _WORD_DTYPES, memoized_per_tensor
 
 __all__ = [
@@ -104,6 +104,7 @@ LUT_ROWS = 4  # query rows per KV head the "lut" design takes (four fp16 values 
 # was 7-19% faster at 8192 and more (2 bits: as fast or faster everywhere, 7-40%)
 LUT_MIN_TOKENS = 8192
 DESIGNS = ("mma", "lut")
+LUT_TILE_WORDS = 32 * 4 + 4  # "lut": each warp's probability tile (32 tokens x 4 rows, fp16 pairs) + 4 factors
 
 
 def num_warps(rows: int, design: str = "mma") -> int:
@@ -136,7 +137,7 @@ _HEADER = r"""
 #define SPL ((M_ + 31) / 32)   // "lut": value subspaces per lane (SPL * lane ..)
 #define VLANES (M_ / SPL)      // "lut": lanes that own value subspaces
 #define NBLK (M_ / 16)         // "lut": 16-subspace blocks of a key-code row
-#define PW 132                 // "lut": words per warp of the probability tile (32 tokens x 4 rows) + 4 rescale factors
+#define PW {PW}                 // "lut": words per warp of the probability tile (32 tokens x 4 rows) + 4 rescale factors
 #define CS {CS}                // "lut": the codes' token stride in bytes when known at compile time (else 0)
 #define NEG_INF (-__int_as_float(0x7f800000))
 //@COMMON
@@ -773,6 +774,7 @@ def cuda_source(
     return render(
         _HEADER + (_SOURCE_LUT if design == "lut" else _SOURCE), D=d, M=m, DSUB=d // m, GQ=gq, LQ=lq, HKV=hkv,
         NWARPS=nwarps, IS_BF16=bf16, PER_HEAD=per_head, HAS_MASK=has_mask, CS=code_stride if design == "lut" else 0,
+        PW=LUT_TILE_WORDS,
     )  # fmt: skip
 
 
@@ -781,7 +783,7 @@ def smem_bytes(d: int, m: int, nwarps: int = NWARPS, rows: int = ROWS, design: s
     warps' ``rows`` query rows reuses them (and needs more at 16 warps with 9-16 rows). ``"lut"``: the lookup table
     (256 x M x 8 bytes), the value table, the scaled query rows and each warp's probability tile."""
     if design == "lut":
-        return 256 * m * 8 + 256 * d * 2 + 4 * d * 4 + nwarps * 132 * 4
+        return 256 * m * 8 + 256 * d * 2 + 4 * d * 4 + nwarps * LUT_TILE_WORDS * 4
     merge = nwarps * ((8 if rows <= 8 else 16) * d + 32) * 4
     return max(2 * 256 * d * 2, merge)
 
@@ -835,7 +837,7 @@ def supports(
     """None when the CUDA kernel handles these inputs, else the reason it does not."""
     if not available() or q.device.type != "cuda":
         return "needs CUDA and torch.cuda._compile_kernel (torch >= 2.8)"
-    if torch.cuda.get_device_capability(q.device) < (8, 0):
+    if capability(q.device) < (8, 0):
         return "needs a GPU of compute capability 8.0 or newer (bf16/fp16 mma.m16n8k16)"
     _, _, k, dsub = codebook_k.shape
     d = q.shape[-1]
