@@ -288,6 +288,63 @@ def octet_rows(run: BenchmarkRun, dev: torch.device, threshold: float) -> None:
         del ocopies, ccopies, dense
 
 
+# kernels.spqr_octet.spqr_octet_split: warps x steps per stage x stages x blocks per SM x steps per chunk (None: fewest)
+SPLIT_SWEEP = [
+    (16, 4, 2, 1, None), (16, 2, 4, 1, None), (12, 4, 4, 1, None), (8, 8, 3, 1, None), (12, 8, 2, 1, None),
+    (16, 4, 3, 1, 16), (8, 4, 4, 2, None),
+]  # fmt: skip
+SPLIT_READ = ("codes", "stats", "stats2", "sent", "sptr", "perm")
+
+
+def split_rows(run: BenchmarkRun, dev: torch.device, threshold: float) -> None:
+    """The chunked octet kernel (``spqr_octet_split``) against bf16 and the kernels the dispatch used before it
+    (``spqr_octet_gemv``; ``spqr_octet_stream`` at 1-2 rows), all in CUDA graphs over distinct copies: error vs
+    the fp32 reference, default launch and the best of a sweep, at 1 to 16 activation rows."""
+    from hf_effllm.kernels.spqr_octet import octet_layout, spqr_octet_gemv, spqr_octet_split, spqr_octet_stream
+
+    from hf_effllm import HfEffllmError
+
+    for inp, out in FULL_SHAPES:
+        layer = make_layer(inp, out, dev, threshold)
+        t, meta = layer.packed_tensors(), layer.packed_meta()
+        olay = octet_layout(t, **meta)
+        obytes = sum(olay[k].numel() * olay[k].element_size() for k in SPLIT_READ if k in olay)
+        ocopies = [_clone_layout(olay) for _ in range(_copies(layout_bytes(olay)))]
+        w = layer.dequantize().to(torch.bfloat16)
+        dense = [w.clone() for _ in range(_copies(w.numel() * w.element_size()))]
+        for batch in (1, 2, 4, 8, 16):
+            x = torch.randn(batch, inp, device=dev, dtype=torch.bfloat16)
+            ref = spqr_matmul_reference(x.float(), t, **meta)
+            err = rel_err(spqr_octet_split(x, olay), ref)
+            again = torch.equal(spqr_octet_split(x, olay), spqr_octet_split(x, olay))
+            base = graph_time_ms([lambda w=w, x=x: torch.matmul(x, w.T) for w in dense])
+            gemv = graph_time_ms([lambda lo=lo, x=x: spqr_octet_gemv(x, lo) for lo in ocopies])
+            stream = (
+                graph_time_ms([lambda lo=lo, x=x: spqr_octet_stream(x, lo) for lo in ocopies]) if batch <= 2 else None
+            )
+            default = graph_time_ms([lambda lo=lo, x=x: spqr_octet_split(x, lo) for lo in ocopies])
+            best, errs = (default, "default"), [err]
+            for a, b, c, d, e in SPLIT_SWEEP:
+                kw = dict(warps=a, stage_steps=b, stages=c, blocks_per_sm=d, chunk_steps=e)
+                try:
+                    errs.append(rel_err(spqr_octet_split(x, olay, **kw), ref))
+                except HfEffllmError:  # does not fit shared memory
+                    continue
+                ms = graph_time_ms([lambda lo=lo, x=x, kw=kw: spqr_octet_split(x, lo, **kw) for lo in ocopies])
+                if ms < best[0]:
+                    best = (ms, ",".join(f"{k}={v}" for k, v in kw.items()))
+            row = run.add(
+                shape=f"{inp}->{out}", batch=batch, rel_err=err, max_sweep_rel_err=max(errs), deterministic=again,
+                bf16_graph_ms=base, octet_gemv_graph_ms=gemv, stream_graph_ms=stream, split_graph_ms=default,
+                split_speedup=base / default, best_split_graph_ms=best[0], best_split_speedup=base / best[0],
+                best_launch=best[1], octet_gemv_speedup=base / gemv,
+                stream_speedup=base / stream if stream else None, split_gbps=obytes / 1e9 / (best[0] / 1e3),
+                kernel_bits=round(8 * obytes / (inp * out), 3),
+            )  # fmt: skip
+            print(markdown_table([row]).splitlines()[-1], flush=True)
+        del ocopies, dense
+
+
 # kernels.spqr_octet.spqr_octet_stream: warps per block x steps per ring stage x ring stages per warp x blocks per SM
 STREAM_SWEEP = [
     (16, 8, 4, 1), (16, 8, 2, 1), (16, 8, 3, 1), (16, 4, 4, 1), (16, 4, 8, 1), (8, 8, 8, 1), (8, 8, 4, 2),
@@ -456,6 +513,17 @@ GPU_MODES = {
         "the kernel reads / best time; kernel_bits = those bytes per weight x 8.",
         stream_rows,
     ),
+    "split": (
+        "spqr_speed_split",
+        "SpQR 3-bit (16x16 groups, act-order, outliers) decode products, bf16 activations, 1-16 rows: the chunked "
+        "octet kernel (kernels.spqr_octet.spqr_octet_split: the input dimension cut into chunks whose activations "
+        "fit shared memory, outliers added to the decoded weights before the mma, bulk-copy rings per warp) vs "
+        "bf16 torch.matmul vs the octet kernels used before (spqr_octet_gemv; spqr_octet_stream at 1-2 rows), all "
+        "as CUDA graphs over distinct copies (no launch overhead, nothing L2-resident). rel_err vs the fp32 "
+        "reference (default launch; max_sweep_rel_err over the sweep); deterministic: two calls give the same "
+        "bits; split_gbps = bytes the kernel reads / best time; kernel_bits = those bytes per weight x 8.",
+        split_rows,
+    ),
     "stream_breakdown": (
         "spqr_speed_stream_breakdown",
         "Where spqr_octet_stream's time goes (3-bit, 16x16 groups, bf16 activations, batch 1): its CUDA-graph "
@@ -478,6 +546,7 @@ def main() -> None:
     p.add_argument("--octet", action="store_true", help="only the octet kernel vs bf16 and the CUDA kernel")
     p.add_argument("--stream", action="store_true", help="only the streaming octet kernel vs bf16 and the octet kernel")
     p.add_argument("--stream-breakdown", action="store_true", help="only spqr_octet_stream with phases left out")
+    p.add_argument("--split", action="store_true", help="only the chunked octet kernel vs bf16 and the octet kernels")
     args = p.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type != "cuda" and not args.quick:

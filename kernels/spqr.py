@@ -46,6 +46,7 @@ from .spqr_octet import (
     rows_per_launch,
     spqr_octet_dequant,
     spqr_octet_gemv,
+    spqr_octet_split,
     spqr_octet_stream,
 )
 from .spqr_octet import octet_layout as build_octet_layout
@@ -865,7 +866,13 @@ def cuda_path(rows: int, meta: dict[str, Any], device: torch.device, out_feature
     ``"stream"`` (``spqr_octet_stream``, same layout) for 1-2 rows of layers with at least 4096 inputs and one side
     at least twice the other (the MLP's projections, e.g. 4096 -> 11008 and 11008 -> 4096) on sm_90+: there it
     measured 1.06x / 1.01x bf16 at one row against 0.86x / 0.96x for ``spqr_octet_gemv``, and slower on square
-    layers (4096 -> 4096: 0.85x against 0.95x; ``benchmarks/results/spqr_speed_stream.md``)."""
+    layers (4096 -> 4096: 0.85x against 0.95x; ``benchmarks/results/spqr_speed_stream.md``).
+
+    ``"split"`` (``spqr_octet_split``, same layout) on sm_90+ for 8-16 rows, and for 3-16 rows of layers with at
+    least 8192 inputs (whose 16 rows do not fit one ``spqr_octet_gemv`` block): on the H200 at 16 rows 0.43x /
+    0.47x / 0.37x bf16 against 0.38x / 0.14x / 0.35x for ``spqr_octet_gemv`` (4096 -> 11008, 11008 -> 4096,
+    4096 -> 4096), at 8 rows 0.53x / 0.57x / 0.46x against 0.48x / 0.29x / 0.46x; slower than it at 4 rows of 4096
+    inputs (``benchmarks/results/spqr_speed_split.md``)."""
     if octet_supported(**meta) is not None:
         return "cuda"
     k = meta["in_features"]
@@ -877,6 +884,8 @@ def cuda_path(rows: int, meta: dict[str, Any], device: torch.device, out_feature
         and _bulk_copies(device)
     ):
         return "stream"
+    if rows > STREAM_ROWS and (rows >= 8 or k >= 8192) and _bulk_copies(device):
+        return "split"
     if rows > CUDA_MAX_ROWS:
         return "octet"
     return "octet" if rows <= rows_per_launch(meta["in_features"], device) else "cuda"
@@ -938,9 +947,10 @@ def spqr_matmul(
         and cuda_supports(x, meta) is None
     ):
         path = cuda_path(rows, meta, x.device, out_features=tensors["outlier_row_ptr"].shape[0] - 1)
-        if path in ("octet", "stream"):
+        if path in ("octet", "stream", "split"):
             lay = octet_layout if octet_layout is not None else build_octet_layout(tensors, **meta)
-            gemv, dequant = spqr_octet_stream if path == "stream" else spqr_octet_gemv, spqr_octet_dequant
+            gemv = {"stream": spqr_octet_stream, "split": spqr_octet_split}.get(path, spqr_octet_gemv)
+            dequant = spqr_octet_dequant
         else:
             lay = cuda_layout if cuda_layout is not None else build_cuda_layout(tensors, **meta)
             gemv, dequant = spqr_gemv_cuda, spqr_dequantize_cuda

@@ -54,6 +54,13 @@ warp order. Faster than ``spqr_octet_gemv`` at 1 row of the MLP shapes (4096 -> 
 11008 -> 4096), slower on square layers and at 4 rows (``benchmarks/results/spqr_speed_stream.md``);
 ``kernels.spqr.cuda_path`` picks between them.
 
+The chunked decode kernel ``spqr_octet_split`` (up to 16 rows, sm_90+): the same streaming, with the input dimension
+cut into chunks whose activations (all rows) fit one block's shared memory and the chunks of an octet summed by the
+block that finishes it last (a counter per octet; partial sums in a scratch); the outliers are added to the decoded
+weights (fp16) before the ``mma`` instead of being multiplied separately, so 16 rows cost about what one does.
+Faster than ``spqr_octet_gemv`` from 8 rows and on layers with 8,192+ inputs from 3
+(``benchmarks/results/spqr_speed_split.md``).
+
 The PyTorch reference of the same function is :func:`kernels.spqr.spqr_matmul_reference`.
 
 Example:
@@ -81,7 +88,12 @@ __all__ = [
     "rows_per_launch",
     "spqr_octet_dequant",
     "spqr_octet_gemv",
+    "spqr_octet_split",
     "spqr_octet_stream",
+    "SPLIT_ROWS",
+    "split_launch",
+    "split_plan",
+    "split_smem_bytes",
     "STREAM_ROWS",
     "stream_launch",
 ]
@@ -192,32 +204,71 @@ __device__ __forceinline__ int xs_index(int m, int c, int RSB) {
     const int first = (o0) + (int)(((long long)len_ * (part)) / P_) + (c);                         \
     const int last = (o0) + (int)(((long long)len_ * ((part) + 1)) / P_);
 
-// the activations of rows 0..M-1 into shared memory (layout above), gathered by perm, each row m scaled by 2^e so that
-// its largest magnitude lies in [2^13, 2^14): rscale[m] = 2^e, rinv[m] = 2^-e. Called by the whole block.
-__device__ void stage_activations(const u16* __restrict__ x, const int* __restrict__ perm, u16* xs, int M, int K,
-                                  int KP, int RSB, int sx, float* rmax, float* rscale, float* rinv) {
-    const int lane = threadIdx.x & 31;
-    if (threadIdx.x < 16) rmax[threadIdx.x] = 0.f;
-    __syncthreads();
-    for (int m = 0; m < M; ++m) {
-        float mx = 0.f;
-        for (int k = threadIdx.x; k < KP; k += W_ * 32) {
-            u16 v = 0;
-            if (k < K) v = x[(long long)m * sx + (perm ? perm[k] : k)];
-            xs[xs_index(m, k, RSB)] = v;
-            mx = fmaxf(mx, fabsf(act_f(v)));
-        }
+#define XR 16                  // activation rows a launch takes at most
+
+// a batch of the chunk's activations: the SB columns k0 + i W_ 32 of rows 0..M-1 (M <= RB) into shared memory
+// (xs_index, the column relative to the chunk) and their magnitudes into mx: the SB permutation entries are loaded
+// first, then all RB x SB values (independent loads, in flight together: two memory round trips per batch)
+template <int RB, int SB>
+__device__ __forceinline__ void stage_batch(const u16* __restrict__ x, const int* __restrict__ perm, u16* xs, int M,
+                                            int K, int c0, int KPc, int RSB, int sx, int k0, float* mx) {
+    int src[SB];
 #pragma unroll
-        for (int off = 16; off; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-        if (lane == 0) atomicMax((int*)&rmax[m], __float_as_int(mx));  // non-negative: int order is float order
+    for (int i = 0; i < SB; ++i) {
+        const int kk = k0 + i * W_ * 32, j = c0 + kk;
+        src[i] = kk < KPc && j < K ? (perm ? __ldg(perm + j) : j) : -1;
+    }
+    u16 v[RB][SB];
+#pragma unroll
+    for (int m = 0; m < RB; ++m)
+#pragma unroll
+        for (int i = 0; i < SB; ++i) v[m][i] = m < M && src[i] >= 0 ? __ldg(x + (long long)m * sx + src[i]) : (u16)0;
+#pragma unroll
+    for (int m = 0; m < RB; ++m)
+#pragma unroll
+        for (int i = 0; i < SB; ++i) {
+            const int kk = k0 + i * W_ * 32;
+            if (m < M && kk < KPc) {
+                xs[xs_index(m, kk, RSB)] = v[m][i];
+                mx[m] = fmaxf(mx[m], fabsf(act_f(v[m][i])));
+            }
+        }
+}
+
+// the activations (layout above) of stored columns [c0, c0 + KPc) of rows 0..M-1 (M <= 16), gathered by perm, into
+// shared memory (xs_index with the column taken relative to c0), each row m scaled by 2^e so that its largest magnitude in the chunk lies in
+// [2^13, 2^14): rscale[m] = 2^e, rinv[m] = 2^-e. Called by the whole block.
+__device__ void stage_chunk(const u16* __restrict__ x, const int* __restrict__ perm, u16* xs, int M, int K, int c0,
+                            int KPc, int RSB, int sx, float* rmax, float* rscale, float* rinv) {
+    const int lane = threadIdx.x & 31;
+    if (threadIdx.x < XR) rmax[threadIdx.x] = 0.f;
+    __syncthreads();
+    float mx[XR];
+#pragma unroll
+    for (int m = 0; m < XR; ++m) mx[m] = 0.f;
+    if (M <= 2) {
+        for (int k0 = threadIdx.x; k0 < KPc; k0 += 8 * W_ * 32) stage_batch<2, 8>(x, perm, xs, M, K, c0, KPc, RSB, sx, k0, mx);
+    } else if (M <= 4) {
+        for (int k0 = threadIdx.x; k0 < KPc; k0 += 4 * W_ * 32) stage_batch<4, 4>(x, perm, xs, M, K, c0, KPc, RSB, sx, k0, mx);
+    } else {
+        for (int k0 = threadIdx.x; k0 < KPc; k0 += 2 * W_ * 32) stage_batch<XR, 2>(x, perm, xs, M, K, c0, KPc, RSB, sx, k0, mx);
+    }
+#pragma unroll
+    for (int m = 0; m < XR; ++m) {
+        if (m < M) {  // M is the same for the whole block: the shuffles run in whole warps
+            float v = mx[m];
+#pragma unroll
+            for (int off = 16; off; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+            if (lane == 0) atomicMax((int*)&rmax[m], __float_as_int(v));  // non-negative: int order is float order
+        }
     }
     __syncthreads();
     if (threadIdx.x < M) {
-        const float mx = rmax[threadIdx.x];
+        const float mx0 = rmax[threadIdx.x];
         int e = 0;
-        if (mx > 0.f && mx <= 3.0e38f) {
+        if (mx0 > 0.f && mx0 <= 3.0e38f) {
             int ex;
-            frexpf(mx, &ex);
+            frexpf(mx0, &ex);
             e = min(max(14 - ex, -120), 120);
         }
         rscale[threadIdx.x] = ldexpf(1.f, e);
@@ -226,7 +277,7 @@ __device__ void stage_activations(const u16* __restrict__ x, const int* __restri
     __syncthreads();
     for (int m = 0; m < M; ++m) {
         const float sc = rscale[m];
-        for (int k = threadIdx.x; k < KP; k += W_ * 32) {
+        for (int k = threadIdx.x; k < KPc; k += W_ * 32) {
             const int ix = xs_index(m, k, RSB);
             xs[ix] = half_from_f(act_f(xs[ix]) * sc);
         }
@@ -320,7 +371,7 @@ extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_octet_gemv(
     }
     OUT_PREFETCH((int)blockIdx.x * O_ + slot);
 
-    stage_activations(x, perm, xs, M, K, KP, RSB, sx, rmax, rscale, rinv);
+    stage_chunk(x, perm, xs, M, K, 0, KP, RSB, sx, rmax, rscale, rinv);
 
     const char* xlane = smem + (g < PR ? g : 0) * RSB + t * 16;
     float* wred = red + warp * 8 * M;  // this warp's slot: [8 weight rows][M]
@@ -504,7 +555,7 @@ extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_octet_stream(
     char* wring = ring + warp * R_ * STAGE_BYTES;
     const u32 wring_s = smem_addr(wring), wbar = smem_addr(bars + warp * R_);
     float* wred = red + warp * 8 * M;
-    for (int i = threadIdx.x; i < ob1 - ob0; i += W_ * 32) cntb[i] = 0;  // before stage_activations' barriers
+    for (int i = threadIdx.x; i < ob1 - ob0; i += W_ * 32) cntb[i] = 0;  // before stage_chunk's barriers
 
     if (lane == 0) {
 #pragma unroll
@@ -567,7 +618,7 @@ extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_octet_stream(
 #pragma unroll
     for (int r = 0; r < R_; ++r) PRODUCE(r);
 
-    stage_activations(x, perm, xs, M, K, KP, RSB, sx, rmax, rscale, rinv);
+    stage_chunk(x, perm, xs, M, K, 0, KP, RSB, sx, rmax, rscale, rinv);
 
     const char* xlane = smem + (g < PR ? g : 0) * RSB + t * 16;
     int k = 0;  // stages consumed
@@ -724,15 +775,275 @@ extern "C" __global__ void spqr_octet_dequant(const uint2* __restrict__ codes, c
 """
 
 
+_SPLIT_SOURCE = r"""
+// ---- spqr_octet_split: up to 16 activation rows; the input dimension split into chunks over the blocks ----
+
+// the sums of octet o over this block's chunk, vals[e] = (weight row e / M, activation row e % M) in the scaled
+// activations, finished by one warp: with one chunk (C = 1) written to y; else stored (unscaled) in this chunk's
+// slot of scratch and counted in counters[o]; the chunk that arrives last adds the C slots in chunk order
+// (deterministic), writes the rows and resets the counter for the next launch.
+__device__ void finish_octet(int o, const float* vals, int M, int N, int NO, int C, int c, const float* rinv,
+                             const u16* __restrict__ bias, u16* __restrict__ y, int sy, float* scratch,
+                             int* counters) {
+    const int lane = threadIdx.x & 31;
+    if (C == 1) {
+        for (int e = lane; e < 8 * M; e += 32) {
+            const int row = o * 8 + e / M, m = e % M;
+            if (row < N) {
+                float v = vals[e] * rinv[m];
+                if (bias) v += act_f(bias[row]);
+                y[(long long)m * sy + row] = act_from_f(v);
+            }
+        }
+        return;
+    }
+    float* mine = scratch + ((long long)c * NO + o) * (8 * M);
+    for (int e = lane; e < 8 * M; e += 32) mine[e] = vals[e] * rinv[e % M];
+    __threadfence();
+    __syncwarp();
+    int old = 0;
+    if (lane == 0) old = atomicAdd(counters + o, 1);
+    old = __shfl_sync(0xffffffffu, old, 0);
+    if (old != C - 1) return;
+    __threadfence();
+    for (int e = lane; e < 8 * M; e += 32) {
+        const int row = o * 8 + e / M, m = e % M;
+        float v = 0.f;
+        for (int cc = 0; cc < C; ++cc) v += __ldcg(scratch + ((long long)cc * NO + o) * (8 * M) + e);
+        if (row < N) {
+            if (bias) v += act_f(bias[row]);
+            y[(long long)m * sy + row] = act_from_f(v);
+        }
+    }
+    if (lane == 0) counters[o] = 0;
+}
+
+// y (M, N) = x (M, K) W^T (+ bias), M <= 16, on a persistent grid of C x Gc blocks: the input dimension is cut into C
+// chunks of KC steps (the last may be shorter) so that one chunk's activations of all M rows fit shared memory;
+// block b works on chunk c = b / Gc and the whole octets [bb NO / Gc, (bb + 1) NO / Gc) (bb = b % Gc), its warps
+// splitting the block's (octet, step of the chunk) items evenly as spqr_octet_stream does over whole octets, each
+// streaming its items through its own ring of bulk-copied stages. The outliers are added to the weights before the
+// mma (so any number of activation rows costs the same): when a stage lands, the lanes write its entries' fp16
+// corrections into the warp's tile (U_ x 8 x 64 halves: step, row, column; one pass over the entries, spread over
+// the lanes), then at each step every lane adds its 16 (the 16 halves of its B fragments, in order) and zeroes
+// them. Octets split between warps of a block are summed by the last contributor (as in spqr_octet_stream), chunks
+// by finish_octet.
+extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_octet_split(
+    const u16* __restrict__ x, const int* __restrict__ perm, const uint2* __restrict__ codes,
+    const u8* __restrict__ stats, const uint2* __restrict__ stats2, const u32* __restrict__ sent,
+    const int* __restrict__ sptr, const u16* __restrict__ bias, u16* __restrict__ y, float* __restrict__ scratch,
+    int* __restrict__ counters, int M, int N, int K, int KS, int NO, int sx, int sy, int KC, int C) {
+    extern __shared__ __align__(128) char smem[];
+    const int RSB = KC * 256 + 64, PR = M < 8 ? M : 8;
+    const int Gc = (int)gridDim.x / C, c = (int)blockIdx.x / Gc, bb = (int)blockIdx.x % Gc;
+    const int soff = c * KC, KSc = min(KC, KS - soff);             // this chunk's first step and step count
+    const int ob0 = (int)((long long)bb * NO / Gc), ob1 = (int)((long long)(bb + 1) * NO / Gc);
+    if (ob0 == ob1 || KSc <= 0) return;                             // the whole block: no barrier is skipped
+    u16* xs = (u16*)smem;                                           // PR row pairs of RSB bytes
+    char* ring = smem + PR * RSB;                                   // [W_][R_] stages
+    u16* tiles = (u16*)(ring + W_ * R_ * STAGE_BYTES);              // [W_][U_][8 x 64] fp16 corrections
+    unsigned long long* bars = (unsigned long long*)(tiles + W_ * U_ * 512);  // [W_][R_]
+    float* red = (float*)(bars + W_ * R_);                          // [W_][8][M]
+    float* part = red + W_ * 8 * M;                                 // [W_][2][8 XR]
+    int* cntb = (int*)(part + W_ * 2 * 8 * XR);                     // [octets of the block]
+    __shared__ float rmax[XR];
+    __shared__ float rscale[XR];
+    __shared__ float rinv[XR];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const long long B0 = (long long)ob0 * KSc, TB = (long long)(ob1 - ob0) * KSc;
+    const long long ib = warp_begin(warp, B0, TB), ie = warp_begin(warp + 1, B0, TB);  // this warp's items
+    const bool active = ib < ie;
+    const int first_oct = (int)(ib / KSc), last_oct = active ? (int)((ie - 1) / KSc) : first_oct - 1;
+    char* wring = ring + warp * R_ * STAGE_BYTES;
+    const u32 wring_s = smem_addr(wring), wbar = smem_addr(bars + warp * R_);
+    u16* wtile = tiles + warp * U_ * 512;
+    float* wred = red + warp * 8 * M;
+    for (int i = threadIdx.x; i < ob1 - ob0; i += W_ * 32) cntb[i] = 0;  // before stage_chunk's barriers
+    for (int i = lane; i < U_ * 64; i += 32) ((uint4*)wtile)[i] = make_uint4(0u, 0u, 0u, 0u);
+
+    if (lane == 0) {
+#pragma unroll
+        for (int r = 0; r < R_; ++r) mbar_init(wbar + 8 * r);
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncwarp();
+
+// item i of the chunk (octet-major, KSc steps per octet) -> item of the whole layer (KS steps per octet)
+#define GITEM(I) (((I) / KSc) * (long long)KS + soff + (I) % KSc)
+// the outlier range [LO, HI) of stage J of this warp (empty past its last stage)
+#define STAGE_BOUNDS(J, LO, HI)                                                                    \
+    {                                                                                              \
+        const long long e_ = stage_end(ib, ie, KSc, (J));                                          \
+        const long long b_ = (J) == 0 ? ib : stage_end(ib, ie, KSc, (J) - 1);                      \
+        LO = HI = 0;                                                                               \
+        if (b_ < e_) {                                                                             \
+            LO = sptr[GITEM(b_)];                                                                  \
+            HI = sptr[GITEM(e_ - 1) + 1];                                                          \
+        }                                                                                          \
+    }
+    // producer: the next stage is steps [p_s, min(p_s + U_, p_send)) of octet p_oct (steps of the chunk), stage p_j
+    // of the warp; lane j's blo/bhi_cur (_next): the outlier range of stage 32 q + j (32 (q + 1) + j)
+    int p_oct = first_oct, p_s = (int)(ib % KSc), p_send = (int)min((long long)KSc, ie - (long long)first_oct * KSc);
+    int p_j = 0;
+    bool p_done = !active;
+    int blo_cur, bhi_cur, blo_next, bhi_next;
+    STAGE_BOUNDS(lane, blo_cur, bhi_cur);
+    STAGE_BOUNDS(32 + lane, blo_next, bhi_next);
+#define PRODUCE_SPLIT(ST)                                                                          \
+    if (!p_done) {                                                                                 \
+        const u32 bar_ = wbar + 8 * (ST), dst_ = wring_s + (ST) * STAGE_BYTES;                     \
+        const int n_ = min(U_, p_send - p_s);                                                      \
+        const int lo_ = __shfl_sync(0xffffffffu, blo_cur, p_j & 31);                               \
+        const int hi_ = __shfl_sync(0xffffffffu, bhi_cur, p_j & 31);                               \
+        if (lane == 0) {                                                                           \
+            const long long it_ = (long long)p_oct * KS + soff + p_s;                              \
+            const int a0_ = lo_ & ~3, a1_ = min((hi_ + 3) & ~3, a0_ + CAPO);                       \
+            const int ob_ = hi_ > lo_ ? (a1_ - a0_) * 4 : 0;                                       \
+            *(int4*)(wring + (ST) * STAGE_BYTES + U_ * 320) = make_int4(lo_, hi_, a0_, 0);         \
+            mbar_expect(bar_, n_ * 320 + ob_);                                                     \
+            bulk_copy(dst_, codes + it_ * 32, n_ * 256, bar_);                                     \
+            bulk_copy(dst_ + U_ * 256, stats + it_ * 32, n_ * 32, bar_);                           \
+            bulk_copy(dst_ + U_ * 288, stats2 + ((long long)(p_oct >> 1) * KS + soff + p_s) * 4, n_ * 32, bar_); \
+            if (ob_) bulk_copy(dst_ + U_ * 320 + 16, sent + a0_, ob_, bar_);                       \
+        }                                                                                          \
+        if ((++p_j & 31) == 0) {                                                                   \
+            blo_cur = blo_next;                                                                    \
+            bhi_cur = bhi_next;                                                                    \
+            STAGE_BOUNDS(p_j + 32 + lane, blo_next, bhi_next);                                     \
+        }                                                                                          \
+        p_s += n_;                                                                                 \
+        if (p_s == p_send) {                                                                       \
+            if (++p_oct > last_oct) {                                                              \
+                p_done = true;                                                                     \
+            } else {                                                                               \
+                p_s = 0;                                                                           \
+                p_send = (int)min((long long)KSc, ie - (long long)p_oct * KSc);                    \
+            }                                                                                      \
+        }                                                                                          \
+    }
+#pragma unroll
+    for (int r = 0; r < R_; ++r) PRODUCE_SPLIT(r);
+
+    stage_chunk(x, perm, xs, M, K, soff * 64, KSc * 64, RSB, sx, rmax, rscale, rinv);
+
+    const char* xlane = smem + (g < PR ? g : 0) * RSB + t * 16;
+    int k = 0;  // stages consumed
+    for (int o = first_oct; o <= last_oct; ++o) {
+        const int s_begin = o == first_oct ? (int)(ib % KSc) : 0;
+        const int s_end = (int)min((long long)KSc, ie - (long long)o * KSc);
+        float acc0[4] = {0.f, 0.f, 0.f, 0.f}, acc1[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int s0 = s_begin; s0 < s_end; s0 += U_) {
+            const int n = min(U_, s_end - s0), st = k % R_;
+            mbar_wait(wbar + 8 * st, (k / R_) & 1);
+            const char* sp = wring + st * STAGE_BYTES;
+            const uint2* cw = (const uint2*)sp;
+            const u8* sb = (const u8*)(sp + U_ * 256);
+            const uint2* s2 = (const uint2*)(sp + U_ * 288);
+            const int4 hd = *(const int4*)(sp + U_ * 320);  // first, end, first copied entry
+            const u32* oe = (const u32*)(sp + U_ * 320 + 16);
+            const int gs0 = soff + s0;                                // the stage's first step in the layer
+            const int cend = min(hd.y, hd.z + CAPO);                  // entries past cend: only in global memory
+            for (int e = hd.x + lane; e < hd.y; e += 32) {            // the stage's corrections into the tile
+                const u32 en = e < cend ? oe[e - hd.z] : __ldg(sent + e);
+                wtile[(((en >> 9) - (u32)gs0) & 127u) * 512 + (en & 511u)] = (u16)(en >> 16);
+            }
+            __syncwarp();
+            const char* xp0 = xlane + s0 * 256;
+#pragma unroll
+            for (int u = 0; u < U_; ++u) {
+                if (u < n) {
+                    u32 b[4][2];
+                    decode_step(b, cw[u * 32 + lane], sb[u * 32 + lane], s2[u * 4 + t]);
+                    uint4* tl = (uint4*)(wtile + u * 512) + 2 * lane;  // this lane's 16: row g, columns 16 t ..
+                    const uint4 q0 = tl[0], q1 = tl[1];
+                    tl[0] = make_uint4(0u, 0u, 0u, 0u);
+                    tl[1] = make_uint4(0u, 0u, 0u, 0u);
+                    b[0][0] = hadd2(b[0][0], q0.x);
+                    b[0][1] = hadd2(b[0][1], q0.y);
+                    b[1][0] = hadd2(b[1][0], q0.z);
+                    b[1][1] = hadd2(b[1][1], q0.w);
+                    b[2][0] = hadd2(b[2][0], q1.x);
+                    b[2][1] = hadd2(b[2][1], q1.y);
+                    b[3][0] = hadd2(b[3][0], q1.z);
+                    b[3][1] = hadd2(b[3][1], q1.w);
+                    const uint4* xp = (const uint4*)(xp0 + u * 256);
+                    mma_f16(acc0, xp[0], b[0][0], b[0][1]);
+                    mma_f16(acc1, xp[4], b[1][0], b[1][1]);
+                    mma_f16(acc0, xp[8], b[2][0], b[2][1]);
+                    mma_f16(acc1, xp[12], b[3][0], b[3][1]);
+                }
+            }
+            __syncwarp();  // every lane has read the stage: it may be refilled
+            if (lane == 0) asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            PRODUCE_SPLIT(st);
+            ++k;
+        }
+        // C fragment: c0 = (activation row g, weight row 2t), c1 = (g, 2t + 1), c2/c3 the same for row g + 8
+        if (g < M) {
+            wred[(2 * t) * M + g] = acc0[0] + acc1[0];
+            wred[(2 * t + 1) * M + g] = acc0[1] + acc1[1];
+        }
+        if (g + 8 < M) {
+            wred[(2 * t) * M + g + 8] = acc0[2] + acc1[2];
+            wred[(2 * t + 1) * M + g + 8] = acc0[3] + acc1[3];
+        }
+        __syncwarp();
+        if (s_begin == 0 && s_end == KSc) {  // a whole octet (of this chunk)
+            finish_octet(o, wred, M, N, NO, C, c, rinv, bias, y, sy, scratch, counters);
+        } else {  // shared: partial sums to this warp's slot; the last to arrive adds all of them in warp order
+            float* pp = part + (warp * 2 + (o == first_oct ? 0 : 1)) * (8 * XR);
+            for (int e = lane; e < 8 * M; e += 32) pp[e] = wred[e];
+            __syncwarp();
+            int old = 0;
+            if (lane == 0) {
+                __threadfence_block();
+                old = atomicAdd(cntb + (o - ob0), 1);
+                __threadfence_block();
+            }
+            old = __shfl_sync(0xffffffffu, old, 0);
+            const int wf = item_owner((long long)o * KSc, B0, TB), wl = item_owner((long long)o * KSc + KSc - 1, B0, TB);
+            int nc = 0;
+            for (int w = wf; w <= wl; ++w) nc += warp_begin(w, B0, TB) < warp_begin(w + 1, B0, TB);
+            if (old == nc - 1) {
+                __syncwarp();
+                for (int e = lane; e < 8 * M; e += 32) {
+                    float val = 0.f;
+                    for (int w = wf; w <= wl; ++w) {
+                        const long long wb = warp_begin(w, B0, TB);
+                        if (wb == warp_begin(w + 1, B0, TB)) continue;  // an empty warp
+                        const int sl = wb / KSc == o ? 0 : 1;              // o is w's first octet, or its last
+                        val += ((volatile float*)part)[(w * 2 + sl) * (8 * XR) + e];
+                    }
+                    wred[e] = val;
+                }
+                __syncwarp();
+                finish_octet(o, wred, M, N, NO, C, c, rinv, bias, y, sy, scratch, counters);
+            }
+        }
+        __syncwarp();  // wred is rewritten by the next octet
+    }
+}
+"""
+
+
 def octet_source(
-    *, warps: int, hi: bool, bf16: bool, per_octet: int = 1, depth: int = 1, stage_steps: int = 4, stages: int = 4
+    *,
+    warps: int,
+    hi: bool,
+    bf16: bool,
+    per_octet: int = 1,
+    depth: int = 1,
+    stage_steps: int = 4,
+    stages: int = 4,
+    split: bool = False,
 ) -> str:
-    """The CUDA source of the three kernels: ``warps`` per block, ``hi`` (activation rows 8-15 present) and the
+    """The CUDA source of the kernels: ``warps`` per block, ``hi`` (activation rows 8-15 present) and the
     activation dtype; for ``spqr_octet_gemv`` ``per_octet`` warps splitting each octet's steps (divides ``warps``)
-    and ``depth`` steps of loads in flight per warp; for ``spqr_octet_stream`` ``stage_steps`` steps per ring stage
-    and ``stages`` stages per warp."""
+    and ``depth`` steps of loads in flight per warp; for ``spqr_octet_stream`` and ``spqr_octet_split``
+    ``stage_steps`` steps per ring stage and ``stages`` stages per warp; ``split`` adds ``spqr_octet_split``."""
     skip = "".join(f"#define SKIP_{p.upper()} 1\n" for p in sorted(_SKIP))
-    return render(_SOURCE, W=warps, P=per_octet, D=depth, U=stage_steps, R=stages, HI=hi, BF16=bf16, SKIP=skip)
+    src = _SOURCE + _SPLIT_SOURCE if split else _SOURCE
+    return render(src, W=warps, P=per_octet, D=depth, U=stage_steps, R=stages, HI=hi, BF16=bf16, SKIP=skip)
 
 
 def octet_supported(
@@ -1089,6 +1400,135 @@ def spqr_octet_stream(
                 [x2[m0:], layout.get("perm"), layout["codes"], layout["stats"], layout["stats2"], layout["sent"],
                  layout["sptr"], bias, y[m0:]],
                 [mc, n, k, ks, no, x2.stride(0), y.stride(0)],
+            )  # fmt: skip
+    return y.reshape(*lead, n)
+
+
+SPLIT_ROWS = 16  # activation rows one spqr_octet_split launch takes (the m16 side of the mma)
+
+
+def split_smem_bytes(rows: int, chunk_steps: int, warps: int, stage_steps: int, stages: int, octets: int = 0) -> int:
+    """Dynamic shared memory of a ``spqr_octet_split`` block: one chunk's activations (``min(rows, 8)`` row pairs
+    of ``256 chunk_steps + 64`` bytes), per warp ``stages`` ring stages of ``384 stage_steps + 16`` bytes, a
+    correction tile of 1 KiB per stage step, an 8-byte barrier per stage, ``8 x rows`` fp32 sums and two slots of
+    ``8 x 16`` partial sums; and a 4-byte counter per octet of the block (at most ``octets``)."""
+    per_warp = stages * (stage_steps * 384 + 16 + 8) + 1024 * stage_steps + 8 * rows * 4 + 2 * 8 * SPLIT_ROWS * 4
+    return min(rows, 8) * (chunk_steps * 256 + 64) + warps * per_warp + 4 * octets
+
+
+def split_launch(rows: int, steps: int, device: torch.device) -> tuple[int, int, int, int, int | None]:
+    """``(warps, stage_steps, stages, blocks per SM, chunk_steps)`` of :func:`spqr_octet_split`: 16 warps, 4 steps
+    per stage, 3 stages, one block per SM; from 8 rows chunks of 16 steps (the fastest of the H200 sweep at 8 and 16
+    rows of 4096 -> 11008 and 4096 -> 4096, ``benchmarks/results/spqr_speed_split.md``), below that the fewest
+    chunks that fit."""
+    return 16, 4, 3, 1, (16 if rows >= 8 else None)
+
+
+def split_plan(
+    rows: int, steps: int, octets: int, warps: int, stage_steps: int, stages: int, blocks: int, limit: int,
+    chunk_steps: int | None = None,
+) -> tuple[int, int, int] | None:  # fmt: skip
+    """``(chunks, chunk_steps, grid)`` of a :func:`spqr_octet_split` launch over ``steps`` 64-column steps and
+    ``octets`` octets with ``blocks`` resident blocks: the fewest chunks whose block fits ``limit`` bytes of shared
+    memory (or the given ``chunk_steps``), ``grid = chunks x (blocks // chunks)``; None when nothing fits."""
+    candidates = [min(chunk_steps, steps)] if chunk_steps is not None else [cdiv(steps, c) for c in range(1, steps + 1)]
+    for kc in candidates:
+        chunks = cdiv(steps, kc)
+        per_chunk = max(1, blocks // chunks)
+        if split_smem_bytes(rows, kc, warps, stage_steps, stages, cdiv(octets, per_chunk)) <= limit:
+            return chunks, kc, chunks * per_chunk
+    return None
+
+
+def spqr_octet_split(
+    x: torch.Tensor,
+    layout: dict[str, Any],
+    *,
+    bias: torch.Tensor | None = None,
+    warps: int | None = None,
+    stage_steps: int | None = None,
+    stages: int | None = None,
+    blocks_per_sm: int | None = None,
+    chunk_steps: int | None = None,
+) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` for at most 16 rows of activations, W in :func:`octet_layout`: the same function as
+    :func:`spqr_octet_gemv`, computed by ``spqr_octet_split`` (sm_90+): the input dimension cut into chunks whose
+    activations (all rows) fit one block's shared memory, each chunk's octets split over the blocks of a persistent
+    grid and their steps over each block's warps, which stream codes, statistics and outliers by bulk copies; the
+    outliers are added to the decoded weights before the ``mma``, so 16 rows cost about what one does. Chunks are
+    summed by the last block to finish an octet (a counter per octet, kept in ``layout["split_counters"]`` and reset
+    by the kernel: concurrent launches on one layout from several streams are not supported).
+
+    Args:
+        x: (..., in_features) float16 or bfloat16, any number of rows (one launch per 16).
+        layout: the layer's :func:`octet_layout`.
+        bias: optional (out_features,) bias.
+        warps: warps per block (1-32); stage_steps: 64-column steps per ring stage (1-8); stages: ring stages per
+            warp (2-16); blocks_per_sm: resident blocks per SM the grid is sized for; chunk_steps: 64-column steps
+            per chunk (None: the fewest chunks that fit). All ``None``: :func:`split_launch`.
+
+    Returns:
+        (..., out_features) in ``x.dtype``.
+    """
+    _check(x, layout)
+    if not x.is_cuda or capability(x.device) < (9, 0):
+        raise HfEffllmError(
+            f"spqr_octet_split needs a CUDA GPU with bulk copies (compute capability 9.0+); x is on {x.device}. "
+            f"Use spqr_octet_gemv on older GPUs."
+        )
+    lead, k = x.shape[:-1], layout["k"]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    n, ks, no, m = layout["n"], layout["ks"], layout["no"], x2.shape[0]
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    w0, u0, r0, b0, c0 = split_launch(min(m, SPLIT_ROWS), ks, x.device)
+    if (warps, stage_steps, stages, blocks_per_sm, chunk_steps) == (None,) * 5:
+        chunk_steps = c0  # the default launch only: a given launch keeps the fewest chunks unless it names some
+    warps = w0 if warps is None else warps
+    stage_steps = u0 if stage_steps is None else stage_steps
+    stages = r0 if stages is None else stages
+    blocks_per_sm = b0 if blocks_per_sm is None else blocks_per_sm
+    for name, value, lo, hi in (("warps", warps, 1, 32), ("stage_steps", stage_steps, 1, 8), ("stages", stages, 2, 16)):
+        if not lo <= value <= hi:
+            raise HfEffllmError(f"{name}={value} is out of range; use {lo} to {hi}.")
+    if blocks_per_sm < 1:
+        raise HfEffllmError(f"blocks_per_sm={blocks_per_sm} must be >= 1.")
+    if chunk_steps is not None and chunk_steps < 1:
+        raise HfEffllmError(f"chunk_steps={chunk_steps} must be >= 1 (64 input columns per step).")
+    if m == 0 or n == 0:
+        return y.reshape(*lead, n)
+    bias = _bias(bias, n, x.dtype)
+    limit = smem_limit(x.device) - _STATIC_SMEM
+    plan = split_plan(
+        min(m, SPLIT_ROWS), ks, no, warps, stage_steps, stages, blocks_per_sm * sm_count(x.device), limit, chunk_steps
+    )
+    if plan is None:
+        raise HfEffllmError(
+            f"{stages} stages of {stage_steps} steps for {warps} warps (chunk_steps={chunk_steps}) do not fit one "
+            f"block's shared memory on this GPU; use fewer warps or stages."
+        )
+    chunks, kc, grid = plan
+    counters = layout.get("split_counters")
+    if counters is None or counters.device != x.device or counters.numel() < no:
+        counters = layout["split_counters"] = torch.zeros(no, dtype=torch.int32, device=x.device)
+    bf16 = x.dtype == torch.bfloat16
+    with on_device(x.device):
+        for m0 in range(0, m, SPLIT_ROWS):
+            mc = min(SPLIT_ROWS, m - m0)
+            smem = split_smem_bytes(mc, kc, warps, stage_steps, stages, cdiv(no, grid // chunks))
+            scratch = torch.empty(chunks * no * 8 * mc, dtype=torch.float32, device=x.device) if chunks > 1 else y
+            key = ("spqr_octet_split", warps, stage_steps, stages, bf16)
+
+            def source() -> str:
+                return octet_source(warps=warps, hi=True, bf16=bf16, stage_steps=stage_steps, stages=stages, split=True)
+
+            kern = _kernel(key, x.device, source, "spqr_octet_split", smem)
+            launch(
+                kern, (grid, 1, 1), warps * 32, smem,
+                [x2[m0:], layout.get("perm"), layout["codes"], layout["stats"], layout["stats2"], layout["sent"],
+                 layout["sptr"], bias, y[m0:], scratch, counters],
+                [mc, n, k, ks, no, x2.stride(0), y.stride(0), kc, chunks],
             )  # fmt: skip
     return y.reshape(*lead, n)
 

@@ -10,8 +10,11 @@ from hf_effllm.kernels.spqr_octet import (
     octet_layout,
     octet_supported,
     smem_bytes,
+    split_plan,
+    split_smem_bytes,
     spqr_octet_dequant,
     spqr_octet_gemv,
+    spqr_octet_split,
     spqr_octet_stream,
 )
 
@@ -113,6 +116,109 @@ def stream_outliers(lay):
     rows = (item // ks) * 8 + ((ent >> 6) & 7)
     vals = (ent >> 16).to(torch.int16).view(torch.float16)
     return outlier_matrix(rows, step * 64 + (ent & 63), vals, lay["n"], lay["k"])
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _stage_end(ib, ie, ks, j, u):
+    """The kernels' ``stage_end``: the item after stage ``j`` of a warp with items [ib, ie), ``ks`` steps per octet,
+    stages of up to ``u`` steps of one octet."""
+    o1end = min(ie, (ib // ks + 1) * ks)
+    f = o1end - ib
+    n1 = _cdiv(f, u)
+    if j < n1:
+        return ib + min((j + 1) * u, f)
+    spo, jj = _cdiv(ks, u), j - n1
+    return min(ie, o1end + (jj // spo) * ks + min((jj % spo + 1) * u, ks))
+
+
+def emulate_split(x, lay, *, warps, stage_steps, blocks, chunk_steps=None, rows=None):
+    """``x @ W^T`` the way ``spqr_octet_split`` partitions it (float64): the plan's chunks and blocks, each block's
+    (octet, step of the chunk) items split over its warps, each warp's stages with the outlier range the producer
+    reads from ``sptr`` (chunk items mapped to layer items), and per step the entries whose step field matches
+    added to the decoded weights (the correction tile). Also checks that every (octet, step) is computed once."""
+    m, k = x.shape
+    ks, no, n = lay["ks"], lay["no"], lay["n"]
+    chunks, kc, grid = split_plan(rows or m, ks, no, warps, stage_steps, 2, blocks, 1 << 40, chunk_steps)
+    per_chunk = grid // chunks
+    xp = torch.zeros(m, ks * 64, dtype=torch.float64)
+    xp[:, :k] = (x[:, lay["perm_long"]] if "perm_long" in lay else x).double()
+    base = torch.zeros(no * 8, ks * 64, dtype=torch.float64)
+    base[:n, :k] = emulate_weight(lay, outliers=False).double()
+    sptr = lay["sptr"].long()
+    sent = lay["sent"].long() & 0xFFFFFFFF
+    y = torch.zeros(m, no * 8, dtype=torch.float64)
+    seen = torch.zeros(no, ks, dtype=torch.int64)
+    for b in range(grid):
+        c, bb = b // per_chunk, b % per_chunk
+        soff = c * kc
+        ksc = min(kc, ks - soff)
+        ob0, ob1 = bb * no // per_chunk, (bb + 1) * no // per_chunk
+        if ob0 == ob1 or ksc <= 0:
+            continue
+        b0, tb = ob0 * ksc, (ob1 - ob0) * ksc
+        for w in range(warps):
+            ib, ie = b0 + w * tb // warps, b0 + (w + 1) * tb // warps
+            if ib >= ie:
+                continue
+            j = 0
+            for o in range(ib // ksc, (ie - 1) // ksc + 1):
+                s_begin = ib % ksc if o == ib // ksc else 0
+                s_end = min(ksc, ie - o * ksc)
+                for s0 in range(s_begin, s_end, stage_steps):
+                    st_b = ib if j == 0 else _stage_end(ib, ie, ksc, j - 1, stage_steps)
+                    st_e = _stage_end(ib, ie, ksc, j, stage_steps)
+                    assert (st_b, st_e) == (o * ksc + s0, o * ksc + min(s0 + stage_steps, s_end))
+                    g_b, g_l = (
+                        (st_b // ksc) * ks + soff + st_b % ksc,
+                        ((st_e - 1) // ksc) * ks + soff + (st_e - 1) % ksc,
+                    )
+                    lo, hi = int(sptr[g_b]), int(sptr[g_l + 1])  # chunk items -> layer items (GITEM)
+                    ents = sent[lo:hi]
+                    for u in range(min(stage_steps, s_end - s0)):
+                        step = soff + s0 + u
+                        seen[o, step] += 1
+                        wt = base[o * 8 : o * 8 + 8, step * 64 : step * 64 + 64].clone()
+                        e = ents[((ents >> 9) & 127) == step % 128]
+                        vals = (e >> 16).to(torch.int16).view(torch.float16).double()
+                        wt[(e >> 6) & 7, e & 63] += vals
+                        y[:, o * 8 : o * 8 + 8] += xp[:, step * 64 : step * 64 + 64] @ wt.T
+                    j += 1
+    assert torch.equal(seen, torch.ones_like(seen))
+    return y[:, :n]
+
+
+@pytest.mark.parametrize(
+    ("out", "inp", "warps", "stage_steps", "blocks", "chunk_steps"),
+    [(37, 46, 4, 2, 3, None), (300, 1000, 16, 8, 5, 4), (300, 1000, 3, 3, 7, 5), (40, 2048, 6, 1, 4, 3),
+     (4000, 128, 2, 2, 9, 1)],
+)  # fmt: skip
+def test_split_partition_and_outlier_selection_give_the_product(out, inp, warps, stage_steps, blocks, chunk_steps):
+    """spqr_octet_split's work partition, emulated on the CPU: chunks x blocks x warps x stages cover every (octet,
+    step) once, and the entries the producer's ranges and the step test pick are exactly the step's outliers."""
+    layer, _ = make_layer(out, inp, bits=3)
+    t, meta = layer.packed_tensors(), layer.packed_meta()
+    lay = octet_layout(t, **meta)
+    x = torch.randn(3, inp)
+    ref = spqr_matmul_reference(x, t, **meta).double()
+    y = emulate_split(x, lay, warps=warps, stage_steps=stage_steps, blocks=blocks, chunk_steps=chunk_steps)
+    torch.testing.assert_close(y, ref, rtol=0, atol=2e-3 * ref.abs().max().item())
+
+
+def test_split_plan_takes_the_fewest_chunks_that_fit():
+    # the default launch (16 warps, 3 stages of 4 steps) on a 227 KiB GPU: 16 rows of 4096 inputs (64 steps) in two
+    # chunks of 32 steps, of 11008 inputs (172 steps) in six of 29; 4 rows of 4096 in one
+    limit = 227 * 1024 - 256
+    assert split_plan(16, 64, 1376, 16, 4, 3, 132, limit) == (2, 32, 132)
+    assert split_plan(16, 172, 512, 16, 4, 3, 132, limit) == (6, 29, 132)
+    assert split_plan(4, 64, 1376, 16, 4, 3, 132, limit) == (1, 64, 132)
+    assert split_plan(16, 10, 7, 4, 2, 2, 4, limit, chunk_steps=3) == (4, 3, 4)  # 3 + 3 + 3 + 1 steps
+    assert split_plan(16, 5, 7, 4, 2, 2, 4, limit, chunk_steps=2) == (3, 2, 3)
+    assert split_smem_bytes(16, 32, 16, 4, 3, 11) <= limit < split_smem_bytes(16, 33, 16, 4, 3, 11)
+    assert split_plan(16, 64, 1376, 16, 8, 2, 132, limit) is None  # 8-step stages' tiles leave no room for 16 rows
+    assert split_plan(4, 64, 1376, 8, 8, 2, 132, limit) is not None  # with 8 warps they fit
 
 
 LAYOUT_CASES = [
@@ -230,7 +336,10 @@ def test_cuda_path_prefers_the_octet_kernel_where_it_runs_in_one_launch(monkeypa
     assert [cuda_path(r, meta, dev, out_features=11008) for r in (1, 2, 3)] == ["octet"] * 3  # no bulk copies
     monkeypatch.setattr(spqr, "_bulk_copies", lambda device: True)
     assert [cuda_path(r, meta, dev, out_features=11008) for r in (1, 2, 3)] == ["stream", "stream", "octet"]
-    assert [cuda_path(r, wide, dev, out_features=4096) for r in (1, 2, 3)] == ["stream", "stream", "octet"]
+    assert [cuda_path(r, wide, dev, out_features=4096) for r in (1, 2, 3)] == ["stream", "stream", "split"]
+    # the chunked kernel on sm_90+: 8-16 rows, and 3-16 rows of >= 8192 inputs; prefill (> 16) dequantizes
+    assert [cuda_path(r, meta, dev) for r in (1, 3, 7, 8, 16, 40)] == ["octet"] * 3 + ["split"] * 3
+    assert [cuda_path(r, wide, dev) for r in (1, 2, 3, 16, 17)] == ["octet", "octet", "split", "split", "split"]
     assert cuda_path(1, meta, dev, out_features=4096) == "octet"
     assert cuda_path(1, meta, dev, out_features=6144) == "octet"
     assert cuda_path(1, {**meta, "in_features": 2048}, dev, out_features=8192) == "octet"
@@ -252,10 +361,13 @@ GPU_CASES = [
 # the larger cases split each octet over many warps; 1-step stages take an octet's outliers in several runs)
 GEMV_CONFIGS = [(16, 16, 4, 1), (8, 4, 2, 2), (4, 1, 1, 3), (32, 8, 8, 1), (6, 3, 3, 1)]
 STREAM_CONFIGS = [(16, 4, 4, 1), (8, 2, 2, 2), (4, 1, 3, 1), (1, 2, 2, 1), (6, 3, 5, 1), (32, 8, 2, 1)]
+# spqr_octet_split: (warps, stage_steps, stages, blocks_per_sm, chunk_steps): one chunk and several, 1-step stages
+SPLIT_CONFIGS = [(16, 4, 3, 1, None), (8, 2, 2, 2, 1), (4, 1, 3, 1, 2), (1, 8, 2, 1, None), (6, 3, 5, 1, 3),
+                 (32, 2, 2, 1, 5)]  # fmt: skip
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["gemv", "stream"])
+@pytest.mark.parametrize("kernel", ["gemv", "stream", "split"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(("out", "inp", "rows", "bits", "gs", "perm"), GPU_CASES)
 def test_octet_decode_kernels_match_reference(out, inp, rows, bits, gs, perm, dtype, kernel):
@@ -279,6 +391,7 @@ def test_octet_decode_kernels_match_reference(out, inp, rows, bits, gs, perm, dt
     fn, names, configs = {
         "gemv": (spqr_octet_gemv, ("warps", "per_octet", "depth", "blocks_per_sm"), GEMV_CONFIGS),
         "stream": (spqr_octet_stream, ("warps", "stage_steps", "stages", "blocks_per_sm"), STREAM_CONFIGS),
+        "split": (spqr_octet_split, ("warps", "stage_steps", "stages", "blocks_per_sm", "chunk_steps"), SPLIT_CONFIGS),
     }[kernel]
     for cfg in configs:
         launch = dict(zip(names, cfg))
@@ -287,7 +400,7 @@ def test_octet_decode_kernels_match_reference(out, inp, rows, bits, gs, perm, dt
         assert (y.float() - ref).norm() <= 5e-3 * ref.norm(), cfg
         err = (y.float() - ref).abs().cpu()
         assert (err <= tol * (ref.abs().cpu() + ref.abs().max().item()) + slack).all(), cfg
-        if kernel == "stream":  # shared octets are added in warp order: the same launch gives the same bits
+        if kernel != "gemv":  # shared octets (and chunks) are added in order: the same launch gives the same bits
             assert torch.equal(fn(x, lay, bias=layer.bias, **launch), y), cfg
     y3 = fn(x.view(rows, 1, inp), lay)
     assert y3.shape == (rows, 1, out)
@@ -319,7 +432,7 @@ def test_stream_kernel_with_many_stages_per_warp():
 
 
 @pytest.mark.gpu
-def test_spqr_linear_routes_one_or_two_rows_of_wide_layers_to_the_stream_kernel():
+def test_spqr_linear_routes_rows_to_the_stream_octet_and_split_kernels():
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("needs an sm_90 GPU")
     from hf_effllm.kernels.spqr import cuda_path
@@ -334,10 +447,10 @@ def test_spqr_linear_routes_one_or_two_rows_of_wide_layers_to_the_stream_kernel(
     res = spqr_quantize_matrix(w, None, cfg)
     layer = SpQRLinear.from_packed(res.tensors, cfg, in_features=4096, bias=torch.randn(8200, device="cuda"))
     t, meta = layer.packed_tensors(), layer.packed_meta()
-    for rows in (1, 2, 3):
+    for rows in (1, 2, 3, 8):
         x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
         path = cuda_path(rows, meta, x.device, out_features=8200)
-        assert path == ("stream" if rows <= 2 else "octet")
+        assert path == {1: "stream", 2: "stream", 3: "octet", 8: "split"}[rows]
         ref = spqr_matmul_reference(x.float(), t, bias=layer.bias, **meta)
         y = layer(x)
         assert y.dtype == torch.bfloat16 and (y.float() - ref).norm() <= 5e-3 * ref.norm(), rows
@@ -360,3 +473,46 @@ def test_octet_gemv_splits_rows_that_do_not_fit_shared_memory():
     for fn in (spqr_octet_gemv, spqr_octet_stream):
         y = fn(x, lay)
         assert (y.float() - ref).norm() <= 5e-3 * ref.norm(), fn.__name__
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_split_kernel_with_outliers_beyond_a_stage_capacity(dtype):
+    """2 bits at threshold 0.02: about 290 outliers per 512-weight step, far over the 16 per step a ring stage
+    holds, so most entries are read from global memory (and over the lanes' registers). So few weights are left in
+    each group that its statistics degenerate (decoded values up to ~7,600 under the corrections): every octet
+    kernel decodes them in fp16 (5% off the fp32 product here), so the reference is spqr_octet_gemv, which adds
+    the same outliers in fp32 after the mma."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    layer, _ = make_layer(64, 512, bits=2, threshold=0.02)
+    layer = layer.cuda()
+    t, meta = layer.packed_tensors(), layer.packed_meta()
+    lay = octet_layout(t, **meta)
+    assert int(lay["sptr"][-1]) > 64 * 512 // 4
+    for rows in (5, 16):
+        x = torch.randn(rows, 512, device="cuda", dtype=dtype)
+        ref = spqr_octet_gemv(x, lay, bias=layer.bias).float()
+        for warps, steps, stages, chunk in [(16, 4, 3, None), (4, 1, 2, 2), (3, 8, 3, 3)]:
+            y = spqr_octet_split(
+                x, lay, bias=layer.bias, warps=warps, stage_steps=steps, stages=stages, chunk_steps=chunk
+            )
+            tol = 2e-3 if dtype == torch.float16 else 1e-2  # two roundings of bf16 outputs
+            assert (y.float() - ref).norm() <= tol * ref.norm(), (rows, warps, steps, stages, chunk)
+
+
+@pytest.mark.gpu
+def test_split_kernel_runs_16_rows_of_11008_inputs_in_chunks():
+    """The down projection's input (11008: 172 steps) at 16 rows takes 5 chunks; 40 rows take three launches."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    layer, _ = make_layer(96, 11008, bits=3)
+    layer = layer.cuda()
+    t, meta = layer.packed_tensors(), layer.packed_meta()
+    lay = octet_layout(t, **meta)
+    for rows in (16, 40):
+        x = torch.randn(rows, 11008, device="cuda", dtype=torch.bfloat16)
+        ref = spqr_matmul_reference(x.float(), t, bias=layer.bias, **meta)
+        y = spqr_octet_split(x, lay, bias=layer.bias)
+        assert (y.float() - ref).norm() <= 5e-3 * ref.norm(), rows
+        assert torch.equal(spqr_octet_split(x, lay, bias=layer.bias), y)

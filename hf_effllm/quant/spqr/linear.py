@@ -261,7 +261,7 @@ class SpQRLinear(nn.Module):
                 from ...kernels.spqr import cuda_path
 
                 path = cuda_path(x.numel() // self.in_features, meta, x.device, out_features=self.out_features)
-                if path in ("octet", "stream"):
+                if path in ("octet", "stream", "split"):
                     return spqr_matmul(x, t, bias=self.bias, octet_layout=self.octet_layout(), **meta)
                 return spqr_matmul(x, t, bias=self.bias, cuda_layout=self.cuda_layout(), **meta)
             layout = self.kernel_layout() if self._use_triton(x.device) else None
@@ -276,7 +276,7 @@ class SpQRLinear(nn.Module):
             from ...kernels.spqr_cuda import spqr_dequantize_cuda
             from ...kernels.spqr_octet import MAX_ROWS, spqr_octet_dequant
 
-            octet = cuda_path(MAX_ROWS + 1, self.packed_meta(), probe.device) == "octet"  # the prefill path
+            octet = cuda_path(MAX_ROWS + 1, self.packed_meta(), probe.device) in ("octet", "split")  # prefill path
             lay = self.octet_layout() if octet else self.cuda_layout()
             with torch.no_grad():
                 w = (spqr_octet_dequant if octet else spqr_dequantize_cuda)(lay, dtype)
