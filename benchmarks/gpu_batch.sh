@@ -14,10 +14,12 @@
 #   million_cuda  pytest -m gpu of the MILLION kernel tests, then million_speed --decode-only for the CUDA kernel
 #                 (default designs, and "mma" forced) vs sdpa -> million_speed_cuda_default
 #   million_e2e   million_speed end to end (generate at 32k: time per token, time to first token, memory)
+#   million_host  million_speed --host-only: host time of one million_attention call, its parts, profiles
 #   spqr_speed    spqr_speed --skip-decode: matvec/matmul v1 vs v2 vs bf16
 #   spqr_breakdown spqr_speed --breakdown: the CUDA decode kernel's time with phases compiled out
 #   spqr_stream   pytest -m gpu tests/spqr/test_spqr_octet.py, then spqr_speed --stream (streaming kernel vs bf16, octet)
 #   spqr_stream_breakdown spqr_speed --stream-breakdown: spqr_octet_stream with phases compiled out
+#   spqr_split    pytest -m gpu tests/spqr/test_spqr_octet.py, then spqr_speed --split (chunked kernel, 1-16 rows)
 #   spqr_octet    pytest -m gpu tests/spqr/test_spqr_octet.py, then spqr_speed --octet (octet kernel vs bf16, CUDA)
 #   muon_decode   muon_mla_moe: the four recipes, decode timed interleaved after training
 #   spqr_quality  spqr_quality with full calibration: 3.6-bit tuned, k/v at 4 bits (plain, tuned); _b: 4.6-bit tuned
@@ -49,10 +51,12 @@ for step in "$@"; do
     million_cuda) gpu_pytest million_cuda_tests 300 tests/million/test_million_kernel.py
                   bench "million_speed --decode-only --variants cuda,cuda-mma --name million_speed_cuda_default" 420 ;;
     million_e2e) bench "million_speed" 600 ;;
+    million_host) bench "million_speed --host-only --name million_speed_host" 240 ;;
     spqr_speed) bench "spqr_speed --skip-decode" 420 ;;
     spqr_breakdown) bench "spqr_speed --breakdown" 300 ;;
     spqr_stream) gpu_pytest spqr_stream_tests 300 tests/spqr/test_spqr_octet.py; bench "spqr_speed --stream" 400 ;;
     spqr_stream_breakdown) bench "spqr_speed --stream-breakdown" 400 ;;
+    spqr_split) gpu_pytest spqr_split_tests 300 tests/spqr/test_spqr_octet.py; bench "spqr_speed --split" 500 ;;
     spqr_octet) gpu_pytest spqr_octet_tests 200 tests/spqr/test_spqr_octet.py; bench "spqr_speed --octet" 360 ;;
     muon_decode) bench "muon_mla_moe" 600 ;;
     spqr_quality) bench "spqr_quality --tag a --variants 'float,SpQR ~3.6 bits tuned,SpQR ~3.6 bits kv4,SpQR ~3.6 bits kv4 tuned'" 590 ;;

@@ -857,7 +857,7 @@ VARIANTS = ("l1", "smem", "cuda")
 # faster than "smem" at every measured shape: 1.2-1.9x where the host's launch time dominates, 4.0-5.5x elsewhere.
 DEFAULT_ORDER = ("cuda", "smem", "l1")
 _WORD_DTYPES = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-_TABLES: dict[int, tuple] = {}  # id(codebook) -> (weakref, (version, shape, dtype), packed table)
+_TABLES: dict[int, tuple] = {}  # id(codebook) -> (weakref, state (memoized_per_tensor), packed table)
 
 
 def _smem_chunks(m: int, dsub: int, k: int, elem_bytes: int, chunks: int | None = None) -> int | None:
@@ -876,11 +876,14 @@ def _smem_chunks(m: int, dsub: int, k: int, elem_bytes: int, chunks: int | None 
 
 
 def memoized_per_tensor(cache: dict[int, tuple], tensor: torch.Tensor, build) -> torch.Tensor:
-    """``build(tensor)``, computed once per tensor object and in-place version (and shape and dtype); ``cache`` holds
-    at most 256 entries (those of freed tensors go first, then the oldest)."""
+    """``build(tensor)``, computed once per tensor object and in-place version (and shape, strides, dtype and
+    address: a tensor whose ``.data`` was swapped or ``set_`` is rebuilt too); ``cache`` holds at most 256 entries
+    (those of freed tensors go first, then the oldest). Inference tensors (no version counter) are not memoized."""
+    if tensor.is_inference():  # no version counter, so an in-place change could not be seen: built every call
+        return build(tensor)
     key = id(tensor)
     hit = cache.get(key)
-    state = (tensor._version, tuple(tensor.shape), tensor.dtype)
+    state = (tensor._version, tensor.shape, tensor.stride(), tensor.dtype, tensor.data_ptr())
     if hit is not None and hit[0]() is tensor and hit[1] == state:
         return hit[2]
     out = build(tensor)
@@ -946,13 +949,25 @@ def _default_variant(q, codes_k, codes_v, cbk, gq: int, lq: int, chunks: int | N
             if _smem_chunks(m, dsub, k, q.element_size(), chunks) is not None:
                 return v
         elif v == "cuda":
-            from .million_cuda import supports
-
-            if supports(q, codes_k, codes_v, cbk, gq, lq) is None:
+            if _cuda_module().supports(q, codes_k, codes_v, cbk, gq, lq) is None:
                 return v
         else:
             return v
     return "l1"
+
+
+_MILLION_CUDA = None
+
+
+def _cuda_module():
+    """:mod:`kernels.million_cuda`, imported on first use (it imports this module) and kept (no import machinery on
+    the decode path)."""
+    global _MILLION_CUDA
+    if _MILLION_CUDA is None:
+        from . import million_cuda
+
+        _MILLION_CUDA = million_cuda
+    return _MILLION_CUDA
 
 
 def _num_splits(n: int, bh: int, block_n: int, device: torch.device) -> int:
@@ -1015,6 +1030,149 @@ def million_attention(
     Example:
         >>> out = million_attention(q, ck, cv, cbk, cbv, rk, rv, scale=q.shape[-1] ** -0.5)  # doctest: +SKIP
     """
+    # One pass over the facts every check needs (the common valid call stops here); any failure runs the checks one
+    # by one (_check_inputs), which raises the message of the first that fails.
+    qs, cks, cbs = q.shape, codes_k.shape, codebook_k.shape
+    dev, dtype = q.device, q.dtype
+    ok = (
+        len(qs) == 4 and len(cks) == 4 and len(cbs) == 4 and codes_k.dtype == torch.uint8
+        and codes_v.dtype == torch.uint8 and codes_v.shape == cks and codebook_v.shape == cbs
+        and dtype in _FLOAT_DTYPES and codebook_k.dtype == dtype and codebook_v.dtype == dtype
+        and codes_k.device == dev and codes_v.device == dev and codebook_k.device == dev and codebook_v.device == dev
+    )  # fmt: skip
+    if ok:
+        b, hq, lq, d = qs
+        _, hkv, n, m = cks
+        g, m2, k, dsub = cbs
+        ok = cks[0] == b and hkv >= 1 and hq % hkv == 0 and m2 == m and m * dsub == d and (g == 1 or g == hkv)
+    r = 0
+    if ok and (res_k is not None or res_v is not None):
+        rs = res_k.shape if res_k is not None else ()
+        ok = (
+            res_v is not None and len(rs) == 4 and res_v.shape == rs and rs[0] == b and rs[1] == hkv and rs[3] == d
+            and res_k.dtype == dtype and res_v.dtype == dtype and res_k.device == dev and res_v.device == dev
+        )  # fmt: skip
+        r = rs[2] if ok else 0
+    if ok and code_mask is not None:
+        ok = code_mask.shape == (b, n) and code_mask.device == dev
+    if ok and res_mask is not None:
+        ok = res_mask.shape == (b, lq, r) and res_mask.device == dev
+    if not ok:
+        b, hq, lq, d, hkv, n, m, g, k, dsub, r = _check_inputs(
+            q, codes_k, codes_v, codebook_k, codebook_v, res_k, res_v, code_mask, res_mask
+        )
+    if variant is not None and variant not in VARIANTS:
+        raise HfEffllmError(f"variant={variant!r} is not known; use 'l1', 'smem', 'cuda' or None (default).")
+    if chunks is not None and chunks not in (1, 2, 4):
+        raise HfEffllmError(f"chunks={chunks} is not supported; use 1, 2 or 4 (or None for the default).")
+    gq = hq // hkv
+    rows = max(16, 1 << max(0, (gq * lq - 1).bit_length()))
+    can = kernel_available(dev) and _pow2(m) and _pow2(dsub) and _pow2(d) and d >= 16 and rows <= 128
+    if use_kernel is None:
+        use_kernel = can
+    if use_kernel and not can:
+        raise HfEffllmError(
+            f"the Triton path needs CUDA (or TRITON_INTERPRET=1), power-of-two M/DSUB/head_dim and GQ*Lq <= 128; "
+            f"got device {q.device}, M={m}, DSUB={dsub}, D={d}, GQ*Lq={gq * lq}. Use use_kernel=False."
+        )
+    if not use_kernel:
+        return million_attention_reference(
+            q, codes_k, codes_v, codebook_k, codebook_v, res_k, res_v, scale=scale, code_mask=code_mask,
+            res_mask=res_mask, path="decoded",
+        )  # fmt: skip
+
+    sq = q.stride()
+    if sq[3] != 1:
+        q = q.contiguous()
+        sq = q.stride()
+    cbk, cbv = codebook_k.contiguous(), codebook_v.contiguous()
+    interp = _interpreting()
+    chosen = variant is None  # the default is only picked where it runs (no second check)
+    if chosen:
+        variant = _default_variant(q, codes_k, codes_v, cbk, gq, lq, chunks)
+    if variant == "cuda":
+        mc = _cuda_module()
+        why = None if chosen else mc.supports(q, codes_k, codes_v, cbk, gq, lq)
+        if why is not None:
+            raise HfEffllmError(f"variant='cuda' does not run here: {why}. Use variant='smem' or 'l1'.")
+        splits, split_len = mc.split_plan(n, b * hkv, dev, num_splits)
+    else:
+        variant, bn, warps, smem_chunks = _launch_config(
+            variant, rows, d, m, dsub, k, q.element_size(), interp, block_n, num_warps, chunks
+        )
+        splits = num_splits or (_num_splits(n, b * hkv, bn, dev) if n > 0 else 0)
+        splits = min(splits, max(1, triton.cdiv(n, bn))) if n > 0 else 0
+        if splits > 0:
+            split_len = triton.cdiv(triton.cdiv(n, splits), bn) * bn
+            splits = triton.cdiv(n, split_len)
+    # the partials (output, max, sum per split and query row): three views of one buffer
+    nparts = b * hkv * max(splits, 1) * rows
+    part_o, part_m, part_l = torch.empty(nparts * (d + 2), dtype=torch.float32, device=dev).split_with_sizes(
+        (nparts * d, nparts, nparts)
+    )
+    cm = _int8_mask(code_mask) if code_mask is not None else part_m  # dummy pointer when unused
+    sk, sv = codes_k.stride(), codes_v.stride()
+    if splits > 0 and variant == "cuda":
+        design = mc.design_for(gq * lq, cbv, split_len)
+        mc.million_codes_cuda(
+            q, codes_k, codes_v, *mc.kernel_tables(cbk, cbv, design),
+            cm if code_mask is not None else None, part_o, part_m, part_l,
+            n=n, split_len=split_len, splits=splits, scale=float(scale), hkv=hkv, gq=gq, lq=lq, per_head=g > 1,
+            nwarps=num_warps, design=design,
+        )  # fmt: skip
+    elif splits > 0 and variant == "smem":
+        tk, tv = _packed_table(cbk), _packed_table(cbv)
+        _million_codes_smem_kernel[(b * hkv, splits)](
+            q, codes_k, codes_v, tk, tv, cm, part_o, part_m, part_l,
+            n, split_len, splits, float(scale),
+            sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2],
+            tk.stride(0), cm.stride(0) if code_mask is not None else 0,
+            HKV=hkv, GQ=gq, LQ=lq, ROWS=rows, D=d, M=m, DSUB=dsub, K=k, EBITS=8 * q.element_size(),
+            NCH=smem_chunks, PER_HEAD=g > 1, HAS_MASK=code_mask is not None, BLOCK_N=bn, num_warps=warps,
+            num_stages=1,
+        )  # fmt: skip
+    elif splits > 0:
+        _million_codes_kernel[(b * hkv, splits)](
+            q, codes_k, codes_v, cbk, cbv, cm, part_o, part_m, part_l,
+            n, split_len, splits, float(scale),
+            sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2],
+            cbk.stride(0), cm.stride(0) if code_mask is not None else 0,
+            HKV=hkv, GQ=gq, LQ=lq, ROWS=rows, D=d, M=m, DSUB=dsub, K=k, PER_HEAD=g > 1,
+            HAS_MASK=code_mask is not None, BLOCK_N=bn, num_warps=warps,
+        )  # fmt: skip
+    out = torch.empty(b, hq, lq, d, dtype=q.dtype, device=dev)
+    if r > 0:
+        rk = res_k if res_k.stride(-1) == 1 else res_k.contiguous()
+        rv = res_v if res_v.stride(-1) == 1 else res_v.contiguous()
+    else:  # dummies, never read (R = 0)
+        rk = rv = q
+    srk, srv, so = rk.stride(), rv.stride(), out.stride()
+    rm = _int8_mask(res_mask) if res_mask is not None else part_m
+    srm = rm.stride() if res_mask is not None else (0, 0)
+    block_r = 16 if interp else 64
+    _million_merge_kernel[(b * hkv,)](
+        q, rk, rv, rm, part_o, part_m, part_l, out,
+        r, splits, float(scale),
+        sq[0], sq[1], sq[2], srk[0], srk[1], srk[2], srv[0], srv[1], srv[2], srm[0], srm[1], so[0], so[1], so[2],
+        HKV=hkv, GQ=gq, LQ=lq, ROWS=rows, D=d, HAS_RMASK=res_mask is not None, BLOCK_R=block_r,
+        num_warps=(None if variant == "cuda" else num_warps) or 4,  # the cuda variant's warps may be 12
+    )  # fmt: skip
+    return out
+
+
+def _check_inputs(
+    q: torch.Tensor,
+    codes_k: torch.Tensor,
+    codes_v: torch.Tensor,
+    codebook_k: torch.Tensor,
+    codebook_v: torch.Tensor,
+    res_k: torch.Tensor | None,
+    res_v: torch.Tensor | None,
+    code_mask: torch.Tensor | None,
+    res_mask: torch.Tensor | None,
+) -> tuple[int, ...]:
+    """:func:`million_attention`'s input checks one by one (raising the message of the first that fails); returns
+    ``(B, Hq, Lq, D, Hkv, N, M, G, K, DSUB, R)``."""
     if q.dim() != 4:
         raise HfEffllmError(f"q must be (B, Hq, Lq, D); got shape {tuple(q.shape)}.")
     b, hq, lq, d = q.shape
@@ -1039,9 +1197,11 @@ def million_attention(
         raise HfEffllmError(f"codebooks have {g} groups; use 1 or the number of KV heads ({hkv}).")
     if (res_k is None) != (res_v is None):
         raise HfEffllmError("give both res_k and res_v, or neither.")
-    r = 0 if res_k is None else res_k.shape[2]
-    if res_k is not None and (res_k.shape != res_v.shape or tuple(res_k.shape[:2]) != (b, hkv) or res_k.shape[3] != d):
+    if res_k is not None and (
+        res_k.dim() != 4 or res_k.shape != res_v.shape or tuple(res_k.shape[:2]) != (b, hkv) or res_k.shape[3] != d
+    ):
         raise HfEffllmError(f"res_k/res_v must be (B={b}, Hkv={hkv}, R, D={d}); got {tuple(res_k.shape)}.")
+    r = 0 if res_k is None else res_k.shape[2]
     if code_mask is not None and tuple(code_mask.shape) != (b, n):
         raise HfEffllmError(f"code_mask must be (B, N) = {(b, n)}; got {tuple(code_mask.shape)}.")
     if res_mask is not None and tuple(res_mask.shape) != (b, lq, r):
@@ -1056,108 +1216,13 @@ def million_attention(
     for name, t in (("codebook_k", codebook_k), ("codebook_v", codebook_v), ("res_k", res_k), ("res_v", res_v)):
         if t is not None and t.dtype != q.dtype:
             raise HfEffllmError(f"{name}.dtype={t.dtype} differs from q.dtype={q.dtype}; cast them to one dtype.")
+    return b, hq, lq, d, hkv, n, m, g, k, dsub, r
 
-    if variant not in (None, *VARIANTS):
-        raise HfEffllmError(f"variant={variant!r} is not known; use 'l1', 'smem', 'cuda' or None (default).")
-    if chunks is not None and chunks not in (1, 2, 4):
-        raise HfEffllmError(f"chunks={chunks} is not supported; use 1, 2 or 4 (or None for the default).")
-    gq = hq // hkv
-    rows = max(16, 1 << max(0, (gq * lq - 1).bit_length()))
-    can = kernel_available(q.device) and _pow2(m) and _pow2(dsub) and _pow2(d) and d >= 16 and rows <= 128
-    if use_kernel is None:
-        use_kernel = can
-    if use_kernel and not can:
-        raise HfEffllmError(
-            f"the Triton path needs CUDA (or TRITON_INTERPRET=1), power-of-two M/DSUB/head_dim and GQ*Lq <= 128; "
-            f"got device {q.device}, M={m}, DSUB={dsub}, D={d}, GQ*Lq={gq * lq}. Use use_kernel=False."
-        )
-    if not use_kernel:
-        return million_attention_reference(
-            q, codes_k, codes_v, codebook_k, codebook_v, res_k, res_v, scale=scale, code_mask=code_mask,
-            res_mask=res_mask, path="decoded",
-        )  # fmt: skip
 
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    cbk, cbv = codebook_k.contiguous(), codebook_v.contiguous()
-    interp = _interpreting()
-    chosen = variant is None  # the default is only picked where it runs (no second check)
-    if chosen:
-        variant = _default_variant(q, codes_k, codes_v, cbk, gq, lq, chunks)
-    if variant == "cuda":
-        from . import million_cuda
-
-        why = None if chosen else million_cuda.supports(q, codes_k, codes_v, cbk, gq, lq)
-        if why is not None:
-            raise HfEffllmError(f"variant='cuda' does not run here: {why}. Use variant='smem' or 'l1'.")
-        splits, split_len = million_cuda.split_plan(n, b * hkv, q.device, num_splits)
-    else:
-        variant, bn, warps, smem_chunks = _launch_config(
-            variant, rows, d, m, dsub, k, q.element_size(), interp, block_n, num_warps, chunks
-        )
-        splits = num_splits or (_num_splits(n, b * hkv, bn, q.device) if n > 0 else 0)
-        splits = min(splits, max(1, triton.cdiv(n, bn))) if n > 0 else 0
-        if splits > 0:
-            split_len = triton.cdiv(triton.cdiv(n, splits), bn) * bn
-            splits = triton.cdiv(n, split_len)
-    part_o = torch.empty(b * hkv * max(splits, 1) * rows * d, dtype=torch.float32, device=q.device)
-    part_m = torch.empty(b * hkv * max(splits, 1) * rows, dtype=torch.float32, device=q.device)
-    part_l = torch.empty_like(part_m)
-    cm = code_mask.to(torch.int8).contiguous() if code_mask is not None else part_m  # dummy pointer when unused
-    if splits > 0 and variant == "cuda":
-        from .million_cuda import design_for, kernel_tables, million_codes_cuda
-
-        design = design_for(gq * lq, cbv, split_len)
-        million_codes_cuda(
-            q, codes_k, codes_v, *kernel_tables(cbk, cbv, design),
-            cm if code_mask is not None else None, part_o, part_m, part_l,
-            n=n, split_len=split_len, splits=splits, scale=float(scale), hkv=hkv, gq=gq, lq=lq, per_head=g > 1,
-            nwarps=num_warps, design=design,
-        )  # fmt: skip
-    elif splits > 0 and variant == "smem":
-        tk, tv = _packed_table(cbk), _packed_table(cbv)
-        _million_codes_smem_kernel[(b * hkv, splits)](
-            q, codes_k, codes_v, tk, tv, cm, part_o, part_m, part_l,
-            n, split_len, splits, float(scale),
-            q.stride(0), q.stride(1), q.stride(2),
-            codes_k.stride(0), codes_k.stride(1), codes_k.stride(2),
-            codes_v.stride(0), codes_v.stride(1), codes_v.stride(2),
-            tk.stride(0), cm.stride(0) if code_mask is not None else 0,
-            HKV=hkv, GQ=gq, LQ=lq, ROWS=rows, D=d, M=m, DSUB=dsub, K=k, EBITS=8 * q.element_size(),
-            NCH=smem_chunks, PER_HEAD=g > 1, HAS_MASK=code_mask is not None, BLOCK_N=bn, num_warps=warps,
-            num_stages=1,
-        )  # fmt: skip
-    elif splits > 0:
-        _million_codes_kernel[(b * hkv, splits)](
-            q, codes_k, codes_v, cbk, cbv, cm, part_o, part_m, part_l,
-            n, split_len, splits, float(scale),
-            q.stride(0), q.stride(1), q.stride(2),
-            codes_k.stride(0), codes_k.stride(1), codes_k.stride(2),
-            codes_v.stride(0), codes_v.stride(1), codes_v.stride(2),
-            cbk.stride(0), cm.stride(0) if code_mask is not None else 0,
-            HKV=hkv, GQ=gq, LQ=lq, ROWS=rows, D=d, M=m, DSUB=dsub, K=k, PER_HEAD=g > 1,
-            HAS_MASK=code_mask is not None, BLOCK_N=bn, num_warps=warps,
-        )  # fmt: skip
-    out = torch.empty(b, hq, lq, d, dtype=q.dtype, device=q.device)
-    if r > 0:
-        rk = res_k if res_k.stride(-1) == 1 else res_k.contiguous()
-        rv = res_v if res_v.stride(-1) == 1 else res_v.contiguous()
-    else:  # dummies, never read (R = 0)
-        rk = rv = q
-    rm = res_mask.to(torch.int8).contiguous() if res_mask is not None else part_m
-    block_r = 16 if interp else 64
-    _million_merge_kernel[(b * hkv,)](
-        q, rk, rv, rm, part_o, part_m, part_l, out,
-        r, splits, float(scale),
-        q.stride(0), q.stride(1), q.stride(2),
-        rk.stride(0), rk.stride(1), rk.stride(2),
-        rv.stride(0), rv.stride(1), rv.stride(2),
-        rm.stride(0) if res_mask is not None else 0, rm.stride(1) if res_mask is not None else 0,
-        out.stride(0), out.stride(1), out.stride(2),
-        HKV=hkv, GQ=gq, LQ=lq, ROWS=rows, D=d, HAS_RMASK=res_mask is not None, BLOCK_R=block_r,
-        num_warps=(None if variant == "cuda" else num_warps) or 4,  # the cuda variant's warps may be 12
-    )  # fmt: skip
-    return out
+def _int8_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A mask as the kernels read it: contiguous int8, nonzero = attend. A bool mask is reinterpreted in place (the
+    same bytes, 0 / 1: no copy and no kernel launch on the decode path), any other dtype converted."""
+    return (mask.view(torch.int8) if mask.dtype == torch.bool else mask.to(torch.int8)).contiguous()
 
 
 def ideal_bytes(batch: int, kv_heads: int, tokens: int, head_dim: int, num_subspaces: int, nbits: int = 8) -> dict:

@@ -802,13 +802,23 @@ def kernel_tables(
     return subspace_table(codebook_k), subspace_table(codebook_v)
 
 
+_SUBSPACE: dict[int, tuple] = {}  # id(codebook) -> (weakref, state, word view)
+
+
 def subspace_table(codebook: torch.Tensor) -> torch.Tensor:
-    """``(G, M, K, DSUB)`` codebook -> words ``(G, M, K)`` (one word = one centroid's ``DSUB`` elements): a view."""
-    cb = codebook.contiguous()
-    return cb.view(_WORD_DTYPES[cb.shape[-1] * cb.element_size()])[..., 0]
+    """``(G, M, K, DSUB)`` codebook -> words ``(G, M, K)`` (one word = one centroid's ``DSUB`` elements): a view
+    (of a contiguous copy when the codebook is not contiguous). Memoized per codebook tensor
+    (:func:`kernels.million.memoized_per_tensor`: rebuilt after an in-place change, or when the tensor's storage,
+    shape or strides change), so a decode step does not rebuild the two views."""
+
+    def build(cb: torch.Tensor) -> torch.Tensor:
+        cb = cb.contiguous()
+        return cb.view(_WORD_DTYPES[cb.shape[-1] * cb.element_size()])[..., 0]
+
+    return memoized_per_tensor(_SUBSPACE, codebook, build)
 
 
-_LUT_V: dict[int, tuple] = {}  # id(value codebook) -> (weakref, (version, shape, dtype), table or None)
+_LUT_V: dict[int, tuple] = {}  # id(value codebook) -> (weakref, state (memoized_per_tensor), table or None)
 
 
 def lut_value_table(codebook_v: torch.Tensor) -> torch.Tensor | None:
@@ -831,11 +841,48 @@ def lut_value_table(codebook_v: torch.Tensor) -> torch.Tensor | None:
     return memoized_per_tensor(_LUT_V, codebook_v, build)
 
 
+_SUPPORTS: dict[tuple, str | None] = {}  # supports_key(...) -> answer
+
+
+def supports_key(
+    q: torch.Tensor, codes_k: torch.Tensor, codes_v: torch.Tensor, codebook_k: torch.Tensor, gq: int, lq: int
+) -> tuple:
+    """Everything :func:`supports` reads of its inputs: ``q``'s device, dtype and head dimension, the codebook's
+    shape, ``gq``, ``lq``, the codes' strides and their addresses modulo 16 (the device's capability and shared
+    memory are fixed per device)."""
+    return (
+        q.device, q.dtype, q.shape[-1], codebook_k.shape, gq, lq,
+        codes_k.stride(), codes_v.stride(), codes_k.data_ptr() & 15, codes_v.data_ptr() & 15,
+    )  # fmt: skip
+
+
 def supports(
     q: torch.Tensor, codes_k: torch.Tensor, codes_v: torch.Tensor, codebook_k: torch.Tensor, gq: int, lq: int
 ) -> str | None:
-    """None when the CUDA kernel handles these inputs, else the reason it does not."""
-    if not available() or q.device.type != "cuda":
+    """None when the CUDA kernel handles these inputs, else the reason it does not. Answered once per
+    :func:`supports_key` (asked on every default ``million_attention`` call)."""
+    key = supports_key(q, codes_k, codes_v, codebook_k, gq, lq)
+    try:
+        return _SUPPORTS[key]
+    except KeyError:
+        pass
+    why = _supports(q, codes_k, codes_v, codebook_k, gq, lq)
+    if len(_SUPPORTS) >= 1024:
+        _SUPPORTS.clear()
+    _SUPPORTS[key] = why
+    return why
+
+
+def _on_gpu(device: torch.device) -> bool:
+    """Whether ``device`` is a GPU this torch can compile CUDA source for (the tests fake it)."""
+    return device.type == "cuda" and available()
+
+
+def _supports(
+    q: torch.Tensor, codes_k: torch.Tensor, codes_v: torch.Tensor, codebook_k: torch.Tensor, gq: int, lq: int
+) -> str | None:
+    """:func:`supports`, not memoized."""
+    if not _on_gpu(q.device):
         return "needs CUDA and torch.cuda._compile_kernel (torch >= 2.8)"
     if capability(q.device) < (8, 0):
         return "needs a GPU of compute capability 8.0 or newer (bf16/fp16 mma.m16n8k16)"
@@ -890,6 +937,7 @@ def _compiled(key: tuple, device: torch.device) -> tuple[Any, int]:
             has_mask=has_mask,
             nwarps=nwarps,
             design=design,
+            code_stride=code_stride,
         )
 
     name = "million_codes_lut" if design == "lut" else "million_codes_cuda"
@@ -924,37 +972,61 @@ def million_codes_cuda(
     (:func:`design_for`); the other arguments are those of the Triton code kernels; ``nwarps`` (1-16) overrides
     :func:`num_warps`. Callers check :func:`supports` first.
     """
-    b = q.shape[0]
-    d = q.shape[-1]
+    b, d = q.shape[0], q.shape[-1]
     m = codes_k.shape[-1]
+    sq, sk, sv = q.stride(), codes_k.stride(), codes_v.stride()
+    # the cache's codes are rows of M bytes: that stride is compiled in ("lut"), any other one read at run time
+    cs = m if design == "lut" and sk[2] == m and sv[2] == m else 0
+    has_mask = code_mask is not None
+    key = (d, m, gq, lq, hkv, q.dtype, per_head, has_mask, nwarps, design, cs, q.device)
+    plan = _PLANS.get(key)
+    if plan is None:  # checked (and compiled) once per key
+        plan = _launch_plan(key)
+        if len(_PLANS) >= 1024:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    kernel, smem, warps = plan
     if part_o.numel() < b * hkv * splits * ROWS * d:
         raise HfEffllmError(f"part_o holds {part_o.numel()} floats; need {b * hkv * splits * ROWS * d}.")
+    if splits > 65535:
+        raise HfEffllmError(f"splits={splits} exceeds the grid limit 65535; use fewer splits.")
+    cm = code_mask if has_mask else part_m
+    ptrs = [q, codes_k, codes_v, table_k, table_v, cm, part_o, part_m, part_l]
+    ints = [
+        int(n), int(split_len), int(splits), _float_bits(scale),
+        sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2],
+        table_k.stride(0) if per_head else 0, cm.stride(0) if has_mask else 0,
+    ]  # fmt: skip
+    with on_device(q.device):
+        launch(kernel, (b * hkv, splits, 1), warps * 32, smem, ptrs, ints)
+
+
+_PLANS: dict[tuple, tuple[Any, int, int]] = {}  # launch key -> (kernel, shared-memory bytes, warps)
+_F32, _I32 = struct.Struct("<f"), struct.Struct("<i")
+
+
+def _float_bits(x: float) -> int:
+    """The bits of ``x`` as an fp32, read as an int32 (a float argument's C type differs by torch version)."""
+    return _I32.unpack(_F32.pack(x))[0]
+
+
+def _launch_plan(key: tuple) -> tuple[Any, int, int]:
+    """``(kernel, shared-memory bytes, warps)`` of :func:`million_codes_cuda` for its launch key ``(d, m, gq, lq,
+    hkv, dtype, per_head, has_mask, nwarps, design, code_stride, device)``, after the checks of ``design`` and
+    ``nwarps`` against the device's shared memory (compiling the kernel on the first call for its key)."""
+    d, m, gq, lq, hkv, dtype, per_head, has_mask, nwarps, design, cs, device = key
     if design not in DESIGNS or (design == "lut" and gq * lq > LUT_ROWS):
         raise HfEffllmError(f"design={design!r} does not take GQ * Lq = {gq * lq} query rows; use 'mma'.")
     warps = nwarps or num_warps(gq * lq, design)
     if not 1 <= warps <= NWARPS:
         raise HfEffllmError(f"nwarps={nwarps} is out of range; use 1 to {NWARPS} (or None for the default).")
-    if splits > 65535:
-        raise HfEffllmError(f"splits={splits} exceeds the grid limit 65535; use fewer splits.")
-    need, limit = smem_bytes(d, m, warps, gq * lq, design), smem_limit(q.device)
+    need, limit = smem_bytes(d, m, warps, gq * lq, design), smem_limit(device)
     if need > limit:
         raise HfEffllmError(
             f"nwarps={warps} needs {need} bytes of shared memory per block at D={d}, M={m}; this GPU gives {limit}. "
             f"Use fewer warps (the default, {num_warps(gq * lq, design)}, fits on the H100/H200)."
         )
-    # the cache's codes are rows of M bytes: that stride is compiled in ("lut"), any other one read at run time
-    cs = m if design == "lut" and codes_k.stride(2) == m and codes_v.stride(2) == m else 0
-    key = (d, m, gq, lq, hkv, q.dtype == torch.bfloat16, per_head, code_mask is not None, warps, design, cs)
-    kernel, smem = _compiled(key, q.device)
-    cm = code_mask if code_mask is not None else part_m
-    scale_bits = struct.unpack("<i", struct.pack("<f", scale))[0]  # a float argument's C type differs by torch version
-    ptrs = [q, codes_k, codes_v, table_k, table_v, cm, part_o, part_m, part_l]
-    ints = [
-        int(n), int(split_len), int(splits), scale_bits,
-        q.stride(0), q.stride(1), q.stride(2),
-        codes_k.stride(0), codes_k.stride(1), codes_k.stride(2),
-        codes_v.stride(0), codes_v.stride(1), codes_v.stride(2),
-        table_k.stride(0) if per_head else 0, cm.stride(0) if code_mask is not None else 0,
-    ]  # fmt: skip
-    with on_device(q.device):
-        launch(kernel, (b * hkv, splits, 1), warps * 32, smem, ptrs, ints)
+    kernel, smem = _compiled(
+        (d, m, gq, lq, hkv, dtype == torch.bfloat16, per_head, has_mask, warps, design, cs), device
+    )
+    return kernel, smem, warps
