@@ -105,6 +105,11 @@ _SMEM_SET: dict[int, int] = {}  # dynamic shared memory each compiled kernel has
 # (the results are then wrong): "compute" (decode + mma; the stage is still read), "outliers", "fixup" (shared
 # octets written as if whole), "onecopy" (one bulk copy of the stage's bytes instead of three).
 _SKIP: frozenset[str] = frozenset()
+# spqr_octet_split's correction tile (module setting, so that the benchmark can compare them): "lane" (each lane's 16
+# corrections in 32 bytes in a row, read and zeroed with two 16-byte accesses per step: 8 shared-memory wavefronts
+# each; measured, the default) or "interleaved" (each 16-byte read covers 512 contiguous bytes of the warp: 4
+# wavefronts; only the entries written are cleared, once per stage). "interleaved" has not run on a GPU yet.
+_SPLIT_TILE = "lane"
 
 _SOURCE = r"""
 {SKIP}
@@ -777,6 +782,16 @@ extern "C" __global__ void spqr_octet_dequant(const uint2* __restrict__ codes, c
 
 _SPLIT_SOURCE = r"""
 // ---- spqr_octet_split: up to 16 activation rows; the input dimension split into chunks over the blocks ----
+#define TILE_IL {TILE_IL}          // correction tile order: 0 lane-major, 1 interleaved (see _SPLIT_TILE)
+// the half of a step's 8 x 64 correction tile that entry en (column | row << 6 in its low 9 bits) goes to. Lane
+// (g, t) reads the 16 columns 16 t .. 16 t + 15 of row g, i.e. halves 16 lane .. 16 lane + 15 of the row-major tile.
+// Lane-major: those 32 bytes in a row (two 16-byte loads 32 bytes apart per lane: 8 wavefronts each). Interleaved:
+// the first 8 of every lane, then the second 8 (each load 512 contiguous bytes: 4 wavefronts).
+#if TILE_IL
+#define TILE_POS(en) (((((en) >> 3) & 1u) << 8) | ((((en) >> 4) & 31u) << 3) | ((en) & 7u))
+#else
+#define TILE_POS(en) ((en) & 511u)
+#endif
 
 // the sums of octet o over this block's chunk, vals[e] = (weight row e / M, activation row e % M) in the scaled
 // activations, finished by one warp: with one chunk (C = 1) written to y; else stored (unscaled) in this chunk's
@@ -945,7 +960,7 @@ extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_octet_split(
             const int cend = min(hd.y, hd.z + CAPO);                  // entries past cend: only in global memory
             for (int e = hd.x + lane; e < hd.y; e += 32) {            // the stage's corrections into the tile
                 const u32 en = e < cend ? oe[e - hd.z] : __ldg(sent + e);
-                wtile[(((en >> 9) - (u32)gs0) & 127u) * 512 + (en & 511u)] = (u16)(en >> 16);
+                wtile[(((en >> 9) - (u32)gs0) & 127u) * 512 + TILE_POS(en)] = (u16)(en >> 16);
             }
             __syncwarp();
             const char* xp0 = xlane + s0 * 256;
@@ -954,10 +969,15 @@ extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_octet_split(
                 if (u < n) {
                     u32 b[4][2];
                     decode_step(b, cw[u * 32 + lane], sb[u * 32 + lane], s2[u * 4 + t]);
+#if TILE_IL
+                    const uint4* tl = (const uint4*)(wtile + u * 512);  // this lane's 16: columns 0-7, then 8-15
+                    const uint4 q0 = tl[lane], q1 = tl[32 + lane];
+#else
                     uint4* tl = (uint4*)(wtile + u * 512) + 2 * lane;  // this lane's 16: row g, columns 16 t ..
                     const uint4 q0 = tl[0], q1 = tl[1];
                     tl[0] = make_uint4(0u, 0u, 0u, 0u);
                     tl[1] = make_uint4(0u, 0u, 0u, 0u);
+#endif
                     b[0][0] = hadd2(b[0][0], q0.x);
                     b[0][1] = hadd2(b[0][1], q0.y);
                     b[1][0] = hadd2(b[1][0], q0.z);
@@ -973,6 +993,13 @@ extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_octet_split(
                     mma_f16(acc1, xp[12], b[3][0], b[3][1]);
                 }
             }
+#if TILE_IL
+            __syncwarp();  // every lane has read its corrections: clear the ones written (not the whole tile)
+            for (int e = hd.x + lane; e < hd.y; e += 32) {
+                const u32 en = e < cend ? oe[e - hd.z] : __ldg(sent + e);
+                wtile[(((en >> 9) - (u32)gs0) & 127u) * 512 + TILE_POS(en)] = 0;
+            }
+#endif
             __syncwarp();  // every lane has read the stage: it may be refilled
             if (lane == 0) asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
             PRODUCE_SPLIT(st);
@@ -1042,8 +1069,13 @@ def octet_source(
     and ``depth`` steps of loads in flight per warp; for ``spqr_octet_stream`` and ``spqr_octet_split``
     ``stage_steps`` steps per ring stage and ``stages`` stages per warp; ``split`` adds ``spqr_octet_split``."""
     skip = "".join(f"#define SKIP_{p.upper()} 1\n" for p in sorted(_SKIP))
+    if _SPLIT_TILE not in ("lane", "interleaved"):
+        raise HfEffllmError(f"_SPLIT_TILE={_SPLIT_TILE!r} is not known; use 'lane' or 'interleaved'.")
     src = _SOURCE + _SPLIT_SOURCE if split else _SOURCE
-    return render(src, W=warps, P=per_octet, D=depth, U=stage_steps, R=stages, HI=hi, BF16=bf16, SKIP=skip)
+    return render(
+        src, W=warps, P=per_octet, D=depth, U=stage_steps, R=stages, HI=hi, BF16=bf16, SKIP=skip,
+        TILE_IL=_SPLIT_TILE == "interleaved",
+    )  # fmt: skip
 
 
 def octet_supported(
@@ -1518,7 +1550,7 @@ def spqr_octet_split(
             mc = min(SPLIT_ROWS, m - m0)
             smem = split_smem_bytes(mc, kc, warps, stage_steps, stages, cdiv(no, grid // chunks))
             scratch = torch.empty(chunks * no * 8 * mc, dtype=torch.float32, device=x.device) if chunks > 1 else y
-            key = ("spqr_octet_split", warps, stage_steps, stages, bf16)
+            key = ("spqr_octet_split", warps, stage_steps, stages, bf16, _SPLIT_TILE)
 
             def source() -> str:
                 return octet_source(warps=warps, hi=True, bf16=bf16, stage_steps=stage_steps, stages=stages, split=True)

@@ -207,6 +207,47 @@ def test_split_partition_and_outlier_selection_give_the_product(out, inp, warps,
     torch.testing.assert_close(y, ref, rtol=0, atol=2e-3 * ref.abs().max().item())
 
 
+def _tile_pos(tile):
+    """spqr_octet_split's TILE_POS macro for ``tile``, taken from the rendered source and evaluated in Python."""
+    import re
+
+    from hf_effllm.kernels import spqr_octet
+
+    old = spqr_octet._SPLIT_TILE
+    try:
+        spqr_octet._SPLIT_TILE = tile
+        src = spqr_octet.octet_source(warps=4, hi=True, bf16=False, split=True)
+    finally:
+        spqr_octet._SPLIT_TILE = old
+    active = re.search(r"#if TILE_IL\n#define TILE_POS\(en\) (.*)\n#else\n#define TILE_POS\(en\) (.*)\n#endif", src)
+    il = re.search(r"#define TILE_IL (\d)", src).group(1) == "1"
+    expr = re.sub(r"(\d+)u\b", r"\1", active.group(1 if il else 2))
+    return lambda en: eval(expr, {"en": en})  # noqa: S307 (the kernel's own macro text)
+
+
+@pytest.mark.parametrize("tile", ["lane", "interleaved"])
+def test_split_correction_tile_puts_each_entry_where_its_lane_reads_it(tile):
+    """Entry (row, column of the step) -> tile half (TILE_POS); lane (g, t) reads halves [16 lane, 16 lane + 16)
+    (lane-major) or [8 lane, 8 lane + 8) and [256 + 8 lane, 256 + 8 lane + 8) (interleaved) as its 16 B-fragment
+    halves, i.e. columns 16 t .. 16 t + 15 of row g in order: a bijection that hands every entry to its lane."""
+    pos = _tile_pos(tile)
+    seen = set()
+    for row in range(8):
+        for col in range(64):
+            en = col | (row << 6) | (37 << 9)  # the step and value bits above must not matter
+            p = pos(en)
+            assert 0 <= p < 512 and p not in seen
+            seen.add(p)
+            lane, c16 = (row * 64 + col) // 16, col % 16
+            if tile == "lane":
+                assert p == 16 * lane + c16
+            else:
+                assert p == (256 if c16 >= 8 else 0) + 8 * lane + c16 % 8
+    assert len(seen) == 512
+    with pytest.raises(HfEffllmError, match="_SPLIT_TILE"):
+        _tile_pos("diagonal")
+
+
 def test_split_plan_takes_the_fewest_chunks_that_fit():
     # the default launch (16 warps, 3 stages of 4 steps) on a 227 KiB GPU: 16 rows of 4096 inputs (64 steps) in two
     # chunks of 32 steps, of 11008 inputs (172 steps) in six of 29; 4 rows of 4096 in one
@@ -370,9 +411,12 @@ SPLIT_CONFIGS = [(16, 4, 3, 1, None), (8, 2, 2, 2, 1), (4, 1, 3, 1, 2), (1, 8, 2
 @pytest.mark.parametrize("kernel", ["gemv", "stream", "split"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(("out", "inp", "rows", "bits", "gs", "perm"), GPU_CASES)
-def test_octet_decode_kernels_match_reference(out, inp, rows, bits, gs, perm, dtype, kernel):
+def test_octet_decode_kernels_match_reference(out, inp, rows, bits, gs, perm, dtype, kernel, monkeypatch):
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU")
+    from hf_effllm.kernels import spqr_octet
+
+    monkeypatch.setattr(spqr_octet, "_SPLIT_TILE", spqr_octet._SPLIT_TILE)  # restored after the test
     layer, _ = make_layer(out, inp, bits=bits, group_size=gs, permutation=perm)
     layer = layer.cuda()
     t, meta = layer.packed_tensors(), layer.packed_meta()
@@ -393,8 +437,12 @@ def test_octet_decode_kernels_match_reference(out, inp, rows, bits, gs, perm, dt
         "stream": (spqr_octet_stream, ("warps", "stage_steps", "stages", "blocks_per_sm"), STREAM_CONFIGS),
         "split": (spqr_octet_split, ("warps", "stage_steps", "stages", "blocks_per_sm", "chunk_steps"), SPLIT_CONFIGS),
     }[kernel]
+    if kernel == "split":  # both correction-tile orders (spqr_octet._SPLIT_TILE), each config
+        configs = [(*c, tile) for tile in ("lane", "interleaved") for c in configs]
     for cfg in configs:
         launch = dict(zip(names, cfg))
+        if kernel == "split":
+            spqr_octet._SPLIT_TILE = cfg[-1]
         y = fn(x, lay, bias=layer.bias, **launch)
         assert y.dtype == dtype and y.shape == (rows, out)
         assert (y.float() - ref).norm() <= 5e-3 * ref.norm(), cfg
@@ -476,8 +524,9 @@ def test_octet_gemv_splits_rows_that_do_not_fit_shared_memory():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tile", ["lane", "interleaved"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_split_kernel_with_outliers_beyond_a_stage_capacity(dtype):
+def test_split_kernel_with_outliers_beyond_a_stage_capacity(dtype, tile, monkeypatch):
     """2 bits at threshold 0.02: about 290 outliers per 512-weight step, far over the 16 per step a ring stage
     holds, so most entries are read from global memory (and over the lanes' registers). So few weights are left in
     each group that its statistics degenerate (decoded values up to ~7,600 under the corrections): every octet
@@ -485,6 +534,9 @@ def test_split_kernel_with_outliers_beyond_a_stage_capacity(dtype):
     the same outliers in fp32 after the mma."""
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU")
+    from hf_effllm.kernels import spqr_octet
+
+    monkeypatch.setattr(spqr_octet, "_SPLIT_TILE", tile)
     layer, _ = make_layer(64, 512, bits=2, threshold=0.02)
     layer = layer.cuda()
     t, meta = layer.packed_tensors(), layer.packed_meta()
