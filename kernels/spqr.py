@@ -869,9 +869,9 @@ def cuda_path(rows: int, meta: dict[str, Any], device: torch.device, out_feature
     layers (4096 -> 4096: 0.85x against 0.95x; ``benchmarks/results/spqr_speed_stream.md``).
 
     ``"split"`` (``spqr_octet_split``, same layout) on sm_90+ for 8-16 rows, and for 3-16 rows of layers with at
-    least 8192 inputs (whose 16 rows do not fit one ``spqr_octet_gemv`` block): on the H200 at 16 rows 0.43x /
-    0.47x / 0.37x bf16 against 0.38x / 0.14x / 0.35x for ``spqr_octet_gemv`` (4096 -> 11008, 11008 -> 4096,
-    4096 -> 4096), at 8 rows 0.53x / 0.57x / 0.46x against 0.48x / 0.29x / 0.46x; slower than it at 4 rows of 4096
+    least 8192 inputs (whose 16 rows do not fit one ``spqr_octet_gemv`` block): on the H200 at 16 rows 0.46x /
+    0.47x / 0.42x bf16 against 0.39x / 0.14x / 0.35x for ``spqr_octet_gemv`` (4096 -> 11008, 11008 -> 4096,
+    4096 -> 4096), at 8 rows 0.53x / 0.57x / 0.51x against 0.47x / 0.29x / 0.46x; slower than it at 4 rows of 4096
     inputs (``benchmarks/results/spqr_speed_split.md``)."""
     if octet_supported(**meta) is not None:
         return "cuda"
