@@ -20,6 +20,7 @@
 #   spqr_stream   pytest -m gpu tests/spqr/test_spqr_octet.py, then spqr_speed --stream (streaming kernel vs bf16, octet)
 #   spqr_stream_breakdown spqr_speed --stream-breakdown: spqr_octet_stream with phases compiled out
 #   spqr_split    pytest -m gpu tests/spqr/test_spqr_octet.py, then spqr_speed --split (chunked kernel, 1-16 rows)
+#   spqr_split_timing spqr_speed --split-timing: spqr_octet_split's cycles per warp (waiting, staging, finishing)
 #   spqr_octet    pytest -m gpu tests/spqr/test_spqr_octet.py, then spqr_speed --octet (octet kernel vs bf16, CUDA)
 #   muon_decode   muon_mla_moe: the four recipes, decode timed interleaved after training
 #   spqr_quality  spqr_quality with full calibration: 3.6-bit tuned, k/v at 4 bits (plain, tuned); _b: 4.6-bit tuned
@@ -57,6 +58,7 @@ for step in "$@"; do
     spqr_stream) gpu_pytest spqr_stream_tests 300 tests/spqr/test_spqr_octet.py; bench "spqr_speed --stream" 400 ;;
     spqr_stream_breakdown) bench "spqr_speed --stream-breakdown" 400 ;;
     spqr_split) gpu_pytest spqr_split_tests 300 tests/spqr/test_spqr_octet.py; bench "spqr_speed --split" 500 ;;
+    spqr_split_timing) bench "spqr_speed --split-timing" 200 ;;
     spqr_octet) gpu_pytest spqr_octet_tests 200 tests/spqr/test_spqr_octet.py; bench "spqr_speed --octet" 360 ;;
     muon_decode) bench "muon_mla_moe" 600 ;;
     spqr_quality) bench "spqr_quality --tag a --variants 'float,SpQR ~3.6 bits tuned,SpQR ~3.6 bits kv4,SpQR ~3.6 bits kv4 tuned'" 590 ;;

@@ -353,6 +353,44 @@ def split_rows(run: BenchmarkRun, dev: torch.device, threshold: float) -> None:
         del ocopies, dense
 
 
+def split_timing_rows(run: BenchmarkRun, dev: torch.device, threshold: float) -> None:
+    """Where ``spqr_octet_split``'s warps spend their cycles (a ``clock64()`` build, ``spqr_octet._SPLIT_TIMING``):
+    per warp its cycles in all and the shares spent waiting for ring stages, staging the activations and finishing
+    octets (the rest: decode, corrections, mma); medians over the warps of one launch, default launch."""
+    from hf_effllm.kernels import spqr_octet
+    from hf_effllm.kernels.spqr_octet import octet_layout, spqr_octet_split
+
+    for inp, out in FULL_SHAPES:
+        layer = make_layer(inp, out, dev, threshold)
+        t, meta = layer.packed_tensors(), layer.packed_meta()
+        olay = octet_layout(t, **meta)
+        for batch in (1, 4, 16):
+            x = torch.randn(batch, inp, device=dev, dtype=torch.bfloat16)
+            ref = spqr_matmul_reference(x.float(), t, **meta)
+            times = torch.zeros(
+                4 * 32 * torch.cuda.get_device_properties(dev).multi_processor_count, dtype=torch.int64, device=dev
+            )
+            spqr_octet._SPLIT_TIMING, spqr_octet._SPLIT_TIMES[:] = True, [times]
+            try:
+                for _ in range(3):  # the last launch's cycles are kept
+                    times.fill_(-1)
+                    y = spqr_octet_split(x, olay)
+                torch.cuda.synchronize()
+            finally:
+                spqr_octet._SPLIT_TIMING, spqr_octet._SPLIT_TIMES[:] = False, []
+            w = times.view(-1, 4)
+            w = w[w[:, 0] > 0].double()  # warps that ran (empty blocks return before the timers)
+            share = w[:, 1:] / w[:, :1]
+            row = run.add(
+                shape=f"{inp}->{out}", batch=batch, rel_err=rel_err(y, ref), warps=w.shape[0],
+                cycles_median=float(w[:, 0].median()), cycles_max=float(w[:, 0].max()),
+                wait_share=float(share[:, 0].median()), stage_share=float(share[:, 1].median()),
+                finish_share=float(share[:, 2].median()),
+                compute_share=float((1 - share.sum(1)).median()),
+            )  # fmt: skip
+            print(markdown_table([row]).splitlines()[-1], flush=True)
+
+
 # kernels.spqr_octet.spqr_octet_stream: warps per block x steps per ring stage x ring stages per warp x blocks per SM
 STREAM_SWEEP = [
     (16, 8, 4, 1), (16, 8, 2, 1), (16, 8, 3, 1), (16, 4, 4, 1), (16, 4, 8, 1), (8, 8, 8, 1), (8, 8, 4, 2),
@@ -533,6 +571,15 @@ GPU_MODES = {
         "split_gbps = bytes the kernel reads / best time; kernel_bits = those bytes per weight x 8.",
         split_rows,
     ),
+    "split_timing": (
+        "spqr_speed_split_timing",
+        "Where spqr_octet_split's warps spend their cycles (3-bit, 16x16 groups, bf16 activations, default launch): "
+        "a build with clock64() timers (kernels.spqr_octet._SPLIT_TIMING); per warp its SM cycles in all and the "
+        "shares spent waiting for its ring stages (bulk copies), staging the activations and finishing octets "
+        "(partial sums, chunk counters); compute = the rest (decode, corrections, mma). Medians over the warps of "
+        "one launch; rel_err of the timed build vs the fp32 reference.",
+        split_timing_rows,
+    ),
     "stream_breakdown": (
         "spqr_speed_stream_breakdown",
         "Where spqr_octet_stream's time goes (3-bit, 16x16 groups, bf16 activations, batch 1): its CUDA-graph "
@@ -556,6 +603,9 @@ def main() -> None:
     p.add_argument("--stream", action="store_true", help="only the streaming octet kernel vs bf16 and the octet kernel")
     p.add_argument("--stream-breakdown", action="store_true", help="only spqr_octet_stream with phases left out")
     p.add_argument("--split", action="store_true", help="only the chunked octet kernel vs bf16 and the octet kernels")
+    p.add_argument(
+        "--split-timing", action="store_true", help="only spqr_octet_split's cycles per warp (clock64 build)"
+    )
     args = p.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type != "cuda" and not args.quick:

@@ -110,6 +110,11 @@ _SKIP: frozenset[str] = frozenset()
 # each; measured, the default) or "interleaved" (each 16-byte read covers 512 contiguous bytes of the warp: 4
 # wavefronts; only the entries written are cleared, once per stage). "interleaved" has not run on a GPU yet.
 _SPLIT_TILE = "lane"
+# spqr_octet_split with clock64() timers (benchmarks/spqr_speed.py --split-timing only): the kernel takes one more
+# parameter and writes each warp's cycles (all, waiting for stages, staging activations, finishing octets) to
+# _SPLIT_TIMES[0] (an int64 tensor of 4 per warp that the caller sets)
+_SPLIT_TIMING = False
+_SPLIT_TIMES: list[torch.Tensor] = []
 
 _SOURCE = r"""
 {SKIP}
@@ -787,6 +792,24 @@ _SPLIT_SOURCE = r"""
 // (g, t) reads the 16 columns 16 t .. 16 t + 15 of row g, i.e. halves 16 lane .. 16 lane + 15 of the row-major tile.
 // Lane-major: those 32 bytes in a row (two 16-byte loads 32 bytes apart per lane: 8 wavefronts each). Interleaved:
 // the first 8 of every lane, then the second 8 (each load 512 contiguous bytes: 4 wavefronts).
+// SPLIT_TIMING (spqr_speed --split-timing only): each warp's SM cycles in all, waiting for its stages, staging the
+// activations and finishing octets, in timing[(block W_ + warp) 4 + 0..3] (an extra kernel parameter)
+#define SPLIT_TIMING {TIMING}
+#if SPLIT_TIMING
+#define TIMING_PARAM long long* __restrict__ timing,
+#define TIMING_START long long t_all = clock64(), t_wait = 0, t_stage = 0, t_finish = 0;
+#define TIMED(ACC, CALL) { const long long t0_ = clock64(); CALL; ACC += clock64() - t0_; }
+#define TIMING_END                                                                                 \
+    if ((threadIdx.x & 31) == 0) {                                                                 \
+        long long* tw_ = timing + ((long long)blockIdx.x * W_ + (threadIdx.x >> 5)) * 4;           \
+        tw_[0] = clock64() - t_all; tw_[1] = t_wait; tw_[2] = t_stage; tw_[3] = t_finish;          \
+    }
+#else
+#define TIMING_PARAM
+#define TIMING_START
+#define TIMED(ACC, CALL) CALL;
+#define TIMING_END
+#endif
 #if TILE_IL
 #define TILE_POS(en) (((((en) >> 3) & 1u) << 8) | ((((en) >> 4) & 31u) << 3) | ((en) & 7u))
 #else
@@ -847,8 +870,9 @@ extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_octet_split(
     const u16* __restrict__ x, const int* __restrict__ perm, const uint2* __restrict__ codes,
     const u8* __restrict__ stats, const uint2* __restrict__ stats2, const u32* __restrict__ sent,
     const int* __restrict__ sptr, const u16* __restrict__ bias, u16* __restrict__ y, float* __restrict__ scratch,
-    int* __restrict__ counters, int M, int N, int K, int KS, int NO, int sx, int sy, int KC, int C) {
+    int* __restrict__ counters, TIMING_PARAM int M, int N, int K, int KS, int NO, int sx, int sy, int KC, int C) {
     extern __shared__ __align__(128) char smem[];
+    TIMING_START
     const int RSB = KC * 256 + 64, PR = M < 8 ? M : 8;
     const int Gc = (int)gridDim.x / C, c = (int)blockIdx.x / Gc, bb = (int)blockIdx.x % Gc;
     const int soff = c * KC, KSc = min(KC, KS - soff);             // this chunk's first step and step count
@@ -939,7 +963,7 @@ extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_octet_split(
 #pragma unroll
     for (int r = 0; r < R_; ++r) PRODUCE_SPLIT(r);
 
-    stage_chunk(x, perm, xs, M, K, soff * 64, KSc * 64, RSB, sx, rmax, rscale, rinv);
+    TIMED(t_stage, stage_chunk(x, perm, xs, M, K, soff * 64, KSc * 64, RSB, sx, rmax, rscale, rinv));
 
     const char* xlane = smem + (g < PR ? g : 0) * RSB + t * 16;
     int k = 0;  // stages consumed
@@ -949,7 +973,7 @@ extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_octet_split(
         float acc0[4] = {0.f, 0.f, 0.f, 0.f}, acc1[4] = {0.f, 0.f, 0.f, 0.f};
         for (int s0 = s_begin; s0 < s_end; s0 += U_) {
             const int n = min(U_, s_end - s0), st = k % R_;
-            mbar_wait(wbar + 8 * st, (k / R_) & 1);
+            TIMED(t_wait, mbar_wait(wbar + 8 * st, (k / R_) & 1));
             const char* sp = wring + st * STAGE_BYTES;
             const uint2* cw = (const uint2*)sp;
             const u8* sb = (const u8*)(sp + U_ * 256);
@@ -1016,7 +1040,7 @@ extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_octet_split(
         }
         __syncwarp();
         if (s_begin == 0 && s_end == KSc) {  // a whole octet (of this chunk)
-            finish_octet(o, wred, M, N, NO, C, c, rinv, bias, y, sy, scratch, counters);
+            TIMED(t_finish, finish_octet(o, wred, M, N, NO, C, c, rinv, bias, y, sy, scratch, counters));
         } else {  // shared: partial sums to this warp's slot; the last to arrive adds all of them in warp order
             float* pp = part + (warp * 2 + (o == first_oct ? 0 : 1)) * (8 * XR);
             for (int e = lane; e < 8 * M; e += 32) pp[e] = wred[e];
@@ -1044,11 +1068,12 @@ extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_octet_split(
                     wred[e] = val;
                 }
                 __syncwarp();
-                finish_octet(o, wred, M, N, NO, C, c, rinv, bias, y, sy, scratch, counters);
+                TIMED(t_finish, finish_octet(o, wred, M, N, NO, C, c, rinv, bias, y, sy, scratch, counters));
             }
         }
         __syncwarp();  // wred is rewritten by the next octet
     }
+    TIMING_END
 }
 """
 
@@ -1074,7 +1099,7 @@ def octet_source(
     src = _SOURCE + _SPLIT_SOURCE if split else _SOURCE
     return render(
         src, W=warps, P=per_octet, D=depth, U=stage_steps, R=stages, HI=hi, BF16=bf16, SKIP=skip,
-        TILE_IL=_SPLIT_TILE == "interleaved",
+        TILE_IL=_SPLIT_TILE == "interleaved", TIMING=bool(_SPLIT_TIMING),
     )  # fmt: skip
 
 
@@ -1550,7 +1575,7 @@ def spqr_octet_split(
             mc = min(SPLIT_ROWS, m - m0)
             smem = split_smem_bytes(mc, kc, warps, stage_steps, stages, cdiv(no, grid // chunks))
             scratch = torch.empty(chunks * no * 8 * mc, dtype=torch.float32, device=x.device) if chunks > 1 else y
-            key = ("spqr_octet_split", warps, stage_steps, stages, bf16, _SPLIT_TILE)
+            key = ("spqr_octet_split", warps, stage_steps, stages, bf16, _SPLIT_TILE, _SPLIT_TIMING)
 
             def source() -> str:
                 return octet_source(warps=warps, hi=True, bf16=bf16, stage_steps=stage_steps, stages=stages, split=True)
@@ -1559,10 +1584,19 @@ def spqr_octet_split(
             launch(
                 kern, (grid, 1, 1), warps * 32, smem,
                 [x2[m0:], layout.get("perm"), layout["codes"], layout["stats"], layout["stats2"], layout["sent"],
-                 layout["sptr"], bias, y[m0:], scratch, counters],
+                 layout["sptr"], bias, y[m0:], scratch, counters, *_timing(grid * warps)],
                 [mc, n, k, ks, no, x2.stride(0), y.stride(0), kc, chunks],
             )  # fmt: skip
     return y.reshape(*lead, n)
+
+
+def _timing(warps: int) -> list[torch.Tensor]:
+    """The timing buffer parameter of a ``_SPLIT_TIMING`` build (none otherwise), checked to hold 4 per warp."""
+    if not _SPLIT_TIMING:
+        return []
+    if not _SPLIT_TIMES or _SPLIT_TIMES[0].dtype != torch.int64 or _SPLIT_TIMES[0].numel() < 4 * warps:
+        raise HfEffllmError(f"_SPLIT_TIMING needs _SPLIT_TIMES[0], an int64 tensor of at least {4 * warps} values.")
+    return [_SPLIT_TIMES[0]]
 
 
 def spqr_octet_dequant(layout: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:

@@ -568,3 +568,22 @@ def test_split_kernel_runs_16_rows_of_11008_inputs_in_chunks():
         y = spqr_octet_split(x, lay, bias=layer.bias)
         assert (y.float() - ref).norm() <= 5e-3 * ref.norm(), rows
         assert torch.equal(spqr_octet_split(x, lay, bias=layer.bias), y)
+
+
+def test_split_timing_build_only_enters_the_source_when_set(monkeypatch):
+    """spqr_speed --split-timing compiles clock64() timers and one more parameter into spqr_octet_split through
+    _SPLIT_TIMING; by default the macros expand to nothing, and a timed launch without its buffer is refused."""
+    from hf_effllm.kernels import spqr_octet
+
+    plain = spqr_octet.octet_source(warps=16, hi=True, bf16=True, split=True)
+    assert "#define SPLIT_TIMING 0" in plain
+    monkeypatch.setattr(spqr_octet, "_SPLIT_TIMING", True)
+    timed = spqr_octet.octet_source(warps=16, hi=True, bf16=True, split=True)
+    assert "#define SPLIT_TIMING 1" in timed and timed.replace("SPLIT_TIMING 1", "SPLIT_TIMING 0") == plain
+    monkeypatch.setattr(spqr_octet, "_SPLIT_TIMES", [])
+    with pytest.raises(HfEffllmError, match="_SPLIT_TIMES"):
+        spqr_octet._timing(16)
+    monkeypatch.setattr(spqr_octet, "_SPLIT_TIMES", [torch.zeros(64, dtype=torch.int64)])
+    assert len(spqr_octet._timing(16)) == 1
+    with pytest.raises(HfEffllmError, match="at least 128"):
+        spqr_octet._timing(32)
