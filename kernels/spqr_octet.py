@@ -520,6 +520,43 @@ __device__ __forceinline__ int item_owner(long long i, long long B0, long long T
     return (int)(((i - B0 + 1) * W_ + TB - 1) / TB - 1);
 }
 
+// a warp's partial sums wred[0 .. 8M) of octet o, which other warps of its block share, into its slot of part (SLOT
+// floats; slot 0: o is its first octet, 1: its last), counted in cntb (one counter per octet of the block from ob0).
+// True for the warp that arrives last; wf, wl: the first and last warps of the block whose items touch o.
+__device__ __forceinline__ bool shared_octet_arrive(const float* wred, float* part, int* cntb, int o, int ob0,
+                                                    int first_oct, int M, int SLOT, long long B0, long long TB,
+                                                    int KS, int& wf, int& wl) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    float* pp = part + (warp * 2 + (o == first_oct ? 0 : 1)) * SLOT;
+    for (int e = lane; e < 8 * M; e += 32) pp[e] = wred[e];
+    __syncwarp();
+    int old = 0;
+    if (lane == 0) {
+        __threadfence_block();
+        old = atomicAdd(cntb + (o - ob0), 1);
+        __threadfence_block();
+    }
+    old = __shfl_sync(0xffffffffu, old, 0);
+    wf = item_owner((long long)o * KS, B0, TB);
+    wl = item_owner((long long)o * KS + KS - 1, B0, TB);
+    int nc = 0;
+    for (int w = wf; w <= wl; ++w) nc += warp_begin(w, B0, TB) < warp_begin(w + 1, B0, TB);
+    return old == nc - 1;
+}
+
+// element e of octet o's sums: the slots of the warps wf..wl that hold a share of it, added in warp order
+__device__ __forceinline__ float shared_octet_sum(const float* part, int o, int e, int wf, int wl, int SLOT,
+                                                  long long B0, long long TB, int KS) {
+    float val = 0.f;
+    for (int w = wf; w <= wl; ++w) {
+        const long long wb = warp_begin(w, B0, TB);
+        if (wb == warp_begin(w + 1, B0, TB)) continue;  // an empty warp
+        const int sl = wb / KS == o ? 0 : 1;              // o is w's first octet, or its last
+        val += ((volatile const float*)part)[(w * 2 + sl) * SLOT + e];
+    }
+    return val;
+}
+
 // the item after stage j of a warp with items [ib, ie): stages are up to U_ consecutive steps of one octet
 __device__ __forceinline__ long long stage_end(long long ib, long long ie, int KS, long long j) {
     const long long o1end = min(ie, (ib / KS + 1) * KS), f = o1end - ib, n1 = (f + U_ - 1) / U_;
@@ -724,29 +761,11 @@ extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_octet_stream(
                 }
             }
         } else {  // shared: partial sums to this warp's slot; the last to arrive adds all of them in warp order
-            float* pp = part + (warp * 2 + (o == first_oct ? 0 : 1)) * (8 * SM_);
-            for (int e = lane; e < 8 * M; e += 32) pp[e] = wred[e];
-            __syncwarp();
-            int old = 0;
-            if (lane == 0) {
-                __threadfence_block();
-                old = atomicAdd(cntb + (o - ob0), 1);
-                __threadfence_block();
-            }
-            old = __shfl_sync(0xffffffffu, old, 0);
-            const int wf = item_owner((long long)o * KS, B0, TB), wl = item_owner((long long)o * KS + KS - 1, B0, TB);
-            int nc = 0;
-            for (int w = wf; w <= wl; ++w) nc += warp_begin(w, B0, TB) < warp_begin(w + 1, B0, TB);
-            if (old == nc - 1) {
+            int wf, wl;
+            if (shared_octet_arrive(wred, part, cntb, o, ob0, first_oct, M, 8 * SM_, B0, TB, KS, wf, wl)) {
                 __syncwarp();
                 for (int e = lane; e < 8 * M; e += 32) {
-                    float val = 0.f;
-                    for (int w = wf; w <= wl; ++w) {
-                        const long long wb = warp_begin(w, B0, TB);
-                        if (wb == warp_begin(w + 1, B0, TB)) continue;  // an empty warp
-                        const int sl = wb / KS == o ? 0 : 1;              // o is w's first octet, or its last
-                        val += ((volatile float*)part)[(w * 2 + sl) * (8 * SM_) + e];
-                    }
+                    float val = shared_octet_sum(part, o, e, wf, wl, 8 * SM_, B0, TB, KS);
                     const int row = o * 8 + e / M, m = e % M;
                     if (row < N) {
                         val *= rinv[m];
@@ -1042,31 +1061,10 @@ extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_octet_split(
         if (s_begin == 0 && s_end == KSc) {  // a whole octet (of this chunk)
             TIMED(t_finish, finish_octet(o, wred, M, N, NO, C, c, rinv, bias, y, sy, scratch, counters));
         } else {  // shared: partial sums to this warp's slot; the last to arrive adds all of them in warp order
-            float* pp = part + (warp * 2 + (o == first_oct ? 0 : 1)) * (8 * XR);
-            for (int e = lane; e < 8 * M; e += 32) pp[e] = wred[e];
-            __syncwarp();
-            int old = 0;
-            if (lane == 0) {
-                __threadfence_block();
-                old = atomicAdd(cntb + (o - ob0), 1);
-                __threadfence_block();
-            }
-            old = __shfl_sync(0xffffffffu, old, 0);
-            const int wf = item_owner((long long)o * KSc, B0, TB), wl = item_owner((long long)o * KSc + KSc - 1, B0, TB);
-            int nc = 0;
-            for (int w = wf; w <= wl; ++w) nc += warp_begin(w, B0, TB) < warp_begin(w + 1, B0, TB);
-            if (old == nc - 1) {
+            int wf, wl;
+            if (shared_octet_arrive(wred, part, cntb, o, ob0, first_oct, M, 8 * XR, B0, TB, KSc, wf, wl)) {
                 __syncwarp();
-                for (int e = lane; e < 8 * M; e += 32) {
-                    float val = 0.f;
-                    for (int w = wf; w <= wl; ++w) {
-                        const long long wb = warp_begin(w, B0, TB);
-                        if (wb == warp_begin(w + 1, B0, TB)) continue;  // an empty warp
-                        const int sl = wb / KSc == o ? 0 : 1;              // o is w's first octet, or its last
-                        val += ((volatile float*)part)[(w * 2 + sl) * (8 * XR) + e];
-                    }
-                    wred[e] = val;
-                }
+                for (int e = lane; e < 8 * M; e += 32) wred[e] = shared_octet_sum(part, o, e, wf, wl, 8 * XR, B0, TB, KSc);
                 __syncwarp();
                 TIMED(t_finish, finish_octet(o, wred, M, N, NO, C, c, rinv, bias, y, sy, scratch, counters));
             }
