@@ -565,6 +565,19 @@ __device__ __forceinline__ long long stage_end(long long ib, long long ie, int K
     return min(ie, o1end + (jj / spo) * KS + min((jj % spo + 1) * U_, (long long)KS));
 }
 
+// a ring producer's step past the stage it just issued (n_ steps): the next steps of its octet, else the next octet
+// of the warp (KSX steps per octet), else done
+#define PRODUCER_ADVANCE(KSX)                                                                      \
+    p_s += n_;                                                                                     \
+    if (p_s == p_send) {                                                                           \
+        if (++p_oct > last_oct) {                                                                  \
+            p_done = true;                                                                         \
+        } else {                                                                                   \
+            p_s = 0;                                                                               \
+            p_send = (int)min((long long)(KSX), ie - (long long)p_oct * (KSX));                    \
+        }                                                                                          \
+    }
+
 // y (M, N) = x (M, K) W^T (+ bias), M <= SM_, on a persistent grid. Block b takes the whole octets
 // [b NO / G, (b + 1) NO / G), and its warps split their NO_b x KS (octet, step) items evenly in octet-major order
 // (stream-K inside the block), so every warp of a block gets the same number of steps whatever the shape; most of a
@@ -652,15 +665,7 @@ extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_octet_stream(
             bnd_cur = bnd_next;                                                                    \
             bnd_next = sptr[stage_end(ib, ie, KS, p_j + 32 + lane)];                               \
         }                                                                                          \
-        p_s += n_;                                                                                 \
-        if (p_s == p_send) {                                                                       \
-            if (++p_oct > last_oct) {                                                              \
-                p_done = true;                                                                     \
-            } else {                                                                               \
-                p_s = 0;                                                                           \
-                p_send = (int)min((long long)KS, ie - (long long)p_oct * KS);                      \
-            }                                                                                      \
-        }                                                                                          \
+        PRODUCER_ADVANCE(KS)                                                                       \
     }
 #pragma unroll
     for (int r = 0; r < R_; ++r) PRODUCE(r);
@@ -969,15 +974,7 @@ extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_octet_split(
             bhi_cur = bhi_next;                                                                    \
             STAGE_BOUNDS(p_j + 32 + lane, blo_next, bhi_next);                                     \
         }                                                                                          \
-        p_s += n_;                                                                                 \
-        if (p_s == p_send) {                                                                       \
-            if (++p_oct > last_oct) {                                                              \
-                p_done = true;                                                                     \
-            } else {                                                                               \
-                p_s = 0;                                                                           \
-                p_send = (int)min((long long)KSc, ie - (long long)p_oct * KSc);                    \
-            }                                                                                      \
-        }                                                                                          \
+        PRODUCER_ADVANCE(KSc)                                                                      \
     }
 #pragma unroll
     for (int r = 0; r < R_; ++r) PRODUCE_SPLIT(r);
