@@ -1371,6 +1371,25 @@ def stream_smem_bytes(rows: int, steps: int, warps: int, stage_steps: int, stage
     return rows * (steps * 256 + 64) + warps * per_warp + 4 * octets
 
 
+def _ring_launch(
+    kernel: str, x: torch.Tensor, default: tuple[int, int, int, int], given: tuple[int | None, ...]
+) -> tuple[int, int, int, int]:
+    """``(warps, stage_steps, stages, blocks_per_sm)`` of a bulk-copy ring kernel (``spqr_octet_stream``,
+    ``spqr_octet_split``): ``given`` where not None, else ``default``; checked, and the GPU checked for bulk copies."""
+    if not x.is_cuda or capability(x.device) < (9, 0):
+        raise HfEffllmError(
+            f"{kernel} needs a CUDA GPU with bulk copies (compute capability 9.0+); x is on {x.device}. "
+            f"Use spqr_octet_gemv on older GPUs."
+        )
+    warps, stage_steps, stages, blocks_per_sm = (d if g is None else g for d, g in zip(default, given))
+    for name, value, lo, hi in (("warps", warps, 1, 32), ("stage_steps", stage_steps, 1, 8), ("stages", stages, 2, 16)):
+        if not lo <= value <= hi:
+            raise HfEffllmError(f"{name}={value} is out of range; use {lo} to {hi}.")
+    if blocks_per_sm < 1:
+        raise HfEffllmError(f"blocks_per_sm={blocks_per_sm} must be >= 1.")
+    return warps, stage_steps, stages, blocks_per_sm
+
+
 def stream_launch(rows: int, steps: int, device: torch.device) -> tuple[int, int, int, int]:
     """``(warps, stage_steps, stages, blocks per SM)`` of :func:`spqr_octet_stream`: 16 warps, 8 steps per stage, 2
     stages, one block per SM, the fastest launch of the H200 sweep at 1 and 2 rows of 4096 -> 11008 (the shape
@@ -1405,22 +1424,10 @@ def spqr_octet_stream(
         (..., out_features) in ``x.dtype``.
     """
     lead, x2, y = _rows(x, layout, "spqr_octet_stream")
-    if not x.is_cuda or capability(x.device) < (9, 0):
-        raise HfEffllmError(
-            f"spqr_octet_stream needs a CUDA GPU with bulk copies (compute capability 9.0+); x is on {x.device}. "
-            f"Use spqr_octet_gemv on older GPUs."
-        )
     n, k, ks, no, m = layout["n"], layout["k"], layout["ks"], layout["no"], x2.shape[0]
-    w0, u0, r0, b0 = stream_launch(m, ks, x.device)
-    warps = w0 if warps is None else warps
-    stage_steps = u0 if stage_steps is None else stage_steps
-    stages = r0 if stages is None else stages
-    blocks_per_sm = b0 if blocks_per_sm is None else blocks_per_sm
-    for name, value, lo, hi in (("warps", warps, 1, 32), ("stage_steps", stage_steps, 1, 8), ("stages", stages, 2, 16)):
-        if not lo <= value <= hi:
-            raise HfEffllmError(f"{name}={value} is out of range; use {lo} to {hi}.")
-    if blocks_per_sm < 1:
-        raise HfEffllmError(f"blocks_per_sm={blocks_per_sm} must be >= 1.")
+    warps, stage_steps, stages, blocks_per_sm = _ring_launch(
+        "spqr_octet_stream", x, stream_launch(m, ks, x.device), (warps, stage_steps, stages, blocks_per_sm)
+    )
     if m == 0 or n == 0:
         return y.reshape(*lead, n)
     bias = _bias(bias, n, x.dtype)
@@ -1523,29 +1530,18 @@ def spqr_octet_split(
         (..., out_features) in ``x.dtype``.
     """
     _check(x, layout)
-    if not x.is_cuda or capability(x.device) < (9, 0):
-        raise HfEffllmError(
-            f"spqr_octet_split needs a CUDA GPU with bulk copies (compute capability 9.0+); x is on {x.device}. "
-            f"Use spqr_octet_gemv on older GPUs."
-        )
     lead, k = x.shape[:-1], layout["k"]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     n, ks, no, m = layout["n"], layout["ks"], layout["no"], x2.shape[0]
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    w0, u0, r0, b0, c0 = split_launch(min(m, SPLIT_ROWS), ks, x.device)
+    *default, c0 = split_launch(min(m, SPLIT_ROWS), ks, x.device)
     if (warps, stage_steps, stages, blocks_per_sm, chunk_steps) == (None,) * 5:
         chunk_steps = c0  # the default launch only: a given launch keeps the fewest chunks unless it names some
-    warps = w0 if warps is None else warps
-    stage_steps = u0 if stage_steps is None else stage_steps
-    stages = r0 if stages is None else stages
-    blocks_per_sm = b0 if blocks_per_sm is None else blocks_per_sm
-    for name, value, lo, hi in (("warps", warps, 1, 32), ("stage_steps", stage_steps, 1, 8), ("stages", stages, 2, 16)):
-        if not lo <= value <= hi:
-            raise HfEffllmError(f"{name}={value} is out of range; use {lo} to {hi}.")
-    if blocks_per_sm < 1:
-        raise HfEffllmError(f"blocks_per_sm={blocks_per_sm} must be >= 1.")
+    warps, stage_steps, stages, blocks_per_sm = _ring_launch(
+        "spqr_octet_split", x, tuple(default), (warps, stage_steps, stages, blocks_per_sm)
+    )
     if chunk_steps is not None and chunk_steps < 1:
         raise HfEffllmError(f"chunk_steps={chunk_steps} must be >= 1 (64 input columns per step).")
     if m == 0 or n == 0:

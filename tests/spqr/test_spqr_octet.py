@@ -346,6 +346,10 @@ def test_formats_and_inputs_the_octet_kernels_refuse():
         spqr_octet_dequant(lay, torch.float32)
     with pytest.raises(HfEffllmError, match="compute capability 9.0"):
         spqr_octet_stream(torch.zeros(1, 40, dtype=torch.float16), lay)
+    with pytest.raises(HfEffllmError, match="spqr_octet_split needs a CUDA GPU"):
+        spqr_octet_split(torch.zeros(40, 40, dtype=torch.float16), lay)  # any number of rows
+    with pytest.raises(HfEffllmError, match="expects 40"):
+        spqr_octet_split(torch.zeros(1, 41, dtype=torch.float16), lay)
 
 
 def test_stream_breakdown_switches_only_enter_the_source_when_set(monkeypatch):
