@@ -252,8 +252,20 @@ def bench_host(run, dev):
         torch.cuda.synchronize()
         return us
 
+    def cuda_merge():  # the same call with the partials merged by the CUDA kernel (million_cuda.MERGE = "cuda")
+        million_cuda.MERGE = "cuda"
+        try:
+            return million_attention(q, ck, cv, cbk, cbv, rk, rv, scale=D**-0.5, variant="cuda")
+        finally:
+            million_cuda.MERGE = "triton"
+
+    ref = million_attention(q, ck, cv, cbk, cbv, rk, rv, scale=D**-0.5, variant="cuda")
+    err = ((cuda_merge().float() - ref.float()).norm() / ref.float().norm()).item()
+    print(f"  cuda merge vs triton merge: rel_err {err:.2e}")
+    run.meta["cuda_merge_rel_err_vs_triton"] = err
     parts = {
         "million_attention (cuda)": lambda: million_attention(q, ck, cv, cbk, cbv, rk, rv, scale=D**-0.5, variant="cuda"),
+        "million_attention (cuda, cuda merge)": cuda_merge,
         "million_attention (smem)": lambda: million_attention(q, ck, cv, cbk, cbv, rk, rv, scale=D**-0.5, variant="smem"),
         "cuda codes kernel launch": _cuda_codes_call(q, ck, cv, cbk, cbv, D, None),
         "cuda supports()": lambda: million_cuda.supports(q, ck, cv, cbk, HQ // HKV, 1),

@@ -1149,6 +1149,14 @@ def million_attention(
     srk, srv, so = rk.stride(), rv.stride(), out.stride()
     rm = _int8_mask(res_mask) if res_mask is not None else part_m
     srm = rm.stride() if res_mask is not None else (0, 0)
+    if variant == "cuda" and mc.MERGE != "triton":  # the merge through cuda_rt too (million_cuda.MERGE)
+        if mc.MERGE != "cuda":
+            raise HfEffllmError(f"million_cuda.MERGE={mc.MERGE!r} is not known; use 'triton' or 'cuda'.")
+        mc.million_merge_cuda(
+            q, rk, rv, rm if res_mask is not None else None, part_o, part_m, part_l, out,
+            r=r, splits=splits, scale=float(scale), hkv=hkv, gq=gq, lq=lq,
+        )  # fmt: skip
+        return out
     block_r = 16 if interp else 64
     _million_merge_kernel[(b * hkv,)](
         q, rk, rv, rm, part_o, part_m, part_l, out,

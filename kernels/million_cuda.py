@@ -88,6 +88,7 @@ __all__ = [
     "kernel_tables",
     "lut_value_table",
     "million_codes_cuda",
+    "million_merge_cuda",
     "num_warps",
     "smem_bytes",
     "smem_limit",
@@ -744,6 +745,196 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_lut(K
     write_partials<4, true>(red, redM, redL, po, pm, pl, ((long long)bh * num_splits + sp) * 16);
 }
 """
+
+
+# The merge of the code splits' partials with the exact window, as a CUDA kernel launched through cuda_rt.launch
+# (instead of Triton's launcher, most of a batch-1 decode call's remaining host time: million_speed_host.md); the same
+# function as kernels.million._million_merge_kernel. Block (batch, KV head), D_ threads. The window in tiles of 32
+# tokens: K and V tiles in shared memory (rows padded by 4 floats: conflict-free 16-byte reads); thread (row group
+# t / 32, token t % 32) computes the scores of its token for rows t / 32, t / 32 + D_ / 32, ...; thread r < NQ takes
+# row r's online-softmax step (probabilities in place, the accumulators' factor); thread d accumulates dimension d
+# of every row. Then the code splits' partials are merged by log-sum-exp (every thread keeps the same m, l per row).
+_MERGE_SOURCE = r"""
+#define D_ {D}
+#define NQ {NQ}                // query rows of a KV head: GQ x LQ (row r: query head GQ h + r % GQ, position r / GQ)
+#define GQ {GQ}
+#define HKV {HKV}
+#define ROWS {ROWS}            // rows per (batch, KV head, split) in the partials
+#define HAS_RMASK {HAS_RMASK}
+#define ACT_BF16 {BF16}
+#define IS_BF16 0
+#define TR 32                  // window tokens per tile
+#define DP (D_ + 4)            // padded tile row (floats)
+#define RG (D_ / 32)           // row groups of the score step
+#define RPT ((NQ + RG - 1) / RG)  // rows per thread in the score step
+#define INFINITY __int_as_float(0x7f800000)
+//@COMMON
+
+extern "C" __global__ void __launch_bounds__(D_) million_merge_cuda(
+    const u16* __restrict__ q, const u16* __restrict__ rk, const u16* __restrict__ rv,
+    const signed char* __restrict__ rm, const float* __restrict__ po, const float* __restrict__ pm,
+    const float* __restrict__ pl, u16* __restrict__ out, int R, int splits, int scale_bits, int sq_b, int sq_h,
+    int sq_l, int sr_b, int sr_h, int sr_n, int sv_b, int sv_h, int sv_n, int sm_b, int sm_l, int so_b, int so_h,
+    int so_l) {
+    __shared__ __align__(16) float qs[NQ][DP];
+    __shared__ __align__(16) float kt[TR][DP];
+    __shared__ __align__(16) float vt[TR][DP];
+    __shared__ float sp[NQ][TR];
+    __shared__ float m_s[NQ], l_s[NQ], alpha_s[NQ];
+    const int bh = blockIdx.x, b = bh / HKV, h = bh % HKV, t = threadIdx.x;
+    const float scale = __int_as_float(scale_bits);
+    for (int r = 0; r < NQ; ++r)
+        qs[r][t] = act_f(q[(long long)b * sq_b + (long long)(h * GQ + r % GQ) * sq_h + (long long)(r / GQ) * sq_l + t]) * scale;
+    if (t < NQ) {
+        m_s[t] = -INFINITY;
+        l_s[t] = 0.f;
+    }
+    float acc[NQ];
+#pragma unroll
+    for (int r = 0; r < NQ; ++r) acc[r] = 0.f;
+    const u16* kb = rk + (long long)b * sr_b + (long long)h * sr_h;
+    const u16* vb = rv + (long long)b * sv_b + (long long)h * sv_h;
+    const int tj = t % TR, tg = t / TR;  // score step: token and row group of this thread
+    for (int r0 = 0; r0 < R; r0 += TR) {
+        __syncthreads();  // the previous tile is no longer read (and qs, m_s, l_s are written)
+#pragma unroll 8
+        for (int j = 0; j < TR; ++j) {
+            const bool ok = r0 + j < R;
+            kt[j][t] = ok ? act_f(kb[(long long)(r0 + j) * sr_n + t]) : 0.f;
+            vt[j][t] = ok ? act_f(vb[(long long)(r0 + j) * sv_n + t]) : 0.f;
+        }
+        __syncthreads();
+        {
+            float s[RPT];
+#pragma unroll
+            for (int i = 0; i < RPT; ++i) s[i] = 0.f;
+            for (int c = 0; c < D_; c += 4) {
+                const float4 k4 = *(const float4*)&kt[tj][c];
+#pragma unroll
+                for (int i = 0; i < RPT; ++i) {
+                    const int r = tg + i * RG;
+                    if (r < NQ) {
+                        const float4 q4 = *(const float4*)&qs[r][c];
+                        s[i] = fmaf(q4.x, k4.x, fmaf(q4.y, k4.y, fmaf(q4.z, k4.z, fmaf(q4.w, k4.w, s[i]))));
+                    }
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < RPT; ++i) {
+                const int r = tg + i * RG;
+                if (r < NQ) {
+                    bool ok = r0 + tj < R;
+#if HAS_RMASK
+                    ok = ok && rm[(long long)b * sm_b + (long long)(r / GQ) * sm_l + r0 + tj] != 0;
+#endif
+                    sp[r][tj] = ok ? s[i] : -INFINITY;
+                }
+            }
+        }
+        __syncthreads();
+        if (t < NQ) {  // row t: new maximum, probabilities in place, sum, the accumulators' factor
+            float mt = -INFINITY;
+            for (int j = 0; j < TR; ++j) mt = fmaxf(mt, sp[t][j]);
+            const float mo = m_s[t], mn = fmaxf(mo, mt), ms = mn == -INFINITY ? 0.f : mn;
+            float sum = 0.f;
+            for (int j = 0; j < TR; ++j) {
+                const float p = expf(sp[t][j] - ms);
+                sp[t][j] = p;
+                sum += p;
+            }
+            const float alpha = expf(mo - ms);
+            alpha_s[t] = alpha;
+            l_s[t] = l_s[t] * alpha + sum;
+            m_s[t] = mn;
+        }
+        __syncthreads();
+        float v[TR];
+#pragma unroll
+        for (int j = 0; j < TR; ++j) v[j] = vt[j][t];
+#pragma unroll
+        for (int r = 0; r < NQ; ++r) {
+            float a = 0.f;
+#pragma unroll
+            for (int j = 0; j < TR; ++j) a = fmaf(sp[r][j], v[j], a);
+            acc[r] = acc[r] * alpha_s[r] + a;
+        }
+    }
+    __syncthreads();
+    float m[NQ], l[NQ];
+#pragma unroll
+    for (int r = 0; r < NQ; ++r) {
+        m[r] = m_s[r];
+        l[r] = l_s[r];
+    }
+    for (int s = 0; s < splits; ++s) {  // log-sum-exp merge of the code splits
+        const long long base = ((long long)bh * splits + s) * ROWS;
+#pragma unroll
+        for (int r = 0; r < NQ; ++r) {
+            const float ms_ = pm[base + r], ls = pl[base + r], os = po[(base + r) * D_ + t];
+            const float mn = fmaxf(m[r], ms_), mz = mn == -INFINITY ? 0.f : mn;
+            const float a = expf(m[r] - mz), c = expf(ms_ - mz);
+            l[r] = l[r] * a + ls * c;
+            acc[r] = acc[r] * a + os * c;
+            m[r] = mn;
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < NQ; ++r)
+        out[(long long)b * so_b + (long long)(h * GQ + r % GQ) * so_h + (long long)(r / GQ) * so_l + t] =
+            act_from_f(acc[r] / (l[r] > 0.f ? l[r] : 1.f));
+}
+"""
+
+# which kernel merges the partials of variant "cuda": "triton" (kernels.million._million_merge_kernel, measured) or
+# "cuda" (million_merge_cuda above: one cuda_rt launch instead of Triton's launcher; not yet run on a GPU)
+MERGE = "triton"
+
+
+def million_merge_cuda(
+    q: torch.Tensor,
+    res_k: torch.Tensor,
+    res_v: torch.Tensor,
+    res_mask: torch.Tensor | None,
+    part_o: torch.Tensor,
+    part_m: torch.Tensor,
+    part_l: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    r: int,
+    splits: int,
+    scale: float,
+    hkv: int,
+    gq: int,
+    lq: int,
+) -> None:
+    """``out`` (B, Hq, Lq, D) = the log-sum-exp merge of the codes' partials (``ROWS`` rows per (batch, KV head,
+    split)) with attention over the ``r``-token window ``res_k``/``res_v`` (B, Hkv, R, D; last dim contiguous;
+    ``res_mask`` int8 (B, Lq, R) or None): the function of ``kernels.million._million_merge_kernel``, for
+    ``GQ * Lq <= ROWS`` and head_dim 64 or 128. ``res_k``/``res_v`` may be any tensors when ``r == 0``."""
+    b, _, _, d = q.shape
+    nq = gq * lq
+    if d not in (64, 128) or nq > ROWS or nq < 1:
+        raise HfEffllmError(f"million_merge_cuda takes head_dim 64 or 128 and 1-{ROWS} query rows; got {d}, {nq}.")
+    if q.stride(-1) != 1 or out.stride(-1) != 1 or (r > 0 and (res_k.stride(-1) != 1 or res_v.stride(-1) != 1)):
+        raise HfEffllmError("million_merge_cuda needs q, out and the window with a contiguous last dimension.")
+    key = ("merge", d, nq, gq, hkv, q.dtype == torch.bfloat16, res_mask is not None)
+
+    def source() -> str:
+        return render(_MERGE_SOURCE, D=d, NQ=nq, GQ=gq, HKV=hkv, ROWS=ROWS, HAS_RMASK=res_mask is not None,
+                      BF16=q.dtype == torch.bfloat16)  # fmt: skip
+
+    kernel = compiled(key, q.device, source, "million_merge_cuda")
+    rk = res_k if r > 0 else q
+    rv = res_v if r > 0 else q
+    sm = res_mask.stride() if res_mask is not None else (0, 0, 0)
+    scale_bits = struct.unpack("<i", struct.pack("<f", scale))[0]
+    ints = [
+        int(r), int(splits), scale_bits, q.stride(0), q.stride(1), q.stride(2),
+        rk.stride(0), rk.stride(1), rk.stride(2), rv.stride(0), rv.stride(1), rv.stride(2), sm[0], sm[1],
+        out.stride(0), out.stride(1), out.stride(2),
+    ]  # fmt: skip
+    with on_device(q.device):
+        launch(kernel, (b * hkv, 1, 1), d, 0, [q, rk, rv, res_mask, part_o, part_m, part_l, out], ints)
 
 
 DESIGN: str | None = None  # None: "lut" where it applies (design_for), else "mma"; a name forces that design

@@ -406,3 +406,103 @@ def test_int8_mask_reinterprets_bool_masks_without_a_copy():
     strided = km._int8_mask(mask.t())  # not contiguous: a contiguous copy
     assert strided.is_contiguous() and strided.tolist() == [[1, 0], [0, 0], [1, 1]]
     assert km._int8_mask(torch.tensor([[0.0, 2.0]])).tolist() == [[0, 2]]  # other dtypes converted as before
+
+
+def _strided(addr: int, dtype: torch.dtype, shape: tuple, strides: tuple) -> torch.Tensor:
+    """The tensor of ``shape``/``strides`` (elements) at ``addr``, as a kernel would index it (CPU memory)."""
+    span = 1 + sum((s - 1) * st for s, st in zip(shape, strides))
+    size = torch.empty(0, dtype=dtype).element_size()
+    flat = torch.frombuffer((ctypes.c_char * (span * size)).from_address(addr), dtype=dtype, count=span)
+    return flat.as_strided(shape, strides)
+
+
+def _merge_kernel(b: int, hq: int, lq: int, d: int, hkv: int):
+    """A Python stand-in for ``million_merge_cuda``: reads its 8 pointers and 17 ints in the kernel's order, rebuilds
+    q, the window, its mask, the partials and out from them, and writes out = the window's attention merged with the
+    code splits by log-sum-exp (the function of the Triton merge)."""
+
+    def body(ptrs, ints):
+        gq = hq // hkv
+        r, splits, scale_bits = ints[:3]
+        scale = struct.unpack("<f", struct.pack("<i", scale_bits))[0]
+        sq, sr, sv, sm, so = ints[3:6], ints[6:9], ints[9:12], ints[12:14], ints[14:17]
+        q = _strided(ptrs[0], torch.float16, (b, hq, lq, d), (*sq, 1))
+        out = _strided(ptrs[7], torch.float16, (b, hq, lq, d), (*so, 1))
+        rk = _strided(ptrs[1], torch.float16, (b, hkv, r, d), (*sr, 1)) if r else None
+        rv = _strided(ptrs[2], torch.float16, (b, hkv, r, d), (*sv, 1)) if r else None
+        rm = _strided(ptrs[3], torch.int8, (b, lq, r), (*sm, 1)) if ptrs[3] and r else None
+        nrows = b * hkv * splits * 16
+        po = _strided(ptrs[4], torch.float32, (nrows, d), (d, 1))
+        pm = _strided(ptrs[5], torch.float32, (nrows,), (1,))
+        pl = _strided(ptrs[6], torch.float32, (nrows,), (1,))
+        for bi in range(b):
+            for h in range(hkv):
+                for row in range(gq * lq):
+                    jh, li = row % gq, row // gq
+                    m, den, o = float("-inf"), 0.0, torch.zeros(d)
+                    if r:
+                        s = (q[bi, h * gq + jh, li].float() @ rk[bi, h].float().T) * scale
+                        if rm is not None:
+                            s = s.masked_fill(rm[bi, li] == 0, float("-inf"))
+                        if float(s.max()) > float("-inf"):
+                            m = float(s.max())
+                            p = torch.exp(s - m)
+                            den, o = float(p.sum()), p @ rv[bi, h].float()
+                    for sp in range(splits):
+                        part = ((bi * hkv + h) * splits + sp) * 16 + row
+                        ms, ls = float(pm[part]), float(pl[part])
+                        mn = max(m, ms)
+                        mz = 0.0 if mn == float("-inf") else mn
+                        a, c = math.exp(m - mz), math.exp(ms - mz)
+                        den, o, m = den * a + ls * c, o * a + po[part] * c, mn
+                    out[bi, h * gq + jh, li] = (o / (den if den > 0 else 1.0)).half()
+
+    return body
+
+
+def test_cuda_merge_through_a_fake_gpu_gets_the_parameters_in_the_kernels_order(fake_gpu, monkeypatch):
+    """million_cuda.MERGE = "cuda": the partials are merged by million_merge_cuda (one cuda_rt launch per call, grid
+    (B x Hkv), D threads), whose 8 pointers and 17 ints a stand-in reads in the kernel's order; the result is the
+    reference's with and without a window and its mask. An unknown MERGE is refused."""
+    b, hq, hkv, lq, n, d, m, g = 2, 6, 2, 2, 70, 64, 32, 1
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(b, hq, lq, d, generator=gen).half()
+    ck, cv = _codes(b, hkv, n, m, cap=96, seed=1), _codes(b, hkv, n, m, cap=96, seed=2)
+    cbk = (torch.randn(g, m, 256, 2, generator=gen) * 0.5).half()
+    cbv = torch.randn(g, m, 256, 2, generator=gen).half()
+    cm = torch.rand(b, n, generator=gen) > 0.3
+    fake_gpu.setattr(mc, "DESIGN", "mma")
+    fake_gpu.setattr(mc, "MERGE", "cuda")
+    compiled = []
+    fake_gpu.setattr(mc, "compiled", lambda key, *a, **kw: compiled.append(key) or types.SimpleNamespace(func=1))
+    launches = []
+    for r, with_mask in ((5, True), (37, False), (0, False)):  # a window of one partial tile, of two, none
+        rk = torch.randn(b, hkv, max(r, 1), d, generator=gen).half()[:, :, :r]
+        rv = torch.randn(b, hkv, max(r, 1), d, generator=gen).half()[:, :, :r]
+        rm = (torch.rand(b, lq, r, generator=gen) > 0.3) if with_mask else None
+        if rm is not None:
+            rm[:, :, -1] = True
+        tensors = {"q": q, "ck": ck, "cv": cv, "cbk": cbk, "cbv": cbv, "cm": cm, "tables": mc.kernel_tables(cbk, cbv)}
+        codes, merge = _partials_kernel(tensors, d**-0.5, hq // hkv, lq, hkv, d), _merge_kernel(b, hq, lq, d, hkv)
+
+        def drv(func, gx, gy, gz, bx, by, bz, smem, stream, argv, extra, codes=codes, merge=merge):
+            nptr = 8 if len(argv) == 25 else 9  # the merge: 8 pointers + 17 ints; the codes kernel: 9 + 15
+            launches.append((nptr, (gx, gy, gz), bx, smem))
+            (merge if nptr == 8 else codes)(*_read_params(argv, nptr, len(argv) - nptr))
+            return 0
+
+        monkeypatch.setattr(cuda_rt, "_cu_launch_kernel", lambda drv=drv: drv)
+        monkeypatch.setattr(cuda_rt, "_current_stream", lambda: 77)
+        ref = million_attention_reference(q.float(), ck, cv, cbk.float(), cbv.float(),
+                                          rk.float() if r else None, rv.float() if r else None,
+                                          scale=d**-0.5, code_mask=cm, res_mask=rm)  # fmt: skip
+        out = million_attention(q, ck, cv, cbk, cbv, rk if r else None, rv if r else None, scale=d**-0.5,
+                                code_mask=cm, res_mask=rm, variant="cuda")  # fmt: skip
+        torch.testing.assert_close(out.float(), ref, atol=1e-2, rtol=1e-2)
+        assert launches[-1] == (8, (b * hkv, 1, 1), d, 0)  # the merge: one block per (batch, KV head), D threads
+    assert [k[0] for k in compiled].count("merge") == 3  # masked or not, per window: compiled per key
+    fake_gpu.setattr(mc, "MERGE", "fused")
+    with pytest.raises(HfEffllmError, match="MERGE='fused' is not known"):
+        million_attention(q, ck, cv, cbk, cbv, None, None, scale=d**-0.5, code_mask=cm, variant="cuda")
+    with pytest.raises(HfEffllmError, match="head_dim 64 or 128"):
+        mc.million_merge_cuda(q[..., :32], None, None, None, q, q, q, q, r=0, splits=1, scale=1.0, hkv=2, gq=3, lq=2)

@@ -173,13 +173,15 @@ def test_bf16_kernels_on_gpu(variant, m, k):
         (2, 6, 2, 1, 31, 5, 64, 16, 2, False),  # fewer codes than one warp's tile, M = 16 (half the lanes)
     ],
 )
+@pytest.mark.parametrize("merge", ["triton", "cuda"])  # million_cuda.MERGE: which kernel merges the partials
 @pytest.mark.parametrize("design", ["lut", "mma"])  # both designs forced ("lut": up to 4 query rows)
-def test_cuda_variant_matches_reference_on_gpu(monkeypatch, design, dtype, b, hq, hkv, lq, n, r, d, m, g, masks):
+def test_cuda_variant_matches_reference_on_gpu(monkeypatch, design, merge, dtype, b, hq, hkv, lq, n, r, d, m, g, masks):
     from hf_effllm.kernels import million_cuda
 
     if design == "lut" and (hq // hkv) * lq > million_cuda.LUT_ROWS:
         pytest.skip("the lut design takes at most 4 query rows per KV head")
     monkeypatch.setattr(million_cuda, "DESIGN", design)
+    monkeypatch.setattr(million_cuda, "MERGE", merge)
     args = _inputs(b, hq, hkv, lq, n, r, d, m, 256, g, dtype, seed=n, masks=masks)
     q, ck, cv, cbk, cbv, rk, rv, cm, rm = (t.cuda() if t is not None else None for t in args)
     ref = million_attention_reference(q.float(), ck, cv, cbk.float(), cbv.float(), rk.float(), rv.float(),
