@@ -288,6 +288,25 @@ def octet_rows(run: BenchmarkRun, dev: torch.device, threshold: float) -> None:
         del ocopies, ccopies, dense
 
 
+def _best_launch(fn, x, olay, ocopies, ref, names, sweep, default_ms):
+    """``((ms, label), rel_errs)``: the fastest of the default launch (``default_ms``) and the ``sweep``'s launches
+    (tuples of the keywords ``names`` of ``fn``), each timed like the default in CUDA graphs over ``ocopies``, and the
+    error vs ``ref`` of every swept launch that ran; launches that do not fit shared memory are skipped."""
+    from hf_effllm import HfEffllmError
+
+    best, errs = (default_ms, "default"), []
+    for values in sweep:
+        kw = dict(zip(names, values))
+        try:
+            errs.append(rel_err(fn(x, olay, **kw), ref))
+        except HfEffllmError:  # does not fit shared memory at this batch
+            continue
+        ms = graph_time_ms([lambda lo=lo, kw=kw: fn(x, lo, **kw) for lo in ocopies])
+        if ms < best[0]:
+            best = (ms, ",".join(f"{k}={v}" for k, v in kw.items()))
+    return best, errs
+
+
 # kernels.spqr_octet.spqr_octet_split: warps x steps per stage x stages x blocks per SM x steps per chunk (None: fewest)
 SPLIT_SWEEP = [
     (16, 4, 2, 1, None), (16, 2, 4, 1, None), (12, 4, 4, 1, None), (8, 8, 3, 1, None), (12, 8, 2, 1, None),
@@ -302,8 +321,6 @@ def split_rows(run: BenchmarkRun, dev: torch.device, threshold: float) -> None:
     the fp32 reference, default launch and the best of a sweep, at 1 to 16 activation rows."""
     from hf_effllm.kernels import spqr_octet
     from hf_effllm.kernels.spqr_octet import octet_layout, spqr_octet_gemv, spqr_octet_split, spqr_octet_stream
-
-    from hf_effllm import HfEffllmError
 
     for inp, out in FULL_SHAPES:
         layer = make_layer(inp, out, dev, threshold)
@@ -330,16 +347,9 @@ def split_rows(run: BenchmarkRun, dev: torch.device, threshold: float) -> None:
                 il = graph_time_ms([lambda lo=lo, x=x: spqr_octet_split(x, lo) for lo in ocopies])
             finally:
                 spqr_octet._SPLIT_TILE = "lane"
-            best, errs = (default, "default"), [err]
-            for a, b, c, d, e in SPLIT_SWEEP:
-                kw = dict(warps=a, stage_steps=b, stages=c, blocks_per_sm=d, chunk_steps=e)
-                try:
-                    errs.append(rel_err(spqr_octet_split(x, olay, **kw), ref))
-                except HfEffllmError:  # does not fit shared memory
-                    continue
-                ms = graph_time_ms([lambda lo=lo, x=x, kw=kw: spqr_octet_split(x, lo, **kw) for lo in ocopies])
-                if ms < best[0]:
-                    best = (ms, ",".join(f"{k}={v}" for k, v in kw.items()))
+            names = ("warps", "stage_steps", "stages", "blocks_per_sm", "chunk_steps")
+            best, errs = _best_launch(spqr_octet_split, x, olay, ocopies, ref, names, SPLIT_SWEEP, default)
+            errs.append(err)
             row = run.add(
                 shape=f"{inp}->{out}", batch=batch, rel_err=err, max_sweep_rel_err=max(errs), deterministic=again,
                 bf16_graph_ms=base, octet_gemv_graph_ms=gemv, stream_graph_ms=stream, split_graph_ms=default,
@@ -403,8 +413,6 @@ def stream_rows(run: BenchmarkRun, dev: torch.device, threshold: float) -> None:
     all in CUDA graphs over distinct copies: error vs the fp32 reference, default launch and the best of a sweep."""
     from hf_effllm.kernels.spqr_octet import octet_layout, spqr_octet_gemv, spqr_octet_stream
 
-    from hf_effllm import HfEffllmError
-
     for inp, out in FULL_SHAPES:
         layer = make_layer(inp, out, dev, threshold)
         t, meta = layer.packed_tensors(), layer.packed_meta()
@@ -420,16 +428,9 @@ def stream_rows(run: BenchmarkRun, dev: torch.device, threshold: float) -> None:
             base = graph_time_ms([lambda w=w, x=x: torch.matmul(x, w.T) for w in dense])
             gemv = graph_time_ms([lambda lo=lo, x=x: spqr_octet_gemv(x, lo) for lo in ocopies])
             default = graph_time_ms([lambda lo=lo, x=x: spqr_octet_stream(x, lo) for lo in ocopies])
-            best, errs = (default, "default"), [err]
-            for a, b, c, d in STREAM_SWEEP:
-                kw = dict(warps=a, stage_steps=b, stages=c, blocks_per_sm=d)
-                try:
-                    errs.append(rel_err(spqr_octet_stream(x, olay, **kw), ref))
-                except HfEffllmError:  # does not fit shared memory at this batch
-                    continue
-                ms = graph_time_ms([lambda lo=lo, x=x, kw=kw: spqr_octet_stream(x, lo, **kw) for lo in ocopies])
-                if ms < best[0]:
-                    best = (ms, ",".join(f"{k}={v}" for k, v in kw.items()))
+            names = ("warps", "stage_steps", "stages", "blocks_per_sm")
+            best, errs = _best_launch(spqr_octet_stream, x, olay, ocopies, ref, names, STREAM_SWEEP, default)
+            errs.append(err)
             row = run.add(
                 shape=f"{inp}->{out}", batch=batch, rel_err=err, max_sweep_rel_err=max(errs), bf16_graph_ms=base,
                 octet_gemv_graph_ms=gemv, stream_graph_ms=default, stream_speedup=base / default,

@@ -559,7 +559,8 @@ def test_split_kernel_with_outliers_beyond_a_stage_capacity(dtype, tile, monkeyp
 
 @pytest.mark.gpu
 def test_split_kernel_runs_16_rows_of_11008_inputs_in_chunks():
-    """The down projection's input (11008: 172 steps) at 16 rows takes 5 chunks; 40 rows take three launches."""
+    """The down projection's input (11008: 172 steps) at 16 rows: the default launch's chunks of 16 steps (11 of
+    them); 40 rows take three launches."""
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU")
     layer, _ = make_layer(96, 11008, bits=3)
