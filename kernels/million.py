@@ -1092,6 +1092,8 @@ def million_attention(
         variant = _default_variant(q, codes_k, codes_v, cbk, gq, lq, chunks)
     if variant == "cuda":
         mc = _cuda_module()
+        if mc.MERGE not in ("triton", "cuda"):  # before any launch
+            raise HfEffllmError(f"million_cuda.MERGE={mc.MERGE!r} is not known; use 'triton' or 'cuda'.")
         why = None if chosen else mc.supports(q, codes_k, codes_v, cbk, gq, lq)
         if why is not None:
             raise HfEffllmError(f"variant='cuda' does not run here: {why}. Use variant='smem' or 'l1'.")
@@ -1146,17 +1148,15 @@ def million_attention(
         rv = res_v if res_v.stride(-1) == 1 else res_v.contiguous()
     else:  # dummies, never read (R = 0)
         rk = rv = q
-    srk, srv, so = rk.stride(), rv.stride(), out.stride()
     rm = _int8_mask(res_mask) if res_mask is not None else part_m
-    srm = rm.stride() if res_mask is not None else (0, 0)
-    if variant == "cuda" and mc.MERGE != "triton":  # the merge through cuda_rt too (million_cuda.MERGE)
-        if mc.MERGE != "cuda":
-            raise HfEffllmError(f"million_cuda.MERGE={mc.MERGE!r} is not known; use 'triton' or 'cuda'.")
+    if variant == "cuda" and mc.MERGE == "cuda":  # the merge through cuda_rt too (million_cuda.MERGE)
         mc.million_merge_cuda(
             q, rk, rv, rm if res_mask is not None else None, part_o, part_m, part_l, out,
             r=r, splits=splits, scale=float(scale), hkv=hkv, gq=gq, lq=lq,
         )  # fmt: skip
         return out
+    srk, srv, so = rk.stride(), rv.stride(), out.stride()
+    srm = rm.stride() if res_mask is not None else (0, 0)
     block_r = 16 if interp else 64
     _million_merge_kernel[(b * hkv,)](
         q, rk, rv, rm, part_o, part_m, part_l, out,
