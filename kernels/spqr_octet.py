@@ -1255,14 +1255,17 @@ def _check(x: torch.Tensor, layout: dict[str, Any]) -> None:
         )
 
 
-def _rows(x: torch.Tensor, layout: dict[str, Any], kernel: str) -> tuple[torch.Size, torch.Tensor, torch.Tensor]:
-    """``(lead, x2, y)``: the leading shape, x as contiguous-row (rows, in) and the empty (rows, out) output."""
+def _rows(
+    x: torch.Tensor, layout: dict[str, Any], kernel: str, max_rows: int | None = MAX_ROWS
+) -> tuple[torch.Size, torch.Tensor, torch.Tensor]:
+    """``(lead, x2, y)``: the leading shape, x as contiguous-row (rows, in) and the empty (rows, out) output; more
+    than ``max_rows`` rows (None: any number) are refused."""
     _check(x, layout)
     lead, k = x.shape[:-1], layout["k"]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if x2.shape[0] > MAX_ROWS:
+    if max_rows is not None and x2.shape[0] > max_rows:
         raise HfEffllmError(f"x has {x2.shape[0]} rows; {kernel} takes at most {MAX_ROWS}.")
     return lead, x2, torch.empty(x2.shape[0], layout["n"], device=x.device, dtype=x.dtype)
 
@@ -1529,13 +1532,8 @@ def spqr_octet_split(
     Returns:
         (..., out_features) in ``x.dtype``.
     """
-    _check(x, layout)
-    lead, k = x.shape[:-1], layout["k"]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    n, ks, no, m = layout["n"], layout["ks"], layout["no"], x2.shape[0]
-    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    lead, x2, y = _rows(x, layout, "spqr_octet_split", max_rows=None)  # one launch per 16 rows
+    n, k, ks, no, m = layout["n"], layout["k"], layout["ks"], layout["no"], x2.shape[0]
     *default, c0 = split_launch(min(m, SPLIT_ROWS), ks, x.device)
     if (warps, stage_steps, stages, blocks_per_sm, chunk_steps) == (None,) * 5:
         chunk_steps = c0  # the default launch only: a given launch keeps the fewest chunks unless it names some
