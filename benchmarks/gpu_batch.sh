@@ -14,12 +14,18 @@
 #   million_cuda  pytest -m gpu of the MILLION kernel tests, then million_speed --decode-only for the CUDA kernel
 #                 (default designs, and "mma" forced) vs sdpa -> million_speed_cuda_default
 #   million_e2e   million_speed end to end (generate at 32k: time per token, time to first token, memory)
+#   million_e2e_only million_speed --e2e-only: generate at 32k (time per token, time to first token, memory)
+#   million_e2e_nocudnn the same with sdpa's cuDNN backend disabled (flash / efficient attention instead)
+#   million_e2e_profile the same with profiler tables of each cache's generate (1 and 5 new tokens)
 #   million_host  million_speed --host-only: host time of one million_attention call, its parts, profiles
+#   million_merge pytest -m gpu of the MILLION CUDA-variant tests, million_speed --host-only, then --decode-only with
+#                 the partials merged by the Triton and by the CUDA merge kernel -> million_speed_merge
 #   spqr_speed    spqr_speed --skip-decode: matvec/matmul v1 vs v2 vs bf16
 #   spqr_breakdown spqr_speed --breakdown: the CUDA decode kernel's time with phases compiled out
 #   spqr_stream   pytest -m gpu tests/spqr/test_spqr_octet.py, then spqr_speed --stream (streaming kernel vs bf16, octet)
 #   spqr_stream_breakdown spqr_speed --stream-breakdown: spqr_octet_stream with phases compiled out
 #   spqr_split    pytest -m gpu tests/spqr/test_spqr_octet.py, then spqr_speed --split (chunked kernel, 1-16 rows)
+#   spqr_split_tests pytest -m gpu tests/spqr/test_spqr_octet.py -k split (the chunked kernel only)
 #   spqr_split_timing spqr_speed --split-timing: spqr_octet_split's cycles per warp (waiting, staging, finishing)
 #   spqr_octet    pytest -m gpu tests/spqr/test_spqr_octet.py, then spqr_speed --octet (octet kernel vs bf16, CUDA)
 #   muon_decode   muon_mla_moe: the four recipes, decode timed interleaved after training
@@ -36,10 +42,10 @@ R=/tmp/r
 REPO=$(pwd)
 mkdir -p "$R"
 save() { tar czf "$OUT/.t.tgz" -C /tmp r && mv "$OUT/.t.tgz" "$OUT/results.tgz"; }
-# pytest -m gpu over $3 (a path under the repo) within $2 seconds, log to $R/$1.log. Run from /tmp: with the repo
+# pytest -m gpu over $3 (a path under the repo; $4: more pytest options, e.g. -k) within $2 seconds, log to $R/$1.log. Run from /tmp: with the repo
 # root on sys.path, the source tree's hf_effllm (no kernels/ inside) would shadow the laid-out package in /tmp/hfe
 gpu_pytest() { (cd /tmp && timeout "$2" python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
-                 -c "$REPO/pyproject.toml" --rootdir "$REPO" "$REPO/$3") > "$R/$1.log" 2>&1; tail -30 "$R/$1.log"; }
+                 -c "$REPO/pyproject.toml" --rootdir "$REPO" "$REPO/$3" ${4:-}) > "$R/$1.log" 2>&1; tail -30 "$R/$1.log"; }
 # a step's limit: $2 seconds, or T_<STEP> (upper case) when set, e.g. T_MILLION=300
 bench() { local t="T_${step^^}"; python3 benchmarks/run.py "$1" --timeout "${!t:-$2}" --results-dir "$R"; }
 for step in "$@"; do
@@ -52,12 +58,19 @@ for step in "$@"; do
     million_cuda) gpu_pytest million_cuda_tests 300 tests/million/test_million_kernel.py
                   bench "million_speed --decode-only --variants cuda,cuda-mma --name million_speed_cuda_default" 420 ;;
     million_e2e) bench "million_speed" 600 ;;
+    million_e2e_only) bench "million_speed --e2e-only --name million_speed_e2e" 450 ;;
+    million_e2e_nocudnn) bench "million_speed --e2e-only --no-cudnn --name million_speed_e2e_nocudnn" 400 ;;
+    million_e2e_profile) bench "million_speed --e2e-only --profile --name million_speed_e2e_profile" 400 ;;
     million_host) bench "million_speed --host-only --name million_speed_host" 240 ;;
+    million_merge) gpu_pytest million_merge_tests 240 tests/million/test_million_kernel.py "-k cuda"
+                   bench "million_speed --host-only --name million_speed_host" 120
+                   bench "million_speed --decode-only --variants cuda-tmerge,cuda-cmerge --name million_speed_merge" 300 ;;
     spqr_speed) bench "spqr_speed --skip-decode" 420 ;;
     spqr_breakdown) bench "spqr_speed --breakdown" 300 ;;
     spqr_stream) gpu_pytest spqr_stream_tests 300 tests/spqr/test_spqr_octet.py; bench "spqr_speed --stream" 400 ;;
     spqr_stream_breakdown) bench "spqr_speed --stream-breakdown" 400 ;;
     spqr_split) gpu_pytest spqr_split_tests 300 tests/spqr/test_spqr_octet.py; bench "spqr_speed --split" 500 ;;
+    spqr_split_tests) gpu_pytest spqr_split_tests 300 tests/spqr/test_spqr_octet.py "-k split" ;;
     spqr_split_timing) bench "spqr_speed --split-timing" 200 ;;
     spqr_octet) gpu_pytest spqr_octet_tests 200 tests/spqr/test_spqr_octet.py; bench "spqr_speed --octet" 360 ;;
     muon_decode) bench "muon_mla_moe" 600 ;;

@@ -5,7 +5,8 @@ Sections (all in one run, baseline measured alongside):
 1. correctness first: the code-kernel variants (``l1``: per-lane gathers from the L1-cached codebook; ``smem``:
    packed centroid words gathered from shared memory with ``tl.gather``; ``cuda``: the NVRTC-compiled kernel of
    ``kernels/million_cuda.py``, tables stored to shared memory once per block; GPU only, D 64/128, 256 centroids;
-   ``cuda-mma``: the same with its "mma" design forced, where the default may pick "lut")
+   ``cuda-mma``: the same with its "mma" design forced, where the default may pick "lut"; ``cuda-tmerge`` /
+   ``cuda-cmerge``, not run by default: the partials merged by the Triton / the CUDA merge kernel)
    against the PyTorch reference on small odd shapes (fp16
    and bf16 on the GPU; fp32 and fp16 under the interpreter with ``--quick``); timings of a failing variant are
    flagged;
@@ -40,6 +41,7 @@ import argparse
 import contextlib
 import importlib.util
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -67,12 +69,12 @@ from hf_effllm.benchmarking import BenchmarkRun, markdown_table, time_ms  # noqa
 HQ, HKV, D, K, WINDOW = 32, 8, 128, 256, 128
 # (block_n, num_warps, chunks) tried per variant on the GPU; the best is reported. All compile with triton 3.6
 # for sm_90 without spills at Lq = 1 (smem: chunks None = 16 subspaces per chunk, 2 = 32: conflict-free gathers)
-SWEEP = {  # "cuda-mma" (below) sweeps as "cuda"
+SWEEP = {  # "cuda-mma", "cuda-tmerge", "cuda-cmerge" (below) sweep as "cuda"
     "l1": [(32, 4, None), (64, 4, None), (32, 8, None), (16, 4, None)],
     "smem": [(128, 8, None), (128, 8, 2), (64, 8, None), (64, 4, None), (64, 8, 2)],
     "cuda": [(32, None, None), (32, 8, None), (32, 16, None)],  # warps: default (12 at Lq=1), 8, 16
 }
-SWEEP["cuda-mma"] = SWEEP["cuda"]
+SWEEP["cuda-mma"] = SWEEP["cuda-tmerge"] = SWEEP["cuda-cmerge"] = SWEEP["cuda"]
 
 
 def _inputs(b, hq, hkv, n, r, d, m, k, dtype, dev, seed=0):
@@ -87,19 +89,23 @@ def _inputs(b, hq, hkv, n, r, d, m, k, dtype, dev, seed=0):
     return q, ck, cv, cbk, cbv, rk, rv
 
 
-VARIANTS = ("l1", "smem", "cuda", "cuda-mma")  # "cuda-mma": the CUDA kernel with its "mma" design forced
+# "cuda-mma": the CUDA kernel with its "mma" design forced; "cuda-tmerge" / "cuda-cmerge": with the partials merged
+# by the Triton / the CUDA merge kernel (million_cuda.MERGE), whichever is the default
+VARIANTS = ("l1", "smem", "cuda", "cuda-mma", "cuda-tmerge", "cuda-cmerge")
+_FORCED = {"cuda-mma": ("DESIGN", "mma"), "cuda-tmerge": ("MERGE", "triton"), "cuda-cmerge": ("MERGE", "cuda")}
 
 
 @contextlib.contextmanager
 def _design(variant: str):
-    """Run ``variant`` ("cuda-mma": variant "cuda" with ``million_cuda.DESIGN = "mma"``); yields the variant name
-    ``million_attention`` takes."""
-    old = million_cuda.DESIGN
-    million_cuda.DESIGN = "mma" if variant == "cuda-mma" else old
+    """Run ``variant`` (the ``cuda-*`` ones: variant "cuda" with the million_cuda setting of ``_FORCED``); yields
+    the variant name ``million_attention`` takes."""
+    name, value = _FORCED.get(variant, ("DESIGN", million_cuda.DESIGN))
+    old = getattr(million_cuda, name)
+    setattr(million_cuda, name, value)
     try:
         yield "cuda" if variant.startswith("cuda") else variant
     finally:
-        million_cuda.DESIGN = old
+        setattr(million_cuda, name, old)
 
 
 def _skip(variant, q, ck, cv, cbk, m, d, k) -> bool:
@@ -111,7 +117,7 @@ def _skip(variant, q, ck, cv, cbk, m, d, k) -> bool:
     return False
 
 
-def check(run, dev, quick, variants=VARIANTS) -> dict[str, bool]:
+def check(run, dev, quick, variants=VARIANTS[:4]) -> dict[str, bool]:
     """Both kernel variants against the reference; returns {variant: passed}."""
     ok_all: dict[str, bool] = {}  # only the variants that ran on some shape here
     dtypes = [torch.float32, torch.float16] if dev.type == "cpu" else [torch.float16, torch.bfloat16]
@@ -140,7 +146,7 @@ def check(run, dev, quick, variants=VARIANTS) -> dict[str, bool]:
     return ok_all
 
 
-def bench_decode(run, dev, quick, ok, variants=VARIANTS):
+def bench_decode(run, dev, quick, ok, variants=VARIANTS[:4]):
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     hq, hkv, d = (HQ, HKV, D) if not quick else (8, 2, 32)
     ns = [8192, 32768, 131072] if not quick else [256, 1024]
@@ -201,7 +207,7 @@ def bench_decode(run, dev, quick, ok, variants=VARIANTS):
                             note=note + ("" if ok.get(variant, False) else "; FAILED or unchecked correctness"))  # fmt: skip
                     print(f"    {bits}-bit {variant:4s}: {ms:.4f} ms  x{base / ms:.2f} vs sdpa  "
                           f"({moved / ms / 1e9:.2f} TB/s, {note})")  # fmt: skip
-                    if variant.startswith("cuda"):  # where the time goes: the codes kernel alone (no window, no merge)
+                    if variant in ("cuda", "cuda-mma"):  # where the time goes: the codes kernel alone (no merge)
                         with _design(variant):
                             codes_ms = _cuda_codes_only_ms(q, ck, cv, cbk, cbv, d, warps)
                         run.add(section="decode", variant=f"MILLION {bits}-bit ({variant}, codes kernel only)", batch=b,
@@ -252,20 +258,20 @@ def bench_host(run, dev):
         torch.cuda.synchronize()
         return us
 
-    def cuda_merge():  # the same call with the partials merged by the CUDA kernel (million_cuda.MERGE = "cuda")
-        million_cuda.MERGE = "cuda"
-        try:
-            return million_attention(q, ck, cv, cbk, cbv, rk, rv, scale=D**-0.5, variant="cuda")
-        finally:
-            million_cuda.MERGE = "triton"
+    def merged_by(kernel):  # the call with the partials merged by the "triton" or the "cuda" kernel
+        def call():
+            with _design(f"cuda-{kernel[0]}merge"):
+                return million_attention(q, ck, cv, cbk, cbv, rk, rv, scale=D**-0.5, variant="cuda")
 
-    ref = million_attention(q, ck, cv, cbk, cbv, rk, rv, scale=D**-0.5, variant="cuda")
-    err = ((cuda_merge().float() - ref.float()).norm() / ref.float().norm()).item()
+        return call
+
+    ref = merged_by("triton")()
+    err = ((merged_by("cuda")().float() - ref.float()).norm() / ref.float().norm()).item()
     print(f"  cuda merge vs triton merge: rel_err {err:.2e}")
     run.meta["cuda_merge_rel_err_vs_triton"] = err
     parts = {
-        "million_attention (cuda)": lambda: million_attention(q, ck, cv, cbk, cbv, rk, rv, scale=D**-0.5, variant="cuda"),
-        "million_attention (cuda, cuda merge)": cuda_merge,
+        "million_attention (cuda, triton merge)": merged_by("triton"),
+        "million_attention (cuda, cuda merge)": merged_by("cuda"),
         "million_attention (smem)": lambda: million_attention(q, ck, cv, cbk, cbv, rk, rv, scale=D**-0.5, variant="smem"),
         "cuda codes kernel launch": _cuda_codes_call(q, ck, cv, cbk, cbv, D, None),
         "cuda supports()": lambda: million_cuda.supports(q, ck, cv, cbk, HQ // HKV, 1),
@@ -286,7 +292,7 @@ def bench_host(run, dev):
         print(f"  host {name}: {us:.1f} us per call" + (f", GPU alone {gpu * 1e3:.1f} us" if gpu is not None else ""))
     from torch.profiler import ProfilerActivity, profile
 
-    fn = parts["million_attention (cuda)"]
+    fn = parts[f"million_attention (cuda, {million_cuda.MERGE} merge)"]  # the default merge
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(20):
             fn()
@@ -329,7 +335,7 @@ def bench_encode(run, dev, quick):
             )
 
 
-def bench_e2e(run, dev, quick, prompt_len, new_tokens, layers):
+def bench_e2e(run, dev, quick, prompt_len, new_tokens, layers, profile=False, rounds=3):
     from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
     import hf_effllm
@@ -356,28 +362,58 @@ def bench_e2e(run, dev, quick, prompt_len, new_tokens, layers):
     def gen(make_cache, n_new):
         cache = make_cache()
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        stats = torch.cuda.memory_stats if dev.type == "cuda" else dict
         sync()
+        mallocs = stats().get("num_device_alloc", 0)
         t0 = time.perf_counter()
         model.generate(input_ids=ids, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
                        **hf_effllm.cache_kwargs(cache))  # fmt: skip
         sync()
-        return time.perf_counter() - t0, cache
+        return time.perf_counter() - t0, cache, stats().get("num_device_alloc", 0) - mallocs
 
     rows = {}
-    for name, impl, make in (("DynamicCache (sdpa)", "sdpa", lambda: DynamicCache(config=model.config)),
-                             ("MillionCache 4-bit (million)", "million", lambda: hf_effllm.MillionCache(model.config, books))):  # fmt: skip
-        model.set_attn_implementation(impl)
-        with torch.no_grad():
+    caches = (("DynamicCache (sdpa)", "sdpa", lambda: DynamicCache(config=model.config)),
+              ("MillionCache 4-bit (million)", "million", lambda: hf_effllm.MillionCache(model.config, books)))  # fmt: skip
+    times = {name: ([], [], []) for name, _, _ in caches}
+    last = {}
+    with torch.no_grad():
+        for _name, impl, make in caches:
+            model.set_attn_implementation(impl)
             gen(make, 2)  # warm-up (compilation, allocator)
-            ttft, _ = gen(make, 1)
-            total, cache = gen(make, new_tokens)
-        tpot = (total - ttft) / (new_tokens - 1)
+        # rounds interleaved between the caches; time per token = (generate of new_tokens - generate of 1) / the
+        # tokens between, from the medians; device allocations (cudaMalloc) counted per generate of new_tokens
+        for _ in range(rounds):
+            for name, impl, make in caches:
+                model.set_attn_implementation(impl)
+                times[name][0].append(gen(make, 1)[0])
+                total, last[name], mallocs = gen(make, new_tokens)
+                times[name][1].append(total)
+                times[name][2].append(mallocs)
+    for name, impl, make in caches:
+        firsts, totals, mallocs = times[name]
+        ttft = statistics.median(firsts)
+        tpot = (statistics.median(totals) - ttft) / (new_tokens - 1)
+        per_round = [round((t - f) / (new_tokens - 1) * 1e3, 1) for f, t in zip(firsts, totals)]
+        cache = last[name]
         mem = cache.nbytes if hasattr(cache, "nbytes") else sum(
             lay.keys.numel() * lay.keys.element_size() * 2 for lay in cache.layers)  # fmt: skip
         rows[name] = (ttft, tpot, mem)
         run.add(section="e2e", variant=name, batch=1, tokens=prompt_len, ttft_s=ttft, ms_per_token=tpot * 1e3,
-                cache_mib=mem / 2**20, note=f"{layers if not quick else 2} layers, {new_tokens} new tokens")  # fmt: skip
-        print(f"  e2e {name}: TTFT {ttft:.3f} s, {tpot * 1e3:.2f} ms/token, cache {mem / 2**20:.1f} MiB")
+                cache_mib=mem / 2**20, note=f"{layers if not quick else 2} layers, {new_tokens} new tokens; ms/token "
+                f"per round {per_round}; device allocations per generate {mallocs}")  # fmt: skip
+        print(f"  e2e {name}: TTFT {ttft:.3f} s, {tpot * 1e3:.2f} ms/token (rounds {per_round}), cache "
+              f"{mem / 2**20:.1f} MiB, cudaMalloc per generate {mallocs}")  # fmt: skip
+        if profile:  # where a decode step's time goes: 1 vs 5 new tokens, the difference is 4 decode steps
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as torch_profile
+
+            model.set_attn_implementation(impl)
+            for n_new in (1, 5):
+                with torch.no_grad(), torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    gen(make, n_new)
+                print(f"  profile {name}, generate with {n_new} new tokens:")
+                print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12))
+                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
     (t0, p0, m0), (t1, p1, m1) = rows.values()
     run.meta["e2e speedup per token (Dynamic/Million)"] = round(p0 / p1, 3)
     run.meta["e2e TTFT ratio (Million/Dynamic)"] = round(t1 / t0, 3)
@@ -393,7 +429,11 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=32, help="end-to-end model layers (default 32, Llama-3-8B)")
     p.add_argument("--decode-only", action="store_true", help="correctness and decode attention only")
     p.add_argument("--host-only", action="store_true", help="the host-overhead section only (GPU; with profiles)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"code kernels to run (default {','.join(VARIANTS)})")
+    p.add_argument("--e2e-only", action="store_true", help="the end-to-end generate section only")
+    p.add_argument("--profile", action="store_true", help="with --e2e-only: profiler tables of each cache's generate")
+    p.add_argument("--no-cudnn", action="store_true", help="sdpa without its cuDNN backend (flash or efficient)")
+    default = ",".join(VARIANTS[:4])
+    p.add_argument("--variants", default=default, help=f"of {','.join(VARIANTS)} (default {default})")
     p.add_argument("--name", default=None, help="results file name (default million_speed)")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
@@ -412,6 +452,19 @@ def main(argv=None) -> int:
         bench_host(run, dev)
         if not args.no_write:
             print("wrote", *run.write(["section", "variant", "batch", "tokens", "ms", "host_us", "note"]))
+        return 0
+    if args.no_cudnn:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        run.meta["sdpa backends"] = "cuDNN disabled (torch.backends.cuda.enable_cudnn_sdp(False))"
+    if args.e2e_only:
+        bench_e2e(run, dev, quick, args.prompt if not quick else 256, args.new_tokens if not quick else 4, args.layers,
+                  profile=args.profile)  # fmt: skip
+        if not args.no_write:
+            print("wrote", *run.write(["section", "variant", "batch", "tokens", "ttft_s", "ms_per_token", "cache_mib",
+                                       "note"]))  # fmt: skip
+        print(markdown_table(run.rows, ["section", "variant", "ttft_s", "ms_per_token", "cache_mib", "note"]))
+        for k, v in run.meta.items():
+            print(f"- {k}: {v}")
         return 0
     print("[1/4] correctness")
     ok = check(run, dev, quick, variants)

@@ -749,11 +749,15 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_lut(K
 
 # The merge of the code splits' partials with the exact window, as a CUDA kernel launched through cuda_rt.launch
 # (instead of Triton's launcher, most of a batch-1 decode call's remaining host time: million_speed_host.md); the same
-# function as kernels.million._million_merge_kernel. Block (batch, KV head), D_ threads. The window in tiles of 32
-# tokens: K and V tiles in shared memory (rows padded by 4 floats: conflict-free 16-byte reads); thread (row group
-# t / 32, token t % 32) computes the scores of its token for rows t / 32, t / 32 + D_ / 32, ...; thread r < NQ takes
-# row r's online-softmax step (probabilities in place, the accumulators' factor); thread d accumulates dimension d
-# of every row. Then the code splits' partials are merged by log-sum-exp (every thread keeps the same m, l per row).
+# function as kernels.million._million_merge_kernel. Block (batch, KV head), D_ threads; no step waits on a chain of
+# memory round trips:
+# - the rows' maxima over the code splits first (independent loads), so that the window's online softmax starts from
+#   them and the splits' terms are added at the final maximum with no rescaling chain;
+# - the window in tiles of 32 tokens: K and V read with 16-byte loads into registers one tile ahead, stored to shared
+#   memory as floats (rows padded by 4 floats: conflict-free 16-byte reads); thread (row group t / 32, token t % 32)
+#   computes the scores of its token for rows t / 32, t / 32 + D_ / 32, ...; warp w takes the online-softmax step of
+#   rows w, w + D_ / 32, ... (a lane per token: shuffle reductions); thread d accumulates dimension d of every row;
+# - the splits' outputs added at the final maximum, several splits' loads in flight.
 _MERGE_SOURCE = r"""
 #define D_ {D}
 #define NQ {NQ}                // query rows of a KV head: GQ x LQ (row r: query head GQ h + r % GQ, position r / GQ)
@@ -761,14 +765,51 @@ _MERGE_SOURCE = r"""
 #define HKV {HKV}
 #define ROWS {ROWS}            // rows per (batch, KV head, split) in the partials
 #define HAS_RMASK {HAS_RMASK}
+#define VEC {VEC}              // the window's rows start on 16-byte boundaries: 16-byte loads
 #define ACT_BF16 {BF16}
 #define IS_BF16 0
-#define TR 32                  // window tokens per tile
+#define TR 32                  // window tokens per tile (= lanes: the softmax step takes a lane per token)
 #define DP (D_ + 4)            // padded tile row (floats)
-#define RG (D_ / 32)           // row groups of the score step
+#define RG (D_ / 32)           // row groups of the score step = warps
 #define RPT ((NQ + RG - 1) / RG)  // rows per thread in the score step
+#define PPR (D_ / 8)           // 16-byte pieces per window row
+#define VPT (TR / 8)           // pieces per thread and tile (TR PPR of them over D_ threads)
 #define INFINITY __int_as_float(0x7f800000)
 //@COMMON
+
+// thread t's pieces of the tile at token r0: piece i is token r0 + t / PPR + 8 i, columns 8 (t % PPR) ..; zeros past R
+__device__ __forceinline__ void load_tile(uint4* dst, const u16* __restrict__ base, int sn, int r0, int R) {
+    const int t = threadIdx.x, col = (t % PPR) * 8;
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+        const int tok = r0 + t / PPR + 8 * i;
+        uint4 w = make_uint4(0u, 0u, 0u, 0u);
+        if (tok < R) {
+            const u16* p = base + (long long)tok * sn + col;
+#if VEC
+            w = *(const uint4*)p;
+#else
+            w = make_uint4(p[0] | ((u32)p[1] << 16), p[2] | ((u32)p[3] << 16), p[4] | ((u32)p[5] << 16),
+                           p[6] | ((u32)p[7] << 16));
+#endif
+        }
+        dst[i] = w;
+    }
+}
+
+__device__ __forceinline__ float lo_f(u32 w) { return act_f((u16)(w & 0xffffu)); }
+__device__ __forceinline__ float hi_f(u32 w) { return act_f((u16)(w >> 16)); }
+
+// the pieces of load_tile as floats into the tile (TR x DP)
+__device__ __forceinline__ void store_tile(float (*tile)[DP], const uint4* src) {
+    const int t = threadIdx.x, col = (t % PPR) * 8;
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+        float* row = &tile[t / PPR + 8 * i][col];
+        *(float4*)row = make_float4(lo_f(src[i].x), hi_f(src[i].x), lo_f(src[i].y), hi_f(src[i].y));
+        *(float4*)(row + 4) = make_float4(lo_f(src[i].z), hi_f(src[i].z), lo_f(src[i].w), hi_f(src[i].w));
+    }
+}
 
 extern "C" __global__ void __launch_bounds__(D_) million_merge_cuda(
     const u16* __restrict__ q, const u16* __restrict__ rk, const u16* __restrict__ rv,
@@ -781,27 +822,36 @@ extern "C" __global__ void __launch_bounds__(D_) million_merge_cuda(
     __shared__ __align__(16) float vt[TR][DP];
     __shared__ float sp[NQ][TR];
     __shared__ float m_s[NQ], l_s[NQ], alpha_s[NQ];
-    const int bh = blockIdx.x, b = bh / HKV, h = bh % HKV, t = threadIdx.x;
+    const int bh = blockIdx.x, b = bh / HKV, h = bh % HKV, t = threadIdx.x, lane = t & 31, warp = t >> 5;
     const float scale = __int_as_float(scale_bits);
-    for (int r = 0; r < NQ; ++r)
-        qs[r][t] = act_f(q[(long long)b * sq_b + (long long)(h * GQ + r % GQ) * sq_h + (long long)(r / GQ) * sq_l + t]) * scale;
-    if (t < NQ) {
-        m_s[t] = -INFINITY;
+    const long long pbase = (long long)bh * splits * ROWS;  // row 0 of split 0 in the partials
+    if (t < NQ) {  // the row's maximum over the code splits
+        float mx = -INFINITY;
+#pragma unroll 8
+        for (int s = 0; s < splits; ++s) mx = fmaxf(mx, pm[pbase + (long long)s * ROWS + t]);
+        m_s[t] = mx;
         l_s[t] = 0.f;
     }
+    for (int r = 0; r < NQ; ++r)
+        qs[r][t] = act_f(q[(long long)b * sq_b + (long long)(h * GQ + r % GQ) * sq_h + (long long)(r / GQ) * sq_l + t]) * scale;
     float acc[NQ];
 #pragma unroll
     for (int r = 0; r < NQ; ++r) acc[r] = 0.f;
     const u16* kb = rk + (long long)b * sr_b + (long long)h * sr_h;
     const u16* vb = rv + (long long)b * sv_b + (long long)h * sv_h;
     const int tj = t % TR, tg = t / TR;  // score step: token and row group of this thread
+    uint4 kr[VPT], vr[VPT];
+    if (R > 0) {
+        load_tile(kr, kb, sr_n, 0, R);
+        load_tile(vr, vb, sv_n, 0, R);
+    }
     for (int r0 = 0; r0 < R; r0 += TR) {
         __syncthreads();  // the previous tile is no longer read (and qs, m_s, l_s are written)
-#pragma unroll 8
-        for (int j = 0; j < TR; ++j) {
-            const bool ok = r0 + j < R;
-            kt[j][t] = ok ? act_f(kb[(long long)(r0 + j) * sr_n + t]) : 0.f;
-            vt[j][t] = ok ? act_f(vb[(long long)(r0 + j) * sv_n + t]) : 0.f;
+        store_tile(kt, kr);
+        store_tile(vt, vr);
+        if (r0 + TR < R) {  // the next tile in flight during this one
+            load_tile(kr, kb, sr_n, r0 + TR, R);
+            load_tile(vr, vb, sv_n, r0 + TR, R);
         }
         __syncthreads();
         {
@@ -832,20 +882,24 @@ extern "C" __global__ void __launch_bounds__(D_) million_merge_cuda(
             }
         }
         __syncthreads();
-        if (t < NQ) {  // row t: new maximum, probabilities in place, sum, the accumulators' factor
-            float mt = -INFINITY;
-            for (int j = 0; j < TR; ++j) mt = fmaxf(mt, sp[t][j]);
-            const float mo = m_s[t], mn = fmaxf(mo, mt), ms = mn == -INFINITY ? 0.f : mn;
-            float sum = 0.f;
-            for (int j = 0; j < TR; ++j) {
-                const float p = expf(sp[t][j] - ms);
-                sp[t][j] = p;
-                sum += p;
+        for (int r = warp; r < NQ; r += RG) {  // row r: new maximum, probabilities in place, sum, the factor
+            const float sv = sp[r][lane];
+            float mt = sv;
+#pragma unroll
+            for (int off = 16; off; off >>= 1) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, off));
+            const float mo = m_s[r], mn = fmaxf(mo, mt), ms = mn == -INFINITY ? 0.f : mn;
+            const float p = expf(sv - ms);
+            float sum = p;
+#pragma unroll
+            for (int off = 16; off; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+            sp[r][lane] = p;
+            __syncwarp();
+            if (lane == 0) {
+                const float alpha = expf(mo - ms);
+                alpha_s[r] = alpha;
+                l_s[r] = l_s[r] * alpha + sum;
+                m_s[r] = mn;
             }
-            const float alpha = expf(mo - ms);
-            alpha_s[t] = alpha;
-            l_s[t] = l_s[t] * alpha + sum;
-            m_s[t] = mn;
         }
         __syncthreads();
         float v[TR];
@@ -860,34 +914,42 @@ extern "C" __global__ void __launch_bounds__(D_) million_merge_cuda(
         }
     }
     __syncthreads();
-    float m[NQ], l[NQ];
+    // the code splits at the final maximum mz (window terms are already relative to it): sums by row, outputs by
+    // dimension
+    if (t < NQ) {
+        const float mf = m_s[t], mz = mf == -INFINITY ? 0.f : mf;
+        float l = l_s[t];
+#pragma unroll 8
+        for (int s = 0; s < splits; ++s) {
+            const long long i = pbase + (long long)s * ROWS + t;
+            l += pl[i] * expf(pm[i] - mz);
+        }
+        l_s[t] = l;
+    }
+    float mz[NQ];
+#pragma unroll
+    for (int r = 0; r < NQ; ++r) mz[r] = m_s[r] == -INFINITY ? 0.f : m_s[r];
+#pragma unroll 4
+    for (int s = 0; s < splits; ++s) {
+        const long long base = pbase + (long long)s * ROWS;
+#pragma unroll
+        for (int r = 0; r < NQ; ++r) acc[r] = fmaf(po[(base + r) * D_ + t], expf(pm[base + r] - mz[r]), acc[r]);
+    }
+    __syncthreads();
 #pragma unroll
     for (int r = 0; r < NQ; ++r) {
-        m[r] = m_s[r];
-        l[r] = l_s[r];
-    }
-    for (int s = 0; s < splits; ++s) {  // log-sum-exp merge of the code splits
-        const long long base = ((long long)bh * splits + s) * ROWS;
-#pragma unroll
-        for (int r = 0; r < NQ; ++r) {
-            const float ms_ = pm[base + r], ls = pl[base + r], os = po[(base + r) * D_ + t];
-            const float mn = fmaxf(m[r], ms_), mz = mn == -INFINITY ? 0.f : mn;
-            const float a = expf(m[r] - mz), c = expf(ms_ - mz);
-            l[r] = l[r] * a + ls * c;
-            acc[r] = acc[r] * a + os * c;
-            m[r] = mn;
-        }
-    }
-#pragma unroll
-    for (int r = 0; r < NQ; ++r)
+        const float l = l_s[r];
         out[(long long)b * so_b + (long long)(h * GQ + r % GQ) * so_h + (long long)(r / GQ) * so_l + t] =
-            act_from_f(acc[r] / (l[r] > 0.f ? l[r] : 1.f));
+            act_from_f(acc[r] / (l > 0.f ? l : 1.f));
+    }
 }
 """
 
-# which kernel merges the partials of variant "cuda": "triton" (kernels.million._million_merge_kernel, measured) or
-# "cuda" (million_merge_cuda above: one cuda_rt launch instead of Triton's launcher; not yet run on a GPU)
-MERGE = "triton"
+# which kernel merges the partials of variant "cuda": "cuda" (million_merge_cuda above, the default: one cuda_rt launch,
+# about 30 us less host time per call than Triton's launcher at batch 1; GPU time within 1 us of the Triton merge at
+# batch 1 and up to 4% more of the whole call at batch 16 / 8k: million_speed_merge.md) or "triton"
+# (kernels.million._million_merge_kernel)
+MERGE = "cuda"
 
 
 def million_merge_cuda(
@@ -917,11 +979,13 @@ def million_merge_cuda(
         raise HfEffllmError(f"million_merge_cuda takes head_dim 64 or 128 and 1-{ROWS} query rows; got {d}, {nq}.")
     if q.stride(-1) != 1 or out.stride(-1) != 1 or (r > 0 and (res_k.stride(-1) != 1 or res_v.stride(-1) != 1)):
         raise HfEffllmError("million_merge_cuda needs q, out and the window with a contiguous last dimension.")
-    key = ("merge", d, nq, gq, hkv, q.dtype == torch.bfloat16, res_mask is not None)
+    # 16-byte loads of the window where every row starts on a 16-byte boundary
+    vec = r == 0 or all(t.data_ptr() % 16 == 0 and all(st % 8 == 0 for st in t.stride()[:3]) for t in (res_k, res_v))
+    key = ("merge", d, nq, gq, hkv, q.dtype == torch.bfloat16, res_mask is not None, vec)
 
     def source() -> str:
         return render(_MERGE_SOURCE, D=d, NQ=nq, GQ=gq, HKV=hkv, ROWS=ROWS, HAS_RMASK=res_mask is not None,
-                      BF16=q.dtype == torch.bfloat16)  # fmt: skip
+                      BF16=q.dtype == torch.bfloat16, VEC=vec)  # fmt: skip
 
     kernel = compiled(key, q.device, source, "million_merge_cuda")
     rk = res_k if r > 0 else q

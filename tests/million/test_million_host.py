@@ -291,6 +291,7 @@ def test_cuda_path_end_to_end_through_a_fake_gpu(triton_interpret, fake_gpu, dri
     rm = torch.rand(b, lq, r, generator=gen) > 0.3
     rm[:, :, -1] = True
     fake_gpu.setattr(mc, "DESIGN", design)
+    fake_gpu.setattr(mc, "MERGE", "triton")  # the CUDA merge: test_cuda_merge_through_a_fake_gpu_...
     compiled = []
     fake_gpu.setattr(mc, "compiled", lambda key, *a, **kw: compiled.append(key) or types.SimpleNamespace(func=1))
     tensors = {

@@ -193,6 +193,30 @@ def test_cuda_variant_matches_reference_on_gpu(monkeypatch, design, merge, dtype
         torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_cuda_merge_over_several_window_tiles(monkeypatch, dtype, aligned):
+    """million_merge_cuda with a 77-token window (three tiles of 32, the last partial, each loaded one tile ahead),
+    the window rows on 16-byte boundaries (16-byte loads) or not (a view one element into a wider buffer: 2-byte
+    loads), 8 query rows per KV head, a mask and 5 code splits."""
+    from hf_effllm.kernels import million_cuda
+
+    monkeypatch.setattr(million_cuda, "MERGE", "cuda")
+    q, ck, cv, cbk, cbv, rk, rv, cm, rm = (
+        t.cuda() if t is not None else None for t in _inputs(2, 8, 2, 2, 700, 77, 64, 16, 256, 1, dtype, seed=7)
+    )
+    if not aligned:
+        rk = torch.cat([torch.zeros_like(rk[..., :1]), rk], -1)[..., 1:]
+        rv = torch.cat([torch.zeros_like(rv[..., :1]), rv], -1)[..., 1:]
+        assert rk.data_ptr() % 16 != 0 and rk.stride(-1) == 1
+    ref = million_attention_reference(q.float(), ck, cv, cbk.float(), cbv.float(), rk.float(), rv.float(),
+                                      scale=0.125, code_mask=cm, res_mask=rm)  # fmt: skip
+    out = million_attention(q, ck, cv, cbk, cbv, rk, rv, scale=0.125, code_mask=cm, res_mask=rm, use_kernel=True,
+                            variant="cuda", num_splits=5)  # fmt: skip
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
 def test_cuda_variant_refuses_what_it_cannot_run():
     q, ck, cv, cbk, cbv, rk, rv, cm, rm = _inputs(1, 4, 2, 1, 40, 3, 16, 8, 16, 1, torch.float16)
     with pytest.raises(HfEffllmError, match="variant='cuda' does not run here"):
