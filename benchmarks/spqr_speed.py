@@ -341,20 +341,21 @@ def split_rows(run: BenchmarkRun, dev: torch.device, threshold: float) -> None:
                 graph_time_ms([lambda lo=lo, x=x: spqr_octet_stream(x, lo) for lo in ocopies]) if batch <= 2 else None
             )
             default = graph_time_ms([lambda lo=lo, x=x: spqr_octet_split(x, lo) for lo in ocopies])
-            spqr_octet._SPLIT_TILE = "interleaved"  # the other correction-tile order, default launch
+            tile = spqr_octet._SPLIT_TILE
+            spqr_octet._SPLIT_TILE = "lane"  # the other correction-tile order, default launch
             try:
-                il_err = rel_err(spqr_octet_split(x, olay), ref)
-                il = graph_time_ms([lambda lo=lo, x=x: spqr_octet_split(x, lo) for lo in ocopies])
+                lane_err = rel_err(spqr_octet_split(x, olay), ref)
+                lane = graph_time_ms([lambda lo=lo, x=x: spqr_octet_split(x, lo) for lo in ocopies])
             finally:
-                spqr_octet._SPLIT_TILE = "lane"
+                spqr_octet._SPLIT_TILE = tile
             names = ("warps", "stage_steps", "stages", "blocks_per_sm", "chunk_steps")
             best, errs = _best_launch(spqr_octet_split, x, olay, ocopies, ref, names, SPLIT_SWEEP, default)
             errs.append(err)
             row = run.add(
                 shape=f"{inp}->{out}", batch=batch, rel_err=err, max_sweep_rel_err=max(errs), deterministic=again,
                 bf16_graph_ms=base, octet_gemv_graph_ms=gemv, stream_graph_ms=stream, split_graph_ms=default,
-                split_speedup=base / default, split_il_rel_err=il_err, split_il_graph_ms=il,
-                split_il_speedup=base / il, best_split_graph_ms=best[0], best_split_speedup=base / best[0],
+                split_speedup=base / default, split_lane_rel_err=lane_err, split_lane_graph_ms=lane,
+                split_lane_speedup=base / lane, best_split_graph_ms=best[0], best_split_speedup=base / best[0],
                 best_launch=best[1], octet_gemv_speedup=base / gemv,
                 stream_speedup=base / stream if stream else None, split_gbps=obytes / 1e9 / (best[0] / 1e3),
                 kernel_bits=round(8 * obytes / (inp * out), 3),
@@ -568,7 +569,7 @@ GPU_MODES = {
         "bf16 torch.matmul vs the octet kernels used before (spqr_octet_gemv; spqr_octet_stream at 1-2 rows), all "
         "as CUDA graphs over distinct copies (no launch overhead, nothing L2-resident). rel_err vs the fp32 "
         "reference (default launch; max_sweep_rel_err over the sweep); deterministic: two calls give the same "
-        "bits; split_il_*: the same default launch with the interleaved correction tile (spqr_octet._SPLIT_TILE); "
+        "bits; split_lane_*: the same default launch with the lane-major correction tile (spqr_octet._SPLIT_TILE; the default is interleaved); "
         "split_gbps = bytes the kernel reads / best time; kernel_bits = those bytes per weight x 8.",
         split_rows,
     ),

@@ -869,10 +869,11 @@ def cuda_path(rows: int, meta: dict[str, Any], device: torch.device, out_feature
     layers (4096 -> 4096: 0.85x against 0.95x; ``benchmarks/results/spqr_speed_stream.md``).
 
     ``"split"`` (``spqr_octet_split``, same layout) on sm_90+ for 8-16 rows, and for 3-16 rows of layers with at
-    least 8192 inputs (whose 16 rows do not fit one ``spqr_octet_gemv`` block): on the H200 at 16 rows 0.46x /
-    0.47x / 0.42x bf16 against 0.39x / 0.14x / 0.35x for ``spqr_octet_gemv`` (4096 -> 11008, 11008 -> 4096,
-    4096 -> 4096), at 8 rows 0.53x / 0.57x / 0.51x against 0.47x / 0.29x / 0.46x; slower than it at 4 rows of 4096
-    inputs (``benchmarks/results/spqr_speed_split.md``)."""
+    least 8192 inputs or outputs: on the H200 (``benchmarks/results/spqr_speed_split.md``, interleaved correction
+    tile) at 16 rows 0.47x / 0.48x / 0.45x bf16 against 0.40x / 0.14x / 0.35x for ``spqr_octet_gemv`` (4096 ->
+    11008, 11008 -> 4096, 4096 -> 4096), at 8 rows 0.55x / 0.59x / 0.53x against 0.48x / 0.29x / 0.46x, at 4 rows
+    0.65x / 0.71x against 0.56x / 0.59x on the MLP shapes; slower than it at 4 rows of 4096 -> 4096 (0.57x against
+    0.63x)."""
     if octet_supported(**meta) is not None:
         return "cuda"
     k = meta["in_features"]
@@ -884,7 +885,7 @@ def cuda_path(rows: int, meta: dict[str, Any], device: torch.device, out_feature
         and _bulk_copies(device)
     ):
         return "stream"
-    if rows > STREAM_ROWS and (rows >= 8 or k >= 8192) and _bulk_copies(device):
+    if rows > STREAM_ROWS and (rows >= 8 or max(k, out_features or 0) >= 8192) and _bulk_copies(device):
         return "split"
     if rows > CUDA_MAX_ROWS:
         return "octet"

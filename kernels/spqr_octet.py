@@ -105,11 +105,12 @@ _SMEM_SET: dict[int, int] = {}  # dynamic shared memory each compiled kernel has
 # (the results are then wrong): "compute" (decode + mma; the stage is still read), "outliers", "fixup" (shared
 # octets written as if whole), "onecopy" (one bulk copy of the stage's bytes instead of three).
 _SKIP: frozenset[str] = frozenset()
-# spqr_octet_split's correction tile (module setting, so that the benchmark can compare them): "lane" (each lane's 16
-# corrections in 32 bytes in a row, read and zeroed with two 16-byte accesses per step: 8 shared-memory wavefronts
-# each; measured, the default) or "interleaved" (each 16-byte read covers 512 contiguous bytes of the warp: 4
-# wavefronts; only the entries written are cleared, once per stage). "interleaved" has not run on a GPU yet.
-_SPLIT_TILE = "lane"
+# spqr_octet_split's correction tile (module setting, so that the benchmark can compare them): "interleaved" (the
+# default: each 16-byte read covers 512 contiguous bytes of the warp, 4 wavefronts; only the entries written are
+# cleared, once per stage) or "lane" (each lane's 16 corrections in 32 bytes in a row, read and zeroed with two
+# 16-byte accesses per step: 8 shared-memory wavefronts each). Measured on the H200 (spqr_speed_split.md, session
+# 13): "interleaved" 1.0-1.18x faster, most at 1-4 rows.
+_SPLIT_TILE = "interleaved"
 # spqr_octet_split with clock64() timers (benchmarks/spqr_speed.py --split-timing only): the kernel takes one more
 # parameter and writes each warp's cycles (all, waiting for stages, staging activations, finishing octets) to
 # _SPLIT_TIMES[0] (an int64 tensor of 4 per warp that the caller sets)

@@ -380,9 +380,10 @@ def test_cuda_path_prefers_the_octet_kernel_where_it_runs_in_one_launch(monkeypa
     # the streaming kernel: 1-2 rows of layers with >= 4096 inputs and one side >= twice the other, on sm_90+
     assert [cuda_path(r, meta, dev, out_features=11008) for r in (1, 2, 3)] == ["octet"] * 3  # no bulk copies
     monkeypatch.setattr(spqr, "_bulk_copies", lambda device: True)
-    assert [cuda_path(r, meta, dev, out_features=11008) for r in (1, 2, 3)] == ["stream", "stream", "octet"]
+    assert [cuda_path(r, meta, dev, out_features=11008) for r in (1, 2, 3)] == ["stream", "stream", "split"]
+    assert [cuda_path(r, meta, dev, out_features=4096) for r in (1, 3, 7, 8)] == ["octet"] * 3 + ["split"]
     assert [cuda_path(r, wide, dev, out_features=4096) for r in (1, 2, 3)] == ["stream", "stream", "split"]
-    # the chunked kernel on sm_90+: 8-16 rows, and 3-16 rows of >= 8192 inputs; prefill (> 16) dequantizes
+    # the chunked kernel on sm_90+: 8-16 rows, and 3-16 rows of >= 8192 inputs or outputs; prefill (> 16) dequantizes
     assert [cuda_path(r, meta, dev) for r in (1, 3, 7, 8, 16, 40)] == ["octet"] * 3 + ["split"] * 3
     assert [cuda_path(r, wide, dev) for r in (1, 2, 3, 16, 17)] == ["octet", "octet", "split", "split", "split"]
     assert cuda_path(1, meta, dev, out_features=4096) == "octet"
