@@ -16,6 +16,7 @@
 #   million_e2e   million_speed end to end (generate at 32k: time per token, time to first token, memory)
 #   million_e2e_only million_speed --e2e-only: generate at 32k (time per token, time to first token, memory)
 #   million_e2e_nocudnn the same with sdpa's cuDNN backend disabled (flash / efficient attention instead)
+#   million_e2e_b8 generate at 32k for 8 sequences, one round, cuDNN disabled (its per-length warm-up)
 #   million_e2e_profile the same with profiler tables of each cache's generate (1 and 5 new tokens)
 #   million_host  million_speed --host-only: host time of one million_attention call, its parts, profiles
 #   million_merge pytest -m gpu of the MILLION CUDA-variant tests, million_speed --host-only, then --decode-only with
@@ -60,6 +61,7 @@ for step in "$@"; do
     million_e2e) bench "million_speed" 600 ;;
     million_e2e_only) bench "million_speed --e2e-only --name million_speed_e2e" 450 ;;
     million_e2e_nocudnn) bench "million_speed --e2e-only --no-cudnn --name million_speed_e2e_nocudnn" 400 ;;
+    million_e2e_b8) bench "million_speed --e2e-only --no-cudnn --batch 8 --rounds 1 --name million_speed_e2e_b8" 300 ;;
     million_e2e_profile) bench "million_speed --e2e-only --profile --name million_speed_e2e_profile" 400 ;;
     million_host) bench "million_speed --host-only --name million_speed_host" 240 ;;
     million_merge) gpu_pytest million_merge_tests 240 tests/million/test_million_kernel.py "-k cuda"

@@ -335,7 +335,7 @@ def bench_encode(run, dev, quick):
             )
 
 
-def bench_e2e(run, dev, quick, prompt_len, new_tokens, layers, profile=False, rounds=3):
+def bench_e2e(run, dev, quick, prompt_len, new_tokens, layers, profile=False, rounds=3, batch=1):
     from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
     import hf_effllm
@@ -357,7 +357,7 @@ def bench_e2e(run, dev, quick, prompt_len, new_tokens, layers, profile=False, ro
     d = sig.head_dim
     books = MillionCodebooks(hf_effllm.MillionConfig(num_subspaces=d // 2), sig,
                              torch.randn(sig.num_layers, 1, d // 2, 256, 2), torch.randn(sig.num_layers, 1, d // 2, 256, 2))  # fmt: skip
-    ids = torch.randint(0, cfg.vocab_size, (1, prompt_len), device=dev)
+    ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len), device=dev)
 
     def gen(make_cache, n_new):
         cache = make_cache()
@@ -398,7 +398,7 @@ def bench_e2e(run, dev, quick, prompt_len, new_tokens, layers, profile=False, ro
         mem = cache.nbytes if hasattr(cache, "nbytes") else sum(
             lay.keys.numel() * lay.keys.element_size() * 2 for lay in cache.layers)  # fmt: skip
         rows[name] = (ttft, tpot, mem)
-        run.add(section="e2e", variant=name, batch=1, tokens=prompt_len, ttft_s=ttft, ms_per_token=tpot * 1e3,
+        run.add(section="e2e", variant=name, batch=batch, tokens=prompt_len, ttft_s=ttft, ms_per_token=tpot * 1e3,
                 cache_mib=mem / 2**20, note=f"{layers if not quick else 2} layers, {new_tokens} new tokens; ms/token "
                 f"per round {per_round}; device allocations per generate {mallocs}")  # fmt: skip
         print(f"  e2e {name}: TTFT {ttft:.3f} s, {tpot * 1e3:.2f} ms/token (rounds {per_round}), cache "
@@ -432,6 +432,8 @@ def main(argv=None) -> int:
     p.add_argument("--e2e-only", action="store_true", help="the end-to-end generate section only")
     p.add_argument("--profile", action="store_true", help="with --e2e-only: profiler tables of each cache's generate")
     p.add_argument("--no-cudnn", action="store_true", help="sdpa without its cuDNN backend (flash or efficient)")
+    p.add_argument("--batch", type=int, default=1, help="with --e2e-only: sequences per generate (default 1)")
+    p.add_argument("--rounds", type=int, default=3, help="with --e2e-only: timed rounds per cache (default 3)")
     default = ",".join(VARIANTS[:4])
     p.add_argument("--variants", default=default, help=f"of {','.join(VARIANTS)} (default {default})")
     p.add_argument("--name", default=None, help="results file name (default million_speed)")
@@ -458,7 +460,7 @@ def main(argv=None) -> int:
         run.meta["sdpa backends"] = "cuDNN disabled (torch.backends.cuda.enable_cudnn_sdp(False))"
     if args.e2e_only:
         bench_e2e(run, dev, quick, args.prompt if not quick else 256, args.new_tokens if not quick else 4, args.layers,
-                  profile=args.profile)  # fmt: skip
+                  profile=args.profile, rounds=args.rounds, batch=args.batch)  # fmt: skip
         if not args.no_write:
             print("wrote", *run.write(["section", "variant", "batch", "tokens", "ttft_s", "ms_per_token", "cache_mib",
                                        "note"]))  # fmt: skip
