@@ -593,3 +593,46 @@ def test_split_timing_build_only_enters_the_source_when_set(monkeypatch):
     assert len(spqr_octet._timing(16)) == 1
     with pytest.raises(HfEffllmError, match="at least 128"):
         spqr_octet._timing(32)
+
+
+def test_transposed_staging_only_enters_the_split_kernels_source(monkeypatch):
+    """_SPLIT_XT compiles spqr_octet_split's activation staging from spqr_permute_t's transposed copy: the switch
+    is one macro of the split source; the other kernels' sources never set it (their code is unchanged)."""
+    from hf_effllm.kernels import spqr_octet
+
+    plain = spqr_octet.octet_source(warps=16, hi=True, bf16=True, split=True)
+    kernel = "__global__ void __launch_bounds__(256) spqr_permute_t("
+    assert "#define STAGE_XT 0" in plain and kernel in plain
+    xt = spqr_octet.octet_source(warps=16, hi=True, bf16=True, split=True, xt=True)
+    assert "#define STAGE_XT 1" in xt and xt.replace("STAGE_XT 1", "STAGE_XT 0") == plain
+    other = spqr_octet.octet_source(warps=16, hi=True, bf16=True, xt=True)  # no split kernel: no transposed staging
+    assert "#define STAGE_XT 0" in other and kernel not in other
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("out", "inp", "rows", "bits", "gs", "perm"), GPU_CASES)
+def test_split_kernel_with_transposed_staging_gives_the_same_bits(out, inp, rows, bits, gs, perm, dtype, monkeypatch):
+    """_SPLIT_XT: the activations gathered once into spqr_permute_t's transposed copy, each block staging its chunk
+    from there with 16-byte loads, land in shared memory exactly as the per-block gather puts them, so the
+    products are bit-identical to the default's (and within the reference's tolerance), for 1-16 rows and 17 (two
+    launches), with and without a permutation, at several launches."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    from hf_effllm.kernels import spqr_octet
+
+    layer, _ = make_layer(out, inp, bits=bits, group_size=gs, permutation=perm)
+    layer = layer.cuda()
+    t, meta = layer.packed_tensors(), layer.packed_meta()
+    lay = octet_layout(t, **meta)
+    for r in (rows, 17):
+        x = torch.randn(r, inp, device="cuda").to(dtype) * 3
+        ref = spqr_matmul_reference(x.float(), t, bias=layer.bias, **meta)
+        for cfg in SPLIT_CONFIGS[:3]:
+            launch = dict(zip(("warps", "stage_steps", "stages", "blocks_per_sm", "chunk_steps"), cfg))
+            monkeypatch.setattr(spqr_octet, "_SPLIT_XT", False)
+            want = spqr_octet_split(x, lay, bias=layer.bias, **launch)
+            monkeypatch.setattr(spqr_octet, "_SPLIT_XT", True)
+            got = spqr_octet_split(x, lay, bias=layer.bias, **launch)
+            assert torch.equal(got, want), (r, cfg)
+            assert (got.float() - ref).norm() <= 5e-3 * ref.norm(), (r, cfg)
