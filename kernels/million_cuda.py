@@ -977,10 +977,14 @@ def million_merge_cuda(
     nq = gq * lq
     if d not in (64, 128) or nq > ROWS or nq < 1:
         raise HfEffllmError(f"million_merge_cuda takes head_dim 64 or 128 and 1-{ROWS} query rows; got {d}, {nq}.")
-    if q.stride(-1) != 1 or out.stride(-1) != 1 or (r > 0 and (res_k.stride(-1) != 1 or res_v.stride(-1) != 1)):
+    rk, rv = (res_k, res_v) if r > 0 else (q, q)  # dummies when there is no window (never read)
+    qs, ks, vs, os_ = q.stride(), rk.stride(), rv.stride(), out.stride()  # each read once (host time per call)
+    if qs[3] != 1 or os_[3] != 1 or ks[3] != 1 or vs[3] != 1:
         raise HfEffllmError("million_merge_cuda needs q, out and the window with a contiguous last dimension.")
     # 16-byte loads of the window where every row starts on a 16-byte boundary
-    vec = r == 0 or all(t.data_ptr() % 16 == 0 and all(st % 8 == 0 for st in t.stride()[:3]) for t in (res_k, res_v))
+    vec = r == 0 or (
+        (rk.data_ptr() | rv.data_ptr()) % 16 == 0 and (ks[0] | ks[1] | ks[2] | vs[0] | vs[1] | vs[2]) % 8 == 0
+    )
     key = ("merge", d, nq, gq, hkv, q.dtype == torch.bfloat16, res_mask is not None, vec)
 
     def source() -> str:
@@ -988,14 +992,10 @@ def million_merge_cuda(
                       BF16=q.dtype == torch.bfloat16, VEC=vec)  # fmt: skip
 
     kernel = compiled(key, q.device, source, "million_merge_cuda")
-    rk = res_k if r > 0 else q
-    rv = res_v if r > 0 else q
     sm = res_mask.stride() if res_mask is not None else (0, 0, 0)
-    scale_bits = struct.unpack("<i", struct.pack("<f", scale))[0]
     ints = [
-        int(r), int(splits), scale_bits, q.stride(0), q.stride(1), q.stride(2),
-        rk.stride(0), rk.stride(1), rk.stride(2), rv.stride(0), rv.stride(1), rv.stride(2), sm[0], sm[1],
-        out.stride(0), out.stride(1), out.stride(2),
+        int(r), int(splits), _float_bits(scale), qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],
+        sm[0], sm[1], os_[0], os_[1], os_[2],
     ]  # fmt: skip
     with on_device(q.device):
         launch(kernel, (b * hkv, 1, 1), d, 0, [q, rk, rv, res_mask, part_o, part_m, part_l, out], ints)
