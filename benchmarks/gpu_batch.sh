@@ -59,7 +59,7 @@ for step in "$@"; do
     million_cuda) gpu_pytest million_cuda_tests 300 tests/million/test_million_kernel.py
                   bench "million_speed --decode-only --variants cuda,cuda-mma --name million_speed_cuda_default" 420 ;;
     million_e2e) bench "million_speed" 600 ;;
-    million_e2e_only) bench "million_speed --e2e-only --name million_speed_e2e" 450 ;;
+    million_e2e_only) bench "million_speed --e2e-only --name million_speed_e2e_rounds" 450 ;;
     million_e2e_nocudnn) bench "million_speed --e2e-only --no-cudnn --name million_speed_e2e_nocudnn" 400 ;;
     million_e2e_b8) bench "million_speed --e2e-only --no-cudnn --batch 8 --rounds 1 --name million_speed_e2e_b8" 300 ;;
     million_e2e_profile) bench "million_speed --e2e-only --profile --name million_speed_e2e_profile" 400 ;;

@@ -869,7 +869,7 @@ def cuda_path(rows: int, meta: dict[str, Any], device: torch.device, out_feature
     layers (4096 -> 4096: 0.85x against 0.95x; ``benchmarks/results/spqr_speed_stream.md``).
 
     ``"split"`` (``spqr_octet_split``, same layout) on sm_90+ for 8-16 rows, and for 3-16 rows of layers with at
-    least 8192 inputs or outputs: on the H200 (``benchmarks/results/spqr_speed_split.md``, interleaved correction
+    least 8192 inputs or outputs: on the H200 (``benchmarks/results/spqr_speed_split_s13.md``, interleaved correction
     tile) at 16 rows 0.47x / 0.48x / 0.45x bf16 against 0.40x / 0.14x / 0.35x for ``spqr_octet_gemv`` (4096 ->
     11008, 11008 -> 4096, 4096 -> 4096), at 8 rows 0.55x / 0.59x / 0.53x against 0.48x / 0.29x / 0.46x, at 4 rows
     0.65x / 0.71x against 0.56x / 0.59x on the MLP shapes; slower than it at 4 rows of 4096 -> 4096 (0.57x against

@@ -108,7 +108,7 @@ _SKIP: frozenset[str] = frozenset()
 # spqr_octet_split's correction tile (module setting, so that the benchmark can compare them): "interleaved" (the
 # default: each 16-byte read covers 512 contiguous bytes of the warp, 4 wavefronts; only the entries written are
 # cleared, once per stage) or "lane" (each lane's 16 corrections in 32 bytes in a row, read and zeroed with two
-# 16-byte accesses per step: 8 shared-memory wavefronts each). Measured on the H200 (spqr_speed_split.md, session
+# 16-byte accesses per step: 8 shared-memory wavefronts each). Measured on the H200 (spqr_speed_split_s13.md, session
 # 13): "interleaved" 1.0-1.18x faster, most at 1-4 rows.
 _SPLIT_TILE = "interleaved"
 # spqr_octet_split with clock64() timers (benchmarks/spqr_speed.py --split-timing only): the kernel takes one more
