@@ -455,6 +455,8 @@ def main(argv=None) -> int:
         if not args.no_write:
             print("wrote", *run.write(["section", "variant", "batch", "tokens", "ms", "host_us", "note"]))
         return 0
+    if args.batch < 1 or args.rounds < 1:
+        p.error(f"--batch={args.batch} and --rounds={args.rounds} must be at least 1")
     if args.no_cudnn:
         torch.backends.cuda.enable_cudnn_sdp(False)
         run.meta["sdpa backends"] = "cuDNN disabled (torch.backends.cuda.enable_cudnn_sdp(False))"
