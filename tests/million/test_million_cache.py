@@ -7,12 +7,14 @@ tiny random model stays within 5% relative logit error (a property of the quanti
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from transformers import DynamicCache
 
 from hf_effllm import MillionCache, MillionConfig, million
-from hf_effllm.cache.million.attention import PendingCodes, million_attention_forward, set_pending
+from hf_effllm.cache.million.attention import PendingCodes, million_attention_forward, peek_pending, set_pending
 from hf_effllm.compat import cache_kwargs, output_cache
 from hf_effllm.errors import HfEffllmError
 from hf_effllm.testing import tiny_model
@@ -182,6 +184,29 @@ def test_codes_not_taken_by_the_attention_raise(model_and_books):
         model(input_ids=torch.randint(0, 256, (1, 12)), **cache_kwargs(cache))
     model.set_attn_implementation("million")  # the consistent setup runs, also right after the failure
     model(input_ids=torch.randint(0, 256, (1, 12)), **cache_kwargs(MillionCache(model.config, books)))
+
+
+@torch.no_grad()
+def test_attention_implementation_switched_between_forwards_takes_effect(model_and_books):
+    """The cache reads the model's attention implementation once per forward (at its first layer); a switch between
+    forwards of one cache takes effect at the next forward: codes are left for the 'million' function only while it
+    runs, sdpa gets the decoded cache (with the warning), and the logits match a cache that never switched."""
+    model, books = model_and_books
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(11))
+    model.set_attn_implementation("million")
+    ref_logits, _ = _prefill_then_decode(model, MillionCache(model.config, books), ids, 30)
+    cache = MillionCache(model.config, books)
+    logits = [model(input_ids=ids[:, :30], **cache_kwargs(cache)).logits[:, -1:]]
+    try:
+        for i in range(30, 40):
+            model.set_attn_implementation("sdpa" if i % 2 else "million")
+            with warnings.catch_warnings(record=True):
+                warnings.simplefilter("always")
+                logits.append(model(input_ids=ids[:, i : i + 1], **cache_kwargs(cache)).logits)
+            assert peek_pending() is None  # every record left was taken by the 'million' function
+    finally:
+        model.set_attn_implementation("million")
+    torch.testing.assert_close(torch.cat(logits, 1), ref_logits, atol=1e-4, rtol=1e-4)
 
 
 def test_attention_function_dispatch(model_and_books):

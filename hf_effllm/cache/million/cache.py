@@ -125,8 +125,9 @@ class MillionLayer(CacheLayerMixin):
             buf[:, :, : self.n_codes] = old[:, :, : self.n_codes]
             setattr(self, name, buf)
 
-    def _flush(self, window_k: torch.Tensor, window_v: torch.Tensor) -> None:
-        """Encode the tokens of the window beyond ``residual_length`` (oldest first) and keep the rest exact."""
+    def _flush(self, window_k: torch.Tensor, window_v: torch.Tensor, kernel_enabled: bool) -> None:
+        """Encode the tokens of the window beyond ``residual_length`` (oldest first) and keep the rest exact;
+        ``kernel_enabled``: the owner's answer for this device (the encoding's default path without an owner)."""
         r = window_k.shape[2]
         limit = self.residual_length + self.flush_block
         if r <= limit:
@@ -135,7 +136,7 @@ class MillionLayer(CacheLayerMixin):
         move = r - self.residual_length
         self._grow(self.n_codes + move)
         dst = slice(self.n_codes, self.n_codes + move)
-        kernel = None if self.owner is None or self.owner.kernel_enabled(self.device) else False
+        kernel = None if self.owner is None or kernel_enabled else False
         pq_encode(window_k[:, :, :move], self.codebook_k, out=self.codes_k[:, :, dst], use_kernel=kernel)
         pq_encode(window_v[:, :, :move], self.codebook_v, out=self.codes_v[:, :, dst], use_kernel=kernel)
         self.n_codes += move
@@ -175,8 +176,10 @@ class MillionLayer(CacheLayerMixin):
         exact_k = torch.cat([self.sink_keys, self.keys, key_states], dim=-2)
         exact_v = torch.cat([self.sink_values, self.values, value_states], dim=-2)
         window_k, window_v = exact_k[:, :, n_sinks:], exact_v[:, :, n_sinks:]
-        self._flush(window_k, window_v)
-        if self.owner is not None and self.owner.uses_million_attention:
+        owner = self.owner
+        active, kernel = owner._forward_state(self.layer_idx, self.device) if owner is not None else (False, False)
+        self._flush(window_k, window_v, kernel)
+        if active:
             set_pending(
                 PendingCodes(
                     layer_idx=self.layer_idx,
@@ -185,7 +188,7 @@ class MillionLayer(CacheLayerMixin):
                     codes_v=codes_v,
                     codebook_k=self.codebook_k,
                     codebook_v=self.codebook_v,
-                    use_kernel=self.owner.kernel_enabled(self.device),
+                    use_kernel=kernel,
                     n_sinks=n_sinks,
                     owner=self.owner,
                 )
@@ -359,6 +362,8 @@ class MillionCache(Cache):
         self.use_kernel = use_kernel
         self.signature = ModelSignature.from_config(config)
         self._warned_decoded = False
+        self._fwd: tuple[bool, bool, torch.device] | None = None  # _forward_state's answer for this forward
+        self._fwd_layer = -1
         layers = [
             MillionLayer(*codebooks.layer(i), residual_length=rl, sink_length=sl, layer_idx=i, owner=self)
             for i in range(text.num_hidden_layers)
@@ -369,6 +374,17 @@ class MillionCache(Cache):
     def uses_million_attention(self) -> bool:
         """Whether the model currently runs the ``"million"`` attention function."""
         return getattr(self.model_config, "_attn_implementation", None) == ATTENTION_NAME
+
+    def _forward_state(self, layer_idx: int, device: torch.device) -> tuple[bool, bool]:
+        """``(uses_million_attention, kernel_enabled(device))`` as a layer's ``update`` needs them, read once per
+        forward (reading the model config's attribute costs about as much as the rest of an update): read again
+        whenever the layer index does not exceed the last one seen (a new forward began) or the device changes, so
+        ``set_attn_implementation`` or ``use_kernel`` set between forwards take effect at the next one."""
+        state = self._fwd
+        if state is None or layer_idx <= self._fwd_layer or state[2] != device:
+            state = self._fwd = (self.uses_million_attention, self.kernel_enabled(device), device)
+        self._fwd_layer = layer_idx
+        return state[0], state[1]
 
     def kernel_enabled(self, device: torch.device) -> bool:
         from ...kernels.million import kernel_available
