@@ -1086,7 +1086,6 @@ def million_attention(
         q = q.contiguous()
         sq = q.stride()
     cbk, cbv = codebook_k.contiguous(), codebook_v.contiguous()
-    interp = _interpreting()
     chosen = variant is None  # the default is only picked where it runs (no second check)
     if chosen:
         variant = _default_variant(q, codes_k, codes_v, cbk, gq, lq, chunks)
@@ -1100,7 +1099,7 @@ def million_attention(
         splits, split_len = mc.split_plan(n, b * hkv, dev, num_splits)
     else:
         variant, bn, warps, smem_chunks = _launch_config(
-            variant, rows, d, m, dsub, k, q.element_size(), interp, block_n, num_warps, chunks
+            variant, rows, d, m, dsub, k, q.element_size(), _interpreting(), block_n, num_warps, chunks
         )
         splits = num_splits or (_num_splits(n, b * hkv, bn, dev) if n > 0 else 0)
         splits = min(splits, max(1, triton.cdiv(n, bn))) if n > 0 else 0
@@ -1157,7 +1156,7 @@ def million_attention(
         return out
     srk, srv, so = rk.stride(), rv.stride(), out.stride()
     srm = rm.stride() if res_mask is not None else (0, 0)
-    block_r = 16 if interp else 64
+    block_r = 16 if _interpreting() else 64  # read here only: the CUDA path does not need it
     _million_merge_kernel[(b * hkv,)](
         q, rk, rv, rm, part_o, part_m, part_l, out,
         r, splits, float(scale),
