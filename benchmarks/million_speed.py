@@ -64,7 +64,7 @@ from hf_effllm.kernels.million import (  # noqa: E402
     pq_encode_reference,
 )
 
-from hf_effllm.benchmarking import BenchmarkRun, markdown_table, time_ms  # noqa: E402
+from hf_effllm.benchmarking import BenchmarkRun, markdown_table, module_setting, time_ms  # noqa: E402
 
 HQ, HKV, D, K, WINDOW = 32, 8, 128, 256, 128
 # (block_n, num_warps, chunks) tried per variant on the GPU; the best is reported. All compile with triton 3.6
@@ -100,12 +100,8 @@ def _design(variant: str):
     """Run ``variant`` (the ``cuda-*`` ones: variant "cuda" with the million_cuda setting of ``_FORCED``); yields
     the variant name ``million_attention`` takes."""
     name, value = _FORCED.get(variant, ("DESIGN", million_cuda.DESIGN))
-    old = getattr(million_cuda, name)
-    setattr(million_cuda, name, value)
-    try:
+    with module_setting(million_cuda, **{name: value}):
         yield "cuda" if variant.startswith("cuda") else variant
-    finally:
-        setattr(million_cuda, name, old)
 
 
 def _skip(variant, q, ck, cv, cbk, m, d, k) -> bool:
@@ -260,7 +256,7 @@ def bench_host(run, dev):
 
     def merged_by(kernel):  # the call with the partials merged by the "triton" or the "cuda" kernel
         def call():
-            with _design(f"cuda-{kernel[0]}merge"):
+            with _design({"triton": "cuda-tmerge", "cuda": "cuda-cmerge"}[kernel]):
                 return million_attention(q, ck, cv, cbk, cbv, rk, rv, scale=D**-0.5, variant="cuda")
 
         return call

@@ -53,7 +53,7 @@ from hf_effllm.kernels.spqr_cuda import cuda_layout, spqr_dequantize_cuda, spqr_
 from hf_effllm.kernels.spqr_cuda import supports as cuda_supports  # noqa: E402
 
 from hf_effllm import SpQRConfig, SpQRLinear  # noqa: E402
-from hf_effllm.benchmarking import BenchmarkRun, graph_time_ms, markdown_table, time_ms  # noqa: E402
+from hf_effllm.benchmarking import BenchmarkRun, graph_time_ms, markdown_table, module_setting, time_ms  # noqa: E402
 from hf_effllm.quant.spqr import spqr_quantize_matrix  # noqa: E402
 
 FULL_SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096)]
@@ -223,11 +223,8 @@ def breakdown_rows(run: BenchmarkRun, dev: torch.device, threshold: float) -> No
             x = torch.randn(batch, inp, device=dev, dtype=torch.bfloat16)
             base = graph_time_ms([lambda w=w, x=x: torch.matmul(x, w.T) for w in dense])
             for name, skip in PHASES:
-                spqr_cuda._SKIP = frozenset(skip)
-                try:
+                with module_setting(spqr_cuda, _SKIP=frozenset(skip)):
                     ms = graph_time_ms([lambda lo=lo, x=x: spqr_gemv_cuda(x, lo) for lo in copies])
-                finally:
-                    spqr_cuda._SKIP = frozenset()
                 row = run.add(shape=f"{inp}->{out}", batch=batch, phase=name, graph_ms=ms, bf16_graph_ms=base,
                               speedup=base / ms, layout_gbps=nbytes / 1e9 / (ms / 1e3))  # fmt: skip
                 print(markdown_table([row]).splitlines()[-1], flush=True)
@@ -333,29 +330,21 @@ def split_rows(run: BenchmarkRun, dev: torch.device, threshold: float) -> None:
         for batch in (1, 2, 4, 8, 16):
             x = torch.randn(batch, inp, device=dev, dtype=torch.bfloat16)
             ref = spqr_matmul_reference(x.float(), t, **meta)
-            err = rel_err(spqr_octet_split(x, olay), ref)
-            again = torch.equal(spqr_octet_split(x, olay), spqr_octet_split(x, olay))
+            y = spqr_octet_split(x, olay)
+            err, again = rel_err(y, ref), torch.equal(spqr_octet_split(x, olay), y)
             base = graph_time_ms([lambda w=w, x=x: torch.matmul(x, w.T) for w in dense])
             gemv = graph_time_ms([lambda lo=lo, x=x: spqr_octet_gemv(x, lo) for lo in ocopies])
             stream = (
                 graph_time_ms([lambda lo=lo, x=x: spqr_octet_stream(x, lo) for lo in ocopies]) if batch <= 2 else None
             )
             default = graph_time_ms([lambda lo=lo, x=x: spqr_octet_split(x, lo) for lo in ocopies])
-            tile = spqr_octet._SPLIT_TILE
-            spqr_octet._SPLIT_TILE = "lane"  # the other correction-tile order, default launch
-            try:
+            with module_setting(spqr_octet, _SPLIT_TILE="lane"):  # the other correction-tile order, default launch
                 lane_err = rel_err(spqr_octet_split(x, olay), ref)
                 lane = graph_time_ms([lambda lo=lo, x=x: spqr_octet_split(x, lo) for lo in ocopies])
-            finally:
-                spqr_octet._SPLIT_TILE = tile
-            plain_y = spqr_octet_split(x, olay)
-            spqr_octet._SPLIT_XT = True  # the activations gathered once into a transposed copy, default launch
-            try:
+            with module_setting(spqr_octet, _SPLIT_XT=True):  # the activations gathered once, transposed
                 xt_y = spqr_octet_split(x, olay)
-                xt_same, xt_err = torch.equal(xt_y, plain_y), rel_err(xt_y, ref)
+                xt_same, xt_err = torch.equal(xt_y, y), rel_err(xt_y, ref)
                 xt = graph_time_ms([lambda lo=lo, x=x: spqr_octet_split(x, lo) for lo in ocopies])
-            finally:
-                spqr_octet._SPLIT_XT = False
             names = ("warps", "stage_steps", "stages", "blocks_per_sm", "chunk_steps")
             best, errs = _best_launch(spqr_octet_split, x, olay, ocopies, ref, names, SPLIT_SWEEP, default)
             errs.append(err)
@@ -390,14 +379,11 @@ def split_timing_rows(run: BenchmarkRun, dev: torch.device, threshold: float) ->
             times = torch.zeros(
                 4 * 32 * torch.cuda.get_device_properties(dev).multi_processor_count, dtype=torch.int64, device=dev
             )
-            spqr_octet._SPLIT_TIMING, spqr_octet._SPLIT_TIMES[:] = True, [times]
-            try:
+            with module_setting(spqr_octet, _SPLIT_TIMING=True, _SPLIT_TIMES=[times]):
                 for _ in range(3):  # the last launch's cycles are kept
                     times.fill_(-1)
                     y = spqr_octet_split(x, olay)
                 torch.cuda.synchronize()
-            finally:
-                spqr_octet._SPLIT_TIMING, spqr_octet._SPLIT_TIMES[:] = False, []
             w = times.view(-1, 4)
             w = w[w[:, 0] > 0].double()  # warps that ran (empty blocks return before the timers)
             share = w[:, 1:] / w[:, :1]
@@ -483,13 +469,10 @@ def stream_breakdown_rows(run: BenchmarkRun, dev: torch.device, threshold: float
             except HfEffllmError:
                 continue
             for name, skip in STREAM_PHASES:
-                spqr_octet._SKIP = frozenset(skip)
-                try:
+                with module_setting(spqr_octet, _SKIP=frozenset(skip)):
                     ms = graph_time_ms(
                         [lambda lo=lo, x=x, kw=kw: spqr_octet.spqr_octet_stream(x, lo, **kw) for lo in ocopies]
                     )
-                finally:
-                    spqr_octet._SKIP = frozenset()
                 row = run.add(shape=f"{inp}->{out}", launch=f"{a},{b},{c},{d}", phase=name, graph_ms=ms,
                               bf16_graph_ms=base, speedup=base / ms, gbps=nbytes / 1e9 / (ms / 1e3))  # fmt: skip
                 print(markdown_table([row]).splitlines()[-1], flush=True)

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import importlib.metadata
 import json
@@ -21,7 +22,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,25 @@ def peak_memory_bytes(fn: Callable[[], Any], *, device: torch.device | str = "cu
     fn()
     torch.cuda.synchronize(dev)
     return torch.cuda.max_memory_allocated(dev) - before
+
+
+@contextlib.contextmanager
+def module_setting(module: Any, **values: Any) -> Iterator[None]:
+    """Set attributes of ``module`` (a kernel module's switches, e.g. ``spqr_octet._SPLIT_TILE``) for the ``with``
+    block; the previous values come back when it ends, also on an error.
+
+    Example:
+        >>> with module_setting(spqr_octet, _SPLIT_TILE="lane"):  # doctest: +SKIP
+        ...     y = spqr_octet_split(x, layout)
+    """
+    old = {name: getattr(module, name) for name in values}
+    for name, value in values.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            setattr(module, name, value)
 
 
 def _fmt(v: Any) -> str:

@@ -1,6 +1,6 @@
 import json
 
-from hf_effllm.benchmarking import BenchmarkRun, environment_info, markdown_table, time_ms
+from hf_effllm.benchmarking import BenchmarkRun, environment_info, markdown_table, module_setting, time_ms
 
 
 def test_time_ms_cpu_median_is_positive():
@@ -28,3 +28,19 @@ def test_run_writes_json_and_md(tmp_path):
 def test_environment_info_has_date_and_versions():
     env = environment_info()
     assert env["date"].endswith("Z") and env["versions"]["transformers"]
+
+
+def test_module_setting_restores_the_previous_values_also_on_an_error():
+    import types
+
+    mod = types.SimpleNamespace(TILE="interleaved", TIMES=[1], XT=False)
+    with module_setting(mod, TILE="lane", XT=True):
+        assert (mod.TILE, mod.XT, mod.TIMES) == ("lane", True, [1])
+    assert (mod.TILE, mod.XT) == ("interleaved", False)
+    try:
+        with module_setting(mod, TIMES=[2]):
+            assert mod.TIMES == [2]
+            raise KeyError("inside")
+    except KeyError:
+        pass
+    assert mod.TIMES == [1]
