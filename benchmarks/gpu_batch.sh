@@ -27,6 +27,7 @@
 #   spqr_stream_breakdown spqr_speed --stream-breakdown: spqr_octet_stream with phases compiled out
 #   spqr_split    pytest -m gpu tests/spqr/test_spqr_octet.py, then spqr_speed --split (chunked kernel, 1-16 rows)
 #   spqr_split_tests pytest -m gpu tests/spqr/test_spqr_octet.py -k split (the chunked kernel only)
+#   spqr_split_bench spqr_speed --split alone (no tests first)
 #   spqr_split_timing spqr_speed --split-timing: spqr_octet_split's cycles per warp (waiting, staging, finishing)
 #   spqr_octet    pytest -m gpu tests/spqr/test_spqr_octet.py, then spqr_speed --octet (octet kernel vs bf16, CUDA)
 #   muon_decode   muon_mla_moe: the four recipes, decode timed interleaved after training
@@ -73,6 +74,7 @@ for step in "$@"; do
     spqr_stream_breakdown) bench "spqr_speed --stream-breakdown" 400 ;;
     spqr_split) gpu_pytest spqr_split_tests 300 tests/spqr/test_spqr_octet.py; bench "spqr_speed --split" 500 ;;
     spqr_split_tests) gpu_pytest spqr_split_tests 300 tests/spqr/test_spqr_octet.py "-k split" ;;
+    spqr_split_bench) bench "spqr_speed --split" "${T_SPQR_SPLIT_BENCH:-300}" ;;
     spqr_split_timing) bench "spqr_speed --split-timing" 200 ;;
     spqr_octet) gpu_pytest spqr_octet_tests 200 tests/spqr/test_spqr_octet.py; bench "spqr_speed --octet" 360 ;;
     muon_decode) bench "muon_mla_moe" 600 ;;
