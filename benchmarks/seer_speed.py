@@ -28,6 +28,7 @@ import contextlib
 import importlib.util
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -40,6 +41,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated, so before importing them
 
 import torch.nn.functional as F  # noqa: E402
+from hf_effllm.kernels import seer_attention as seer_kernels  # noqa: E402
 from hf_effllm.kernels import seer_blockmax  # noqa: E402
 from hf_effllm.kernels.seer_attention import (  # noqa: E402
     block_sparse_attention,
@@ -246,7 +248,10 @@ def blockmax_configs(dev, group: int) -> list[dict]:
     The configs within 15% of the best in the session-6 and -8 H200 sweeps (the others spilled heavily or ran
     1.2-3x slower; the folded scale was faster in each; a lazy rescale was 10-30% slower in each and TMA loads of
     the paired tiles 2-6% slower), with the key tiles single or in pairs (pairs at 4 heads per program fit the
-    shared memory with 2 stages only, and ran 26% slower than unpaired).
+    shared memory with 2 stages only, and ran 26% slower than unpaired). Session 14 (``seer_speed_blockmax_s14``):
+    each pair's Q K^T issued one step ahead of its softmax ran 22.2 ms against 17.9 (Triton still waits for every
+    wgmma group at depth 0, so nothing overlaps, and it took 254 registers); ``tl.range(warp_specialize=True)`` on
+    the paired loop compiled to the same code as without (same shared memory, registers, copies): both dropped.
     """
     if dev.type != "cuda":  # interpreter: both main loops at 4 warps
         return [{"heads_per_program": 2, "num_warps": 4, "pair": pair} for pair in (False, True)]
@@ -316,16 +321,39 @@ def check_correctness(run, dev, dtype, hq, hkv, d, bs, quick) -> bool:
     return all_ok
 
 
-def sweep(run, name, fn_of_cfg, configs, quick) -> dict:
+def compiled_facts(jit_fn) -> dict[str, str]:
+    """What the compiler made of each specialization of a Triton kernel launched so far, by cache key: shared
+    memory, registers, spills, asynchronous copies (``cp.async``: the loads pipelined over stages), wgmma
+    instructions and the depths their waits allow (0 = wait for all: no overlap with the next products)."""
+    facts = {}
+    for entry in getattr(jit_fn, "device_caches", {}).values():
+        cache = entry[0] if isinstance(entry, tuple) else entry
+        for key, k in list(cache.items()):
+            ptx = k.asm.get("ptx", "") if hasattr(k, "asm") else ""
+            waits = sorted(set(re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx)))
+            facts[str(key)] = (
+                f"shared {k.metadata.shared} B, regs {getattr(k, 'n_regs', '?')}, spills {getattr(k, 'n_spills', '?')}, "
+                f"cp.async {ptx.count('cp.async.cg') + ptx.count('cp.async.ca')}, bulk {ptx.count('cp.async.bulk')}, "
+                f"wgmma {ptx.count('wgmma.mma_async')}, wait depths {waits}"
+            )
+    return facts
+
+
+def sweep(run, name, fn_of_cfg, configs, quick, jit_fn=None) -> dict:
+    """The fastest of ``configs``; with ``jit_fn`` (the Triton kernel they launch) each config's row also says what
+    the compiler made of it (:func:`compiled_facts`)."""
     best, best_ms = configs[0], float("inf")
     for cfg in configs:
+        seen = set(compiled_facts(jit_fn)) if jit_fn is not None else set()
         try:
             ms = bench(fn_of_cfg(cfg), quick)
         except Exception as e:  # a config the compiler or the GPU refuses (shared memory) is skipped
             print(f"  sweep {name} {cfg}: {type(e).__name__}")
             continue
-        run.add(section="sweep", variant=name, ms=ms, config=str(cfg))
-        print(f"  sweep {name} {cfg}: {ms:.3f} ms")
+        new = {k: v for k, v in compiled_facts(jit_fn).items() if k not in seen} if jit_fn is not None else {}
+        note = " | ".join(new.values())
+        run.add(section="sweep", variant=name, ms=ms, config=str(cfg), note=note)
+        print(f"  sweep {name} {cfg}: {ms:.3f} ms  {note}")
         if ms < best_ms:
             best, best_ms = cfg, ms
     return best
@@ -347,13 +375,19 @@ def tune(run, dev, dtype, hq, hkv, d, bs, seqs, quick, blockmax_only=False) -> t
     def seer_fn(c):
         return lambda: block_sparse_attention(q, k, v, mask, block_index=index, **c)
 
-    seer_cfg = {} if blockmax_only else sweep(run, f"seer 0% S={s}", seer_fn, configs, quick)
+    seer_cfg = (
+        {}
+        if blockmax_only
+        else sweep(run, f"seer 0% S={s}", seer_fn, configs, quick, getattr(seer_kernels, "_seer_fwd_kernel", None))
+    )
 
     def bmax_fn(c):
         return lambda: call_blockmax(q, k, v, c)
 
     bmax_configs = blockmax_configs(dev, hq // hkv)
-    bmax_cfg = sweep(run, f"block-max S={s}", bmax_fn, bmax_configs, quick)
+    bmax_cfg = sweep(
+        run, f"block-max S={s}", bmax_fn, bmax_configs, quick, getattr(seer_blockmax, "_blockmax_fwd_kernel", None)
+    )
     return seer_cfg, bmax_cfg
 
 

@@ -29,6 +29,7 @@ CASES = [  # (B, Hq, Hkv, S, D, block_size, heads_per_program, padding)
     (2, 4, 2, 50, 32, 16, 2, "left"),  # group 2, two heads per program
     (2, 4, 1, 29, 16, 16, 4, "right"),  # group 4, four heads per program, right padding
     (1, 4, 1, 70, 24, 32, 2, "left"),  # head_dim not a power of two, block 32
+    (1, 2, 1, 110, 16, 16, 2, "left"),  # 7 query blocks: up to 3 pairs of key blocks, then the odd one
 ]
 
 
