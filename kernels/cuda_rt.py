@@ -135,10 +135,13 @@ def cdiv(a: int, b: int) -> int:
     return -(a // -b)
 
 
+_HERE = contextlib.nullcontext()  # reusable: on_device's answer when nothing is to switch
+
+
 def on_device(device: torch.device) -> contextlib.AbstractContextManager:
     """``torch.cuda.device(device)``, or a no-op when it is already current (no device switch on the hot path)."""
-    here = device.index is None or device.index == torch.cuda.current_device()
-    return contextlib.nullcontext() if here else torch.cuda.device(device)
+    index = device.index
+    return _HERE if index is None or index == torch.cuda.current_device() else torch.cuda.device(device)
 
 
 def sm_count(device: torch.device) -> int:

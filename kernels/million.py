@@ -75,7 +75,7 @@ def kernel_available(device: torch.device | str) -> bool:
     """Whether the Triton kernels can run for tensors on ``device`` (CUDA, or the interpreter on the CPU)."""
     if not HAS_TRITON:
         return False
-    dev = torch.device(device)
+    dev = device if isinstance(device, torch.device) else torch.device(device)  # asked per call: no copy
     return dev.type == "cuda" or (dev.type == "cpu" and _interpreting())
 
 
@@ -1112,7 +1112,6 @@ def million_attention(
         (nparts * d, nparts, nparts)
     )
     cm = _int8_mask(code_mask) if code_mask is not None else part_m  # dummy pointer when unused
-    sk, sv = codes_k.stride(), codes_v.stride()
     if splits > 0 and variant == "cuda":
         design = mc.design_for(gq * lq, cbv, split_len)
         mc.million_codes_cuda(
@@ -1122,6 +1121,7 @@ def million_attention(
             nwarps=num_warps, design=design,
         )  # fmt: skip
     elif splits > 0 and variant == "smem":
+        sk, sv = codes_k.stride(), codes_v.stride()
         tk, tv = _packed_table(cbk), _packed_table(cbv)
         _million_codes_smem_kernel[(b * hkv, splits)](
             q, codes_k, codes_v, tk, tv, cm, part_o, part_m, part_l,
@@ -1133,6 +1133,7 @@ def million_attention(
             num_stages=1,
         )  # fmt: skip
     elif splits > 0:
+        sk, sv = codes_k.stride(), codes_v.stride()
         _million_codes_kernel[(b * hkv, splits)](
             q, codes_k, codes_v, cbk, cbv, cm, part_o, part_m, part_l,
             n, split_len, splits, float(scale),

@@ -14,6 +14,7 @@ from hf_effllm.kernels.million import pq_decode_reference, pq_encode_reference
 from transformers.cache_utils import Cache, DynamicLayer
 
 from hf_effllm import MillionCache, MillionConfig, million
+from hf_effllm.cache.million import attention
 from hf_effllm.cache.million.attention import set_pending, split_mask
 from hf_effllm.compat import cache_kwargs, output_cache
 from hf_effllm.errors import HfEffllmError
@@ -166,6 +167,24 @@ def test_split_mask_orders_sinks_codes_window():
     assert split_mask(None, 2, 1, n, r, torch.device("cpu"), n_sinks=s) == (None, None)
     with pytest.raises(HfEffllmError, match="3 sink"):
         split_mask(allowed[..., 1:], 2, lq, n, r, torch.device("cpu"), n_sinks=s)
+    # a mask that allows every coded token still gives a code mask (not None: telling would read the mask's data)
+    full = allowed.clone()
+    full[..., s : s + n] = True
+    code_mask, _ = split_mask(full, 2, lq, n, r, torch.device("cpu"), n_sinks=s)
+    assert code_mask is not None and code_mask.shape == (2, n) and bool(code_mask.all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
+def test_split_mask_never_reads_the_masks_data(dtype):
+    """On the meta device (shapes, no data) any read of the mask's values on the host (``.all()``, ``bool()``,
+    ``.item()``: a device-to-host synchronisation per layer and step on a GPU) raises; the split must go through."""
+    s, n, r, lq = 4, 37, 9, 1
+    mask = torch.zeros(3, 1, lq, s + n + r, dtype=dtype, device="meta")
+    code_mask, exact_mask = split_mask(mask, 3, lq, n, r, mask.device, n_sinks=s)
+    assert code_mask.is_meta and code_mask.shape == (3, n) and code_mask.dtype == torch.bool
+    assert exact_mask.is_meta and exact_mask.shape == (3, lq, s + r) and exact_mask.dtype == torch.bool
+    with pytest.raises(Exception, match="meta"):  # what the check would hit: the meta device has no values
+        bool(code_mask.all())
 
 
 def test_crop_into_and_beyond_sinks(model_and_books):
@@ -245,6 +264,48 @@ def test_left_padding_with_sinks(model_and_books):
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     alone, _ = _run(model, MillionCache(model.config, books, sink_length=4), long_row[None], 20, chunk=2)
     torch.testing.assert_close(got[:1], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_padded_batch_splits_the_mask_once_per_forward(model_and_books, monkeypatch):
+    """The model hands one mask tensor to all its layers in a forward: it is split once per forward with codes (the
+    prefill runs sdpa), and the logits are those of a split per layer, bit for bit."""
+    model, books = model_and_books
+    assert model.config.num_hidden_layers >= 2
+    model.set_attn_implementation("million")
+    ids = torch.randint(1, 256, (2, 34), generator=torch.Generator().manual_seed(12))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    calls = []
+    split = attention.split_mask
+    monkeypatch.setattr(attention, "split_mask", lambda *a: calls.append(a[0]) or split(*a))
+    got, cache = _run(model, MillionCache(model.config, books, sink_length=4), ids, 22, attention_mask=mask)
+    assert cache.layers[0].n_codes > 0 and len(calls) == ids.shape[1] - 22  # one per decode forward
+    assert len({id(m) for m in calls}) == len(calls)  # each forward's own mask
+    monkeypatch.setattr(attention, "_split_mask_once", lambda *a: split(*a))  # split per layer
+    ref, _ = _run(model, MillionCache(model.config, books, sink_length=4), ids, 22, attention_mask=mask)
+    assert torch.equal(got, ref)
+
+
+def test_split_mask_once_follows_the_mask():
+    """The decode step's memo answers for the same mask object, version and sizes only; an inference tensor is split
+    on every call."""
+    cpu = torch.device("cpu")
+    mask = torch.rand(2, 1, 1, 20, generator=torch.Generator().manual_seed(13)) > 0.3
+    once = attention._split_mask_once
+    first = once(mask, 2, 1, 10, 6, cpu, 4)
+    assert once(mask, 2, 1, 10, 6, cpu, 4) is first
+    for got, want in zip(once(mask.clone(), 2, 1, 10, 6, cpu, 4), first):  # another object: split again, same
+        assert got is not want and torch.equal(got, want)
+    mask[0, 0, 0, 7] = not mask[0, 0, 0, 7]  # in place: a new version
+    again = once(mask, 2, 1, 10, 6, cpu, 4)
+    assert torch.equal(again[0], split_mask(mask, 2, 1, 10, 6, cpu, 4)[0]) and not torch.equal(again[0], first[0])
+    other = once(mask, 2, 1, 11, 5, cpu, 4)  # other sizes
+    assert other[0].shape == (2, 11) and other[1].shape == (2, 1, 9)
+    with torch.inference_mode():
+        inf = mask.clone()
+        before = once(inf, 2, 1, 10, 6, cpu, 4)
+        inf.logical_not_()  # no version counter to see this: never memoized
+        assert torch.equal(once(inf, 2, 1, 10, 6, cpu, 4)[0], ~before[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

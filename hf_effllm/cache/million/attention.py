@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +55,14 @@ def set_pending(state: PendingCodes | None) -> None:
 def peek_pending() -> PendingCodes | None:
     """The record left by the last ``update`` and not yet taken by an attention call (None if none)."""
     return getattr(_PENDING, "state", None)
+
+
+def pop_pending() -> PendingCodes | None:
+    """:func:`peek_pending`'s record, and the slot cleared (one thread-local read when there is none)."""
+    state = getattr(_PENDING, "state", None)
+    if state is not None:
+        _PENDING.state = None
+    return state
 
 
 def take_pending(module: Any, key: torch.Tensor) -> PendingCodes | None:
@@ -103,7 +112,8 @@ def split_mask(
 
     Returns:
         ``(code_mask (B, N) or None, exact_mask (B, Lq, n_sinks + R) or None)``; None means "attend everything".
-        With no mask every query sees all sinks and codes and the window causally, bottom-right aligned.
+        With no mask every query sees all sinks and codes (code mask None) and the window causally, bottom-right
+        aligned; with a mask both are tensors (the code mask also where it allows every coded token).
 
     Example:
         >>> split_mask(None, 1, 2, 5, 3, torch.device("cpu"), n_sinks=1)[1].int().tolist()
@@ -129,7 +139,38 @@ def split_mask(
     res_mask = allowed[:, :, n_sinks + n_codes :]
     if n_sinks:
         res_mask = torch.cat([allowed[:, :, :n_sinks], res_mask], dim=-1)
-    return (None if bool(code_mask.all()) else code_mask.contiguous()), res_mask.contiguous()
+    # the code mask is returned even where it allows every token: asking whether it does (.all()) would be a
+    # device-to-host synchronisation per layer and step; masked or not, the kernels compute the same numbers
+    return code_mask.contiguous(), res_mask.contiguous()
+
+
+_SPLIT = threading.local()  # .last: (weak reference to the mask, facts, split_mask's answer)
+
+
+def _split_mask_once(
+    attention_mask: torch.Tensor,
+    batch: int,
+    q_len: int,
+    n_codes: int,
+    r_len: int,
+    device: torch.device,
+    n_sinks: int,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """:func:`split_mask` of a decode step's mask, kept for the last mask split: a model hands the same mask tensor
+    to each of its layers in a forward, so the split (a few tensor operations, on a GPU launches) is made once per
+    forward, not per layer. Made again for another mask object, another in-place version, storage or layout of it,
+    or other sizes; an inference tensor (no version counter) is split on every call. For one query per row only:
+    the answer may be a view of the mask, kept alive until the next split (``B x S`` values at one query)."""
+    m = attention_mask
+    if m.is_inference():
+        return split_mask(m, batch, q_len, n_codes, r_len, device, n_sinks)
+    facts = (batch, q_len, n_codes, r_len, n_sinks, m._version, m.data_ptr(), m.shape, m.stride(), m.dtype)
+    hit = getattr(_SPLIT, "last", None)
+    if hit is not None and hit[0]() is m and hit[1] == facts:
+        return hit[2]
+    out = split_mask(m, batch, q_len, n_codes, r_len, device, n_sinks)
+    _SPLIT.last = (weakref.ref(m), facts, out)
+    return out
 
 
 def million_attention_forward(
@@ -156,11 +197,11 @@ def million_attention_forward(
     Returns:
         ``(attn_output (B, Lq, Hq, D), None)``.
     """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     state = take_pending(module, key)
     n_codes = 0 if state is None else state.codes_k.shape[2]
     if n_codes == 0:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
@@ -169,7 +210,11 @@ def million_attention_forward(
     b, _, lq, d = query.shape
     scale = scaling if scaling is not None else d**-0.5
     n_sinks = state.n_sinks
-    code_mask, res_mask = split_mask(attention_mask, b, lq, n_codes, key.shape[2] - n_sinks, query.device, n_sinks)
+    if attention_mask is None and lq == 1:  # decode without padding: nothing to mask (split_mask's answer)
+        code_mask = res_mask = None
+    else:
+        split = _split_mask_once if lq == 1 and attention_mask is not None else split_mask
+        code_mask, res_mask = split(attention_mask, b, lq, n_codes, key.shape[2] - n_sinks, query.device, n_sinks)
     args = (query, state.codes_k, state.codes_v, state.codebook_k, state.codebook_v, key, value)
     gq = query.shape[1] // key.shape[1]
     if state.use_kernel and gq * lq <= 128:

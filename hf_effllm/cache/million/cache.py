@@ -37,7 +37,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from ...errors import HfEffllmError
 from ...kernels.million import pq_decode_reference, pq_encode
-from .attention import ATTENTION_NAME, PendingCodes, peek_pending, set_pending
+from .attention import ATTENTION_NAME, PendingCodes, pop_pending, set_pending
 from .codebooks import MillionCodebooks, ModelSignature
 
 
@@ -54,6 +54,11 @@ class MillionLayer(CacheLayerMixin):
 
     is_sliding = False
     is_croppable = True
+    # After a step without a flush, ``keys``/``values`` (the window) are held as the exact tensors that step's update
+    # returned, ``(sinks + window) K, V`` with the sink tensors they hold, and sliced out of them on first read: the
+    # next step appends to them (``cat(sinks, window, new) == cat(exact, new)``), so a decode step makes no window
+    # views (two tensor views cost about 5 us of host time per layer and step, million_host_cpu on a 2-core VM).
+    _exact: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def __init__(
         self,
@@ -77,8 +82,43 @@ class MillionLayer(CacheLayerMixin):
         self.n_codes = 0
         self.codes_k: torch.Tensor | None = None
         self.codes_v: torch.Tensor | None = None
+        # (n_codes, codes_k, codes_v, their first n_codes as views): update's memo of the codes it passes on
+        self._code_views: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.codebook_k: torch.Tensor | None = None
         self.codebook_v: torch.Tensor | None = None
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """The full-precision window's keys ``(B, Hkv, R, D)``."""
+        if self._exact is not None:
+            self._split_exact()
+        return self._keys
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        if self._exact is not None:
+            self._split_exact()  # the values stay those of the same step
+        self._keys = value
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        """The full-precision window's values ``(B, Hkv, R, D)``."""
+        if self._exact is not None:
+            self._split_exact()
+        return self._values
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        if self._exact is not None:
+            self._split_exact()
+        self._values = value
+
+    def _split_exact(self) -> None:
+        """``keys``/``values`` as the window views of ``_exact`` (which is dropped)."""
+        exact_k, exact_v, sinks, _ = self._exact
+        self._exact = None
+        n = sinks.shape[2]
+        self._keys, self._values = exact_k[:, :, n:], exact_v[:, :, n:]
 
     # -- CacheLayerMixin -------------------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -125,32 +165,35 @@ class MillionLayer(CacheLayerMixin):
             buf[:, :, : self.n_codes] = old[:, :, : self.n_codes]
             setattr(self, name, buf)
 
-    def _flush(self, window_k: torch.Tensor, window_v: torch.Tensor, kernel_enabled: bool) -> None:
-        """Encode the tokens of the window beyond ``residual_length`` (oldest first) and keep the rest exact;
-        ``kernel_enabled``: the owner's answer for this device (the encoding's default path without an owner)."""
-        r = window_k.shape[2]
+    def _flush(self, exact_k: torch.Tensor, exact_v: torch.Tensor, n_sinks: int, kernel_enabled: bool) -> None:
+        """Take the exact part ``cat(sinks, window)`` (``n_sinks`` sink tokens): encode the tokens of the window
+        beyond ``residual_length`` (oldest first) and keep the rest exact; ``kernel_enabled``: the owner's answer for
+        this device (the encoding's default path without an owner)."""
+        r = exact_k.shape[2] - n_sinks
         limit = self.residual_length + self.flush_block
-        if r <= limit:
-            self.keys, self.values = window_k, window_v
+        if r <= limit:  # kept as it is, the window sliced out when read (see _exact)
+            self._exact = (exact_k, exact_v, self.sink_keys, self.sink_values)
+            self._keys = self._values = None
             return
+        self._exact = None  # keys and values are set below
         move = r - self.residual_length
         self._grow(self.n_codes + move)
         dst = slice(self.n_codes, self.n_codes + move)
         kernel = None if self.owner is None or kernel_enabled else False
-        pq_encode(window_k[:, :, :move], self.codebook_k, out=self.codes_k[:, :, dst], use_kernel=kernel)
-        pq_encode(window_v[:, :, :move], self.codebook_v, out=self.codes_v[:, :, dst], use_kernel=kernel)
+        old = slice(n_sinks, n_sinks + move)
+        pq_encode(exact_k[:, :, old], self.codebook_k, out=self.codes_k[:, :, dst], use_kernel=kernel)
+        pq_encode(exact_v[:, :, old], self.codebook_v, out=self.codes_v[:, :, dst], use_kernel=kernel)
         self.n_codes += move
         # a copy, so the (possibly long) prompt tensor is not kept alive by a view
-        self.keys = window_k[:, :, move:].clone()
-        self.values = window_v[:, :, move:].clone()
+        self.keys = exact_k[:, :, n_sinks + move :].clone()
+        self.values = exact_v[:, :, n_sinks + move :].clone()
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Add the new tokens; return what the attention function needs (see the module docstring)."""
-        left = peek_pending()
+        left = pop_pending()
         if left is not None and self.owner is not None and left.owner is self.owner:
-            set_pending(None)
             raise HfEffllmError(
                 f"MillionCache: layer {left.layer_idx} returned codes for the 'million' attention function, but the "
                 "model's attention did not take them (the model runs another attn_implementation than the config "
@@ -158,41 +201,41 @@ class MillionLayer(CacheLayerMixin):
                 "with the model's own config (MillionCache(model.config, codebooks)) after "
                 "model.set_attn_implementation('million'), and start from a fresh cache after an interruption."
             )
-        set_pending(None)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self._check_batch(key_states)
+        ks = key_states.shape
+        if len(ks) != 4 or ks[0] != self.batch_size or ks[1] != self.num_heads or ks[3] != self.head_dim:
+            self._check_batch(key_states)  # raises
         n_before = self.n_codes
-        codes_k, codes_v = self.codes_k[:, :, :n_before], self.codes_v[:, :, :n_before]
+        # the valid codes as views, made again only when the count or the buffers change (a flush, a crop, a
+        # batch reordering), not every step (two views fewer per decode step)
+        views = self._code_views
+        if views is None or views[0] != n_before or views[1] is not self.codes_k or views[2] is not self.codes_v:
+            ck, cv = self.codes_k, self.codes_v
+            views = self._code_views = (n_before, ck, cv, ck[:, :, :n_before], cv[:, :, :n_before])
+        codes_k, codes_v = views[3], views[4]
         n_sinks = self.sink_keys.shape[2]
         if n_sinks < self.sink_length:  # the sequence's first tokens become sinks (codes and window are empty then)
             take = min(self.sink_length - n_sinks, key_states.shape[2])
             self.sink_keys = torch.cat([self.sink_keys, key_states[:, :, :take]], dim=-2)
             self.sink_values = torch.cat([self.sink_values, value_states[:, :, :take]], dim=-2)
             key_states, value_states = key_states[:, :, take:], value_states[:, :, take:]
-        # The exact part in position order (sinks, then the window with the new tokens), built with one copy; the
-        # window is a view of it.
-        n_sinks = self.sink_keys.shape[2]
-        exact_k = torch.cat([self.sink_keys, self.keys, key_states], dim=-2)
-        exact_v = torch.cat([self.sink_values, self.values, value_states], dim=-2)
-        window_k, window_v = exact_k[:, :, n_sinks:], exact_v[:, :, n_sinks:]
+            n_sinks = self.sink_keys.shape[2]
+        # The exact part in position order (sinks, then the window with the new tokens), built with one copy.
+        exact = self._exact
+        if exact is not None and exact[2] is self.sink_keys and exact[3] is self.sink_values:
+            exact_k = torch.cat([exact[0], key_states], dim=-2)
+            exact_v = torch.cat([exact[1], value_states], dim=-2)
+        else:
+            exact_k = torch.cat([self.sink_keys, self.keys, key_states], dim=-2)
+            exact_v = torch.cat([self.sink_values, self.values, value_states], dim=-2)
         owner = self.owner
         active, kernel = owner._forward_state(self.layer_idx, self.device) if owner is not None else (False, False)
-        self._flush(window_k, window_v, kernel)
+        self._flush(exact_k, exact_v, n_sinks, kernel)
         if active:
-            set_pending(
-                PendingCodes(
-                    layer_idx=self.layer_idx,
-                    key=exact_k,
-                    codes_k=codes_k,
-                    codes_v=codes_v,
-                    codebook_k=self.codebook_k,
-                    codebook_v=self.codebook_v,
-                    use_kernel=kernel,
-                    n_sinks=n_sinks,
-                    owner=self.owner,
-                )
-            )
+            # positional: about half the time of keyword arguments (the fields' order)
+            set_pending(PendingCodes(self.layer_idx, exact_k, codes_k, codes_v, self.codebook_k, self.codebook_v,
+                                     kernel, n_sinks, owner))  # fmt: skip
             return exact_k, exact_v
         if n_before == 0:
             return exact_k, exact_v
@@ -207,8 +250,8 @@ class MillionLayer(CacheLayerMixin):
         dk = pq_decode_reference(codes_k, self.codebook_k)
         dv = pq_decode_reference(codes_v, self.codebook_v)
         return (
-            torch.cat([self.sink_keys, dk, window_k], dim=-2),
-            torch.cat([self.sink_values, dv, window_v], dim=-2),
+            torch.cat([self.sink_keys, dk, exact_k[:, :, n_sinks:]], dim=-2),
+            torch.cat([self.sink_values, dv, exact_v[:, :, n_sinks:]], dim=-2),
         )
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -217,7 +260,9 @@ class MillionLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         if not self.is_initialized:
             return 0
-        return self.sink_keys.shape[-2] + self.n_codes + self.keys.shape[-2]
+        exact = self._exact
+        window = exact[0].shape[-2] - exact[2].shape[-2] if exact is not None else self.keys.shape[-2]
+        return self.sink_keys.shape[-2] + self.n_codes + window
 
     def get_max_length(self) -> int:
         return -1
@@ -226,6 +271,7 @@ class MillionLayer(CacheLayerMixin):
         self.keys = self.values = None
         self.sink_keys = self.sink_values = None
         self.codes_k = self.codes_v = None
+        self._code_views = None  # holds the buffers
         self.n_codes = 0
         self.is_initialized = False
         for name in ("batch_size",):
@@ -261,6 +307,7 @@ class MillionLayer(CacheLayerMixin):
         self.sink_keys, self.sink_values = fn(self.sink_keys), fn(self.sink_values)
         self.codes_k = fn(self.codes_k[:, :, : self.n_codes])
         self.codes_v = fn(self.codes_v[:, :, : self.n_codes])
+        self._code_views = None  # of the buffers just replaced
         self.batch_size = self.keys.shape[0]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
