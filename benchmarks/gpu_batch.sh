@@ -37,6 +37,7 @@
 #                 oracle_mass at fixed 50/90% and at 13 adaptive top-p budgets (0.995..0.4) -> seer_quality_top_p_8k;
 #                 ~2-3 min expected (model load + distillation + 30 perplexity runs of ~0.5-1 s), limit 560 s
 #   seer_tests    pytest -m gpu tests/seer only
+#   seer_blockmax_tests pytest -m gpu tests/seer/test_seer_blockmax.py (the block-max kernel's bf16 variants); K_SEER_BLOCKMAX_TESTS: more pytest options (e.g. "-k fixedmax")
 #   seer_blockmax seer_speed --blockmax-only at 32k: dense baselines, the block-max variant sweep, 3 rounds vs cuDNN
 source benchmarks/device_prepare.sh || exit 1
 set +e  # device_prepare sets -e; a failing step must not end the batch
@@ -83,6 +84,7 @@ for step in "$@"; do
     seer_speed) bench "seer_speed --seqs 32768" 600 ;;
     seer_quality_top_p) bench "seer_quality --name seer_quality_top_p_8k --variants dense,seer,oracle_mass --sparsities 0.5,0.9 --top-p 0.995,0.99,0.98,0.97,0.95,0.93,0.9,0.85,0.8,0.7,0.6,0.5,0.4" 560 ;;
     seer_tests) gpu_pytest seer_tests "${T_SEER_TESTS:-300}" tests/seer ;;
+    seer_blockmax_tests) gpu_pytest seer_blockmax_tests "${T_SEER_BLOCKMAX_TESTS:-240}" tests/seer/test_seer_blockmax.py "${K_SEER_BLOCKMAX_TESTS:-}" ;;
     seer_blockmax) bench "seer_speed --seqs 32768 --blockmax-only --repeats 3" 420 ;;
     *) echo "unknown step $step" ;;
   esac

@@ -235,10 +235,12 @@ def gate_breakdown(run, s, q, k, gate, bs, quick) -> None:
 
 def call_blockmax(q, k, v, cfg: dict, **kwargs):
     """:func:`blockmax_attention` with a swept launch config and main-loop variant (``fold_scale``: the softmax
-    arithmetic, ``pair``: two key tiles per softmax step, None = where they fit)."""
+    arithmetic, ``pair``: two key tiles per softmax step, None = where they fit; ``fixed_max``: each row's
+    diagonal-block max as a fixed reference instead of the online softmax)."""
     cfg = dict(cfg)
     seer_blockmax._FOLD_SCALE = bool(cfg.pop("fold_scale", True))
     seer_blockmax._PAIR = cfg.pop("pair", None)
+    seer_blockmax._FIXED_MAX = bool(cfg.pop("fixed_max", False))
     return blockmax_attention(q, k, v, **cfg, **kwargs)
 
 
@@ -253,13 +255,21 @@ def blockmax_configs(dev, group: int) -> list[dict]:
     wgmma group at depth 0, so nothing overlaps, and it took 254 registers); ``tl.range(warp_specialize=True)`` on
     the paired loop compiled to the same code as without (same shared memory, registers, copies): both dropped.
     """
-    if dev.type != "cuda":  # interpreter: both main loops at 4 warps
-        return [{"heads_per_program": 2, "num_warps": 4, "pair": pair} for pair in (False, True)]
+    if dev.type != "cuda":  # interpreter: the main loops at 4 warps
+        return [
+            {"heads_per_program": 2, "num_warps": 4, "pair": pair, "fixed_max": fm}
+            for pair in (False, True)
+            for fm in (False, True)
+        ]
     return [
-        {"heads_per_program": hp, "num_warps": w, "num_stages": st, "fold_scale": True, "pair": pair}
-        for hp, w, st, pair in [(2, 4, 2, False), (4, 8, 3, False), (2, 8, 3, False), (2, 8, 3, True), (2, 8, 2, True)]
+        {"heads_per_program": hp, "num_warps": w, "num_stages": st, "fold_scale": True, "pair": pair, "fixed_max": fm}
+        for hp, w, st, pair, fm in [
+            (2, 4, 2, False, False), (4, 8, 3, False, False), (2, 8, 3, False, False), (2, 8, 3, True, False),
+            (2, 8, 2, True, False), (2, 8, 3, True, True), (2, 8, 2, True, True), (4, 8, 3, False, True),
+            (2, 8, 3, False, True), (2, 4, 2, False, True),
+        ]
         if group % hp == 0
-    ]
+    ]  # fmt: skip
 
 
 def check_correctness(run, dev, dtype, hq, hkv, d, bs, quick) -> bool:

@@ -33,16 +33,23 @@ CASES = [  # (B, Hq, Hkv, S, D, block_size, heads_per_program, padding)
 ]
 
 
-# Main-loop variants the benchmark sweeps: (folded softmax scale, key blocks in pairs).
-VARIANTS = [(False, False), (True, False), (True, True), (False, True)]
+# Main-loop variants the benchmark sweeps: (folded softmax scale, key blocks in pairs, fixed reference max per row).
+VARIANTS = [
+    (False, False, False),
+    (True, False, False),
+    (True, True, False),
+    (False, True, False),
+    (True, False, True),
+    (True, True, True),
+]
 
 
 def _variant_id(v):
-    return f"fold{int(v[0])}-pair{int(v[1])}"
+    return f"fold{int(v[0])}-pair{int(v[1])}" + ("-fixedmax" if v[2] else "")
 
 
 def _set_variant(monkeypatch, variant):
-    for attr, value in zip(("_FOLD_SCALE", "_PAIR"), variant, strict=True):
+    for attr, value in zip(("_FOLD_SCALE", "_PAIR", "_FIXED_MAX"), variant, strict=True):
         monkeypatch.setattr(seer_blockmax, attr, value)
 
 
@@ -89,6 +96,25 @@ def test_blockmax_scratch_split_over_launches(triton_interpret, monkeypatch):
     out2, bm2 = _run(triton_interpret, q, k, v, pad, 16, heads_per_program=1)
     torch.testing.assert_close(bm2, bm1, atol=0, rtol=0)
     torch.testing.assert_close(out2, out1, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("pair", [False, True])
+def test_blockmax_fixed_max_falls_back_to_the_online_softmax(triton_interpret, monkeypatch, pair):
+    """_FIXED_MAX: a key whose score is far above every score of the rows' block 0 and diagonal block (their
+    reference max) would overflow float32 against that reference; the programs concerned run the online softmax."""
+    monkeypatch.setattr(seer_blockmax, "_FIXED_MAX", True)
+    monkeypatch.setattr(seer_blockmax, "_PAIR", pair)
+    q, k, v = _inputs(1, 2, 1, 90, 16, torch.float32, seed=5)
+    q[..., 0] = 1.0
+    k[:, :, 20, 0] = 500.0  # q . k20 ~ 500: ~180 (log2 units) above the references of rows 32 on
+    ref_out, ref_bm = blockmax_attention_reference(q, k, v, block_size=16)
+    for gap in (64.0, 1e9):  # 1e9: no fallback, 2^180 overflows
+        monkeypatch.setattr(seer_blockmax, "_GAP", gap)
+        out, bm = _run(triton_interpret, q, k, v, None, 16)
+        ok = torch.allclose(out, ref_out, atol=1e-5, rtol=1e-5) and torch.allclose(bm, ref_bm, atol=1e-6, rtol=2e-5)
+        assert ok == (gap == 64.0)
+        # rows 0-31 do not see key 20 or see it in their diagonal block: exact with or without the fallback
+        torch.testing.assert_close(out[:, :, :32], ref_out[:, :, :32], atol=1e-5, rtol=1e-5)
 
 
 def test_blockmax_scale_and_single_block(triton_interpret):
