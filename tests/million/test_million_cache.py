@@ -236,3 +236,27 @@ def test_dynamic_cache_with_million_attention_is_sdpa(model_and_books):
     ref = model(input_ids=ids).logits
     model.set_attn_implementation("million")
     torch.testing.assert_close(model(input_ids=ids).logits, ref)
+
+
+def test_code_buffers_replaced_by_growth_are_released(model_and_books):
+    """When the codes outgrow their buffers, the layer keeps no reference to the old ones (a decode step's memo of
+    the code views must not hold them until the layer's next update: on a GPU that is one more allocation)."""
+    import gc
+    import weakref
+
+    model, books = model_and_books
+    model.set_attn_implementation("million")
+    ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(9))
+    _, cache = _prefill_then_decode(model, MillionCache(model.config, books), ids, 19)
+    layer = cache.layers[0]
+    old = weakref.ref(layer.codes_k)
+    need = layer.codes_k.shape[2] - layer.n_codes + 1  # tokens to add until the next flush must grow the buffer
+    steps = 0
+    while layer.codes_k is old() and steps < 10 * need + 100:
+        out = model(input_ids=ids[:, -1:], **cache_kwargs(cache))
+        cache = output_cache(out)
+        steps += 1
+    assert layer.codes_k is not old(), "the codes buffer never grew"
+    del out
+    gc.collect()
+    assert old() is None

@@ -159,6 +159,7 @@ class MillionLayer(CacheLayerMixin):
         if needed <= cap:
             return
         new_cap = max(needed, 2 * cap, 256)
+        self._code_views = None  # so the old buffers go once this step's attention has read them
         for name in ("codes_k", "codes_v"):
             old = getattr(self, name)
             buf = torch.empty(*old.shape[:2], new_cap, old.shape[3], dtype=torch.uint8, device=old.device)
