@@ -65,13 +65,11 @@ if HAS_TRITON:
     from hf_effllm.kernels.seer_attention import _online_max, _seer_block
 
     @triton.jit
-    def _pair_block(
-        q, acc, m_i, l_i, K, V, kb, offs_n, offs_d, pad_ptr, stride_ks, stride_vs, qk_scale,
-        HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_PAD: tl.constexpr, FOLD_SCALE: tl.constexpr,
-        TILE_LSE: tl.constexpr,
+    def _pair_tiles(
+        q, K, V, kb, offs_n, offs_d, pad_ptr, stride_ks, stride_vs,
+        HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_PAD: tl.constexpr,
     ):  # fmt: skip
-        # Key blocks kb and kb + 1, both full and below the diagonal, in one online-softmax step: one row max and
-        # one accumulator rescale for 2 * BLOCK keys. Returns each tile's row statistic as _seer_block does.
+        # Key blocks kb and kb + 1 (full, below the diagonal): their unscaled scores (padded keys -inf) and V tiles.
         k1 = kb * BLOCK + offs_n
         k2 = k1 + BLOCK
         dmask = offs_d < HEAD_DIM
@@ -81,12 +79,25 @@ if HAS_TRITON:
         vc = tl.load(V + k2[:, None] * stride_vs + offs_d[None, :], mask=dmask[None, :], other=0.0)
         sa = tl.dot(q, ka)
         sc = tl.dot(q, kc)
-        if not FOLD_SCALE:
-            sa = sa * qk_scale
-            sc = sc * qk_scale
         if HAS_PAD:
             sa = tl.where(tl.load(pad_ptr + k1)[None, :] != 0, sa, float("-inf"))
             sc = tl.where(tl.load(pad_ptr + k2)[None, :] != 0, sc, float("-inf"))
+        return sa, sc, va, vc
+
+    @triton.jit
+    def _pair_block(
+        q, acc, m_i, l_i, K, V, kb, offs_n, offs_d, pad_ptr, stride_ks, stride_vs, qk_scale,
+        HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_PAD: tl.constexpr, FOLD_SCALE: tl.constexpr,
+        TILE_LSE: tl.constexpr,
+    ):  # fmt: skip
+        # Key blocks kb and kb + 1, both full and below the diagonal, in one online-softmax step: one row max and
+        # one accumulator rescale for 2 * BLOCK keys. Returns each tile's row statistic as _seer_block does.
+        sa, sc, va, vc = _pair_tiles(
+            q, K, V, kb, offs_n, offs_d, pad_ptr, stride_ks, stride_vs, HEAD_DIM, BLOCK, HAS_PAD
+        )
+        if not FOLD_SCALE:
+            sa = sa * qk_scale
+            sc = sc * qk_scale
         ra = tl.max(sa, 1)
         rc = tl.max(sc, 1)
         if FOLD_SCALE:
@@ -146,18 +157,9 @@ if HAS_TRITON:
         HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_PAD: tl.constexpr, TILE_LSE: tl.constexpr,
     ):  # fmt: skip
         # _FIXED_MAX: key blocks kb and kb + 1 (full, below the diagonal), as _fixed_block does one.
-        k1 = kb * BLOCK + offs_n
-        k2 = k1 + BLOCK
-        dmask = offs_d < HEAD_DIM
-        ka = tl.load(K + k1[None, :] * stride_ks + offs_d[:, None], mask=dmask[:, None], other=0.0)
-        kc = tl.load(K + k2[None, :] * stride_ks + offs_d[:, None], mask=dmask[:, None], other=0.0)
-        va = tl.load(V + k1[:, None] * stride_vs + offs_d[None, :], mask=dmask[None, :], other=0.0)
-        vc = tl.load(V + k2[:, None] * stride_vs + offs_d[None, :], mask=dmask[None, :], other=0.0)
-        sa = tl.dot(q, ka)
-        sc = tl.dot(q, kc)
-        if HAS_PAD:
-            sa = tl.where(tl.load(pad_ptr + k1)[None, :] != 0, sa, float("-inf"))
-            sc = tl.where(tl.load(pad_ptr + k2)[None, :] != 0, sc, float("-inf"))
+        sa, sc, va, vc = _pair_tiles(
+            q, K, V, kb, offs_n, offs_d, pad_ptr, stride_ks, stride_vs, HEAD_DIM, BLOCK, HAS_PAD
+        )
         ra = tl.max(sa, 1) * qk_scale
         rc = tl.max(sc, 1) * qk_scale
         pa = tl.math.exp2(sa * qk_scale - m_b[:, None])
@@ -173,37 +175,62 @@ if HAS_TRITON:
         return acc, m_t, l_i + psa + psc, ra, rc
 
     @triton.jit
-    def _online_loops(
-        q, Kh, Vh, r_ptr, rows, qb, offs_m, offs_n, offs_d, pad_ptr, stride_ks, stride_vs, S, qk_scale,
+    def _main_loops(
+        q, m_b, Kh, Vh, r_ptr, rows, qb, offs_m, offs_n, offs_d, pad_ptr, stride_ks, stride_vs, S, qk_scale,
         HPB: tl.constexpr, D_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_PAD: tl.constexpr,
-        FOLD_SCALE: tl.constexpr, MASS: tl.constexpr, PAIR: tl.constexpr,
+        FOLD_SCALE: tl.constexpr, MASS: tl.constexpr, PAIR: tl.constexpr, FIXED: tl.constexpr,
     ):  # fmt: skip
-        # The main loop with the online softmax over key blocks 0..qb, each tile's row statistic stored at r_ptr.
-        m_i = tl.full([HPB], float("-inf"), dtype=tl.float32)
+        # The main loop over key blocks 0..qb, each tile's row statistic stored at r_ptr: with the online softmax
+        # (m: the running max), or FIXED against the rows' references m_b (m: the rows' true running max).
+        m = tl.full([HPB], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([HPB], dtype=tl.float32)
         acc = tl.zeros([HPB, D_PAD], dtype=tl.float32)
         single0 = 0
         if PAIR:  # pairs of full key blocks below the diagonal, then the odd one left (if any) on its own
             single0 = qb - qb % 2
             for kb in range(0, single0, 2):
-                acc, m_i, l_i, ra, rc = _pair_block(
-                    q, acc, m_i, l_i, Kh, Vh, kb, offs_n, offs_d, pad_ptr, stride_ks, stride_vs, qk_scale,
-                    HEAD_DIM, BLOCK, HAS_PAD, FOLD_SCALE, MASS,
-                )  # fmt: skip
+                if FIXED:
+                    acc, m, l_i, ra, rc = _fixed_pair(
+                        q, acc, m, l_i, m_b, Kh, Vh, kb, offs_n, offs_d, pad_ptr, stride_ks, stride_vs, qk_scale,
+                        HEAD_DIM, BLOCK, HAS_PAD, MASS,
+                    )  # fmt: skip
+                else:
+                    acc, m, l_i, ra, rc = _pair_block(
+                        q, acc, m, l_i, Kh, Vh, kb, offs_n, offs_d, pad_ptr, stride_ks, stride_vs, qk_scale,
+                        HEAD_DIM, BLOCK, HAS_PAD, FOLD_SCALE, MASS,
+                    )  # fmt: skip
                 tl.store(r_ptr + kb * HPB + rows, ra)
                 tl.store(r_ptr + (kb + 1) * HPB + rows, rc)
         for kb in range(single0, qb):
-            acc, m_i, l_i, r = _seer_block(
-                q, acc, m_i, l_i, Kh, Vh, kb, offs_m, offs_n, offs_d, pad_ptr, stride_ks, stride_vs, S, qk_scale,
-                HEAD_DIM, BLOCK, HAS_PAD, False, FOLD_SCALE, MASS,
+            acc, m, l_i, r = _any_block(
+                q, acc, m, l_i, m_b, Kh, Vh, kb, offs_m, offs_n, offs_d, pad_ptr, stride_ks, stride_vs, S, qk_scale,
+                HEAD_DIM, BLOCK, HAS_PAD, False, FOLD_SCALE, MASS, FIXED,
             )  # fmt: skip
             tl.store(r_ptr + kb * HPB + rows, r)
-        acc, m_i, l_i, r = _seer_block(
-            q, acc, m_i, l_i, Kh, Vh, qb, offs_m, offs_n, offs_d, pad_ptr, stride_ks, stride_vs, S, qk_scale,
-            HEAD_DIM, BLOCK, HAS_PAD, True, FOLD_SCALE, MASS,
+        acc, m, l_i, r = _any_block(
+            q, acc, m, l_i, m_b, Kh, Vh, qb, offs_m, offs_n, offs_d, pad_ptr, stride_ks, stride_vs, S, qk_scale,
+            HEAD_DIM, BLOCK, HAS_PAD, True, FOLD_SCALE, MASS, FIXED,
         )  # fmt: skip
         tl.store(r_ptr + qb * HPB + rows, r)
-        return acc, m_i, l_i
+        return acc, m, l_i
+
+    @triton.jit
+    def _any_block(
+        q, acc, m, l_i, m_b, K, V, kb, offs_m, offs_n, offs_d, pad_ptr, stride_ks, stride_vs, S, qk_scale,
+        HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_PAD: tl.constexpr, DIAG: tl.constexpr,
+        FOLD_SCALE: tl.constexpr, MASS: tl.constexpr, FIXED: tl.constexpr,
+    ):  # fmt: skip
+        # One key block with the online softmax (_seer_block) or against the fixed references (_fixed_block).
+        if FIXED:
+            return _fixed_block(
+                q, acc, m, l_i, m_b, K, V, kb, offs_m, offs_n, offs_d, pad_ptr, stride_ks, stride_vs, S, qk_scale,
+                HEAD_DIM, BLOCK, HAS_PAD, DIAG, MASS,
+            )  # fmt: skip
+        else:
+            return _seer_block(
+                q, acc, m, l_i, K, V, kb, offs_m, offs_n, offs_d, pad_ptr, stride_ks, stride_vs, S, qk_scale,
+                HEAD_DIM, BLOCK, HAS_PAD, DIAG, FOLD_SCALE, MASS,
+            )  # fmt: skip
 
     @triton.jit
     def _row_ref_kernel(
@@ -294,38 +321,18 @@ if HAS_TRITON:
         if FIXED == 1:
             m_b = tl.load(REF + (slot * nb + qb) * HPB + rows)
             m_b = tl.where(m_b == float("-inf"), 0.0, m_b)  # no key in those blocks: the gap test covers the row
-            m_t = tl.full([HPB], float("-inf"), dtype=tl.float32)
-            l_i = tl.zeros([HPB], dtype=tl.float32)
-            acc = tl.zeros([HPB, D_PAD], dtype=tl.float32)
-            single0 = 0
-            if PAIR:
-                single0 = qb - qb % 2
-                for kb in range(0, single0, 2):
-                    acc, m_t, l_i, ra, rc = _fixed_pair(
-                        q, acc, m_t, l_i, m_b, Kh, Vh, kb, offs_n, offs_d, pad_ptr, stride_ks, stride_vs, qk_scale,
-                        HEAD_DIM, BLOCK, HAS_PAD, MASS,
-                    )  # fmt: skip
-                    tl.store(r_ptr + kb * HPB + rows, ra)
-                    tl.store(r_ptr + (kb + 1) * HPB + rows, rc)
-            for kb in range(single0, qb):
-                acc, m_t, l_i, r = _fixed_block(
-                    q, acc, m_t, l_i, m_b, Kh, Vh, kb, offs_m, offs_n, offs_d, pad_ptr, stride_ks, stride_vs, S,
-                    qk_scale, HEAD_DIM, BLOCK, HAS_PAD, False, MASS,
-                )  # fmt: skip
-                tl.store(r_ptr + kb * HPB + rows, r)
-            acc, m_t, l_i, r = _fixed_block(
-                q, acc, m_t, l_i, m_b, Kh, Vh, qb, offs_m, offs_n, offs_d, pad_ptr, stride_ks, stride_vs, S,
-                qk_scale, HEAD_DIM, BLOCK, HAS_PAD, True, MASS,
+            acc, m_t, l_i = _main_loops(
+                q, m_b, Kh, Vh, r_ptr, rows, qb, offs_m, offs_n, offs_d, pad_ptr, stride_ks, stride_vs, S, qk_scale,
+                HPB, D_PAD, HEAD_DIM, BLOCK, HAS_PAD, True, MASS, PAIR, True,
             )  # fmt: skip
-            tl.store(r_ptr + qb * HPB + rows, r)
             m_i = m_b
             # A row whose true max ended far from its reference: its probabilities may have left float32's range.
             far = (m_t > float("-inf")) & (tl.abs(m_t - m_b) > GAP)
             tl.store(FLAGS + slot * nb + qb, tl.max(far.to(tl.int32), 0))
         else:
-            acc, m_i, l_i = _online_loops(
-                q, Kh, Vh, r_ptr, rows, qb, offs_m, offs_n, offs_d, pad_ptr, stride_ks, stride_vs, S, qk_scale,
-                HPB, D_PAD, HEAD_DIM, BLOCK, HAS_PAD, FOLD_SCALE, MASS, PAIR,
+            acc, m_i, l_i = _main_loops(
+                q, 0.0, Kh, Vh, r_ptr, rows, qb, offs_m, offs_n, offs_d, pad_ptr, stride_ks, stride_vs, S, qk_scale,
+                HPB, D_PAD, HEAD_DIM, BLOCK, HAS_PAD, FOLD_SCALE, MASS, PAIR, False,
             )  # fmt: skip
         seen = l_i > 0.0
         l_safe = tl.where(seen, l_i, 1.0)
