@@ -238,16 +238,12 @@ if HAS_TRITON:
         return m_new, m_safe, tl.math.exp2(m_i - m_safe)
 
     @triton.jit
-    def _seer_block(
-        q, acc, m_i, l_i, K, V, kb, offs_m, offs_n, offs_d, pad_ptr, stride_ks, stride_vs, S, qk_scale,
-        HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_PAD: tl.constexpr, DIAG: tl.constexpr,
-        FOLD_SCALE: tl.constexpr, TILE_LSE: tl.constexpr = False,
+    def _tile_scores(
+        q, K, V, kb, offs_m, offs_n, offs_d, pad_ptr, stride_ks, stride_vs, S, qk_scale,
+        HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_PAD: tl.constexpr, DIAG: tl.constexpr, SCALED: tl.constexpr,
     ):  # fmt: skip
-        # TILE_LSE: the fourth result is the tile's row log-sum-exp (log2 space, log2 sum_j 2^s_ij) instead of its row
-        # max (the block-mass map needs it).
-        # FOLD_SCALE: scale the row max instead of the tile and fold the scale into the exponent (one FMA per
-        # score instead of a multiply and a subtract; max(s) * c == max(s * c) exactly for c > 0). Same results up
-        # to rounding; which is faster depends on register pressure (benchmarks/seer_speed.py sweeps it).
+        # Key block kb's scores Q K^T (times qk_scale when SCALED; -inf where a key may not be seen: padding, and on
+        # the diagonal block (DIAG) keys after the query or past S) and its V tile. Blocks below the diagonal are full.
         offs_k = kb * BLOCK + offs_n
         dmask = offs_d < HEAD_DIM
         if DIAG:
@@ -262,7 +258,7 @@ if HAS_TRITON:
             k = tl.load(K + offs_k[None, :] * stride_ks + offs_d[:, None], mask=dmask[:, None], other=0.0)
             v = tl.load(V + offs_k[:, None] * stride_vs + offs_d[None, :], mask=dmask[None, :], other=0.0)
         s = tl.dot(q, k)
-        if not FOLD_SCALE:
+        if SCALED:
             s = s * qk_scale
         if DIAG:
             valid = (offs_k[None, :] <= offs_m[:, None]) & (offs_k[None, :] < S)
@@ -273,6 +269,23 @@ if HAS_TRITON:
         elif HAS_PAD:
             pad = tl.load(pad_ptr + offs_k)
             s = tl.where(pad[None, :] != 0, s, float("-inf"))
+        return s, v
+
+    @triton.jit
+    def _seer_block(
+        q, acc, m_i, l_i, K, V, kb, offs_m, offs_n, offs_d, pad_ptr, stride_ks, stride_vs, S, qk_scale,
+        HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, HAS_PAD: tl.constexpr, DIAG: tl.constexpr,
+        FOLD_SCALE: tl.constexpr, TILE_LSE: tl.constexpr = False,
+    ):  # fmt: skip
+        # TILE_LSE: the fourth result is the tile's row log-sum-exp (log2 space, log2 sum_j 2^s_ij) instead of its row
+        # max (the block-mass map needs it).
+        # FOLD_SCALE: scale the row max instead of the tile and fold the scale into the exponent (one FMA per
+        # score instead of a multiply and a subtract; max(s) * c == max(s * c) exactly for c > 0). Same results up
+        # to rounding; which is faster depends on register pressure (benchmarks/seer_speed.py sweeps it).
+        s, v = _tile_scores(
+            q, K, V, kb, offs_m, offs_n, offs_d, pad_ptr, stride_ks, stride_vs, S, qk_scale,
+            HEAD_DIM, BLOCK, HAS_PAD, DIAG, not FOLD_SCALE,
+        )  # fmt: skip
         # The tile's row max (log2 space, masked) is returned too: the block-max kernel stores it, the block-sparse
         # kernel drops it (dead code, eliminated by the compiler).
         r = tl.max(s, 1)

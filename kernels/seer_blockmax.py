@@ -62,7 +62,7 @@ _GAP = 64.0
 if HAS_TRITON:
     import triton
     import triton.language as tl
-    from hf_effllm.kernels.seer_attention import _online_max, _seer_block
+    from hf_effllm.kernels.seer_attention import _online_max, _seer_block, _tile_scores
 
     @triton.jit
     def _pair_tiles(
@@ -128,19 +128,10 @@ if HAS_TRITON:
         TILE_LSE: tl.constexpr,
     ):  # fmt: skip
         # _FIXED_MAX: key block kb against the rows' references m_b (log2 space); m_t: the rows' true running max.
-        offs_k = kb * BLOCK + offs_n
-        dmask = offs_d < HEAD_DIM
-        kmask = offs_k < S
-        k = tl.load(K + offs_k[None, :] * stride_ks + offs_d[:, None], mask=kmask[None, :] & dmask[:, None], other=0.0)
-        v = tl.load(V + offs_k[:, None] * stride_vs + offs_d[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
-        s = tl.dot(q, k)
-        if DIAG:
-            valid = (offs_k[None, :] <= offs_m[:, None]) & kmask[None, :]
-            if HAS_PAD:
-                valid = valid & (tl.load(pad_ptr + offs_k, mask=kmask, other=0)[None, :] != 0)
-            s = tl.where(valid, s, float("-inf"))
-        elif HAS_PAD:
-            s = tl.where(tl.load(pad_ptr + offs_k)[None, :] != 0, s, float("-inf"))
+        s, v = _tile_scores(
+            q, K, V, kb, offs_m, offs_n, offs_d, pad_ptr, stride_ks, stride_vs, S, qk_scale,
+            HEAD_DIM, BLOCK, HAS_PAD, DIAG, False,
+        )  # fmt: skip
         r = tl.max(s, 1) * qk_scale
         p = tl.math.exp2(s * qk_scale - m_b[:, None])
         ps = tl.sum(p, 1)
