@@ -341,10 +341,6 @@ def split_rows(run: BenchmarkRun, dev: torch.device, threshold: float) -> None:
             with module_setting(spqr_octet, _SPLIT_TILE="lane"):  # the other correction-tile order, default launch
                 lane_err = rel_err(spqr_octet_split(x, olay), ref)
                 lane = graph_time_ms([lambda lo=lo, x=x: spqr_octet_split(x, lo) for lo in ocopies])
-            with module_setting(spqr_octet, _SPLIT_XT=True):  # the activations gathered once, transposed
-                xt_y = spqr_octet_split(x, olay)
-                xt_same, xt_err = torch.equal(xt_y, y), rel_err(xt_y, ref)
-                xt = graph_time_ms([lambda lo=lo, x=x: spqr_octet_split(x, lo) for lo in ocopies])
             names = ("warps", "stage_steps", "stages", "blocks_per_sm", "chunk_steps")
             best, errs = _best_launch(spqr_octet_split, x, olay, ocopies, ref, names, SPLIT_SWEEP, default)
             errs.append(err)
@@ -352,8 +348,7 @@ def split_rows(run: BenchmarkRun, dev: torch.device, threshold: float) -> None:
                 shape=f"{inp}->{out}", batch=batch, rel_err=err, max_sweep_rel_err=max(errs), deterministic=again,
                 bf16_graph_ms=base, octet_gemv_graph_ms=gemv, stream_graph_ms=stream, split_graph_ms=default,
                 split_speedup=base / default, split_lane_rel_err=lane_err, split_lane_graph_ms=lane,
-                split_lane_speedup=base / lane, split_xt_same_bits=xt_same, split_xt_rel_err=xt_err,
-                split_xt_graph_ms=xt, split_xt_speedup=base / xt, best_split_graph_ms=best[0], best_split_speedup=base / best[0],
+                split_lane_speedup=base / lane, best_split_graph_ms=best[0], best_split_speedup=base / best[0],
                 best_launch=best[1], octet_gemv_speedup=base / gemv,
                 stream_speedup=base / stream if stream else None, split_gbps=obytes / 1e9 / (best[0] / 1e3),
                 kernel_bits=round(8 * obytes / (inp * out), 3),
@@ -561,7 +556,7 @@ GPU_MODES = {
         "bf16 torch.matmul vs the octet kernels used before (spqr_octet_gemv; spqr_octet_stream at 1-2 rows), all "
         "as CUDA graphs over distinct copies (no launch overhead, nothing L2-resident). rel_err vs the fp32 "
         "reference (default launch; max_sweep_rel_err over the sweep); deterministic: two calls give the same "
-        "bits; split_lane_*: the same default launch with the lane-major correction tile (spqr_octet._SPLIT_TILE; the default is interleaved); split_xt_*: the same default launch with the activations gathered once per call into a transposed copy (spqr_octet._SPLIT_XT; same_bits: equal to the default's output); "
+        "bits; split_lane_*: the same default launch with the lane-major correction tile (spqr_octet._SPLIT_TILE; the default is interleaved); "
         "split_gbps = bytes the kernel reads / best time; kernel_bits = those bytes per weight x 8.",
         split_rows,
     ),

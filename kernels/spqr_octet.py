@@ -116,12 +116,6 @@ _SPLIT_TILE = "interleaved"
 # _SPLIT_TIMES[0] (an int64 tensor of 4 per warp that the caller sets)
 _SPLIT_TIMING = False
 _SPLIT_TIMES: list[torch.Tensor] = []
-# spqr_octet_split's activation staging (module setting, so that the benchmark can compare): False gathers each
-# chunk's activations through the act-order permutation in every block (one 32-byte sector per 2-byte value: about
-# 69 MB of L2 sectors per call at 16 rows of 4096 -> 4096, where staging took a third of the warps' cycles:
-# spqr_speed_split_timing.md); True gathers them once per call into a transposed copy (spqr_permute_t: column-major,
-# 16 rows of a column in 32 bytes) that every block reads with 16-byte loads, for one more launch. Not yet run on a GPU.
-_SPLIT_XT = False
 
 _SOURCE = r"""
 {SKIP}
@@ -226,38 +220,20 @@ __device__ __forceinline__ int xs_index(int m, int c, int RSB) {
 // a batch of the chunk's activations: the SB columns k0 + i W_ 32 of rows 0..M-1 (M <= RB) into shared memory
 // (xs_index, the column relative to the chunk) and their magnitudes into mx: the SB permutation entries are loaded
 // first, then all RB x SB values (independent loads, in flight together: two memory round trips per batch)
-// STAGE_XT (spqr_octet_split with _SPLIT_XT only): x is the transposed copy written by spqr_permute_t (column j of
-// the stored order at x + 16 j, its rows m at + m; perm and sx unused), read with one or two 16-byte loads per column
-#define STAGE_XT {XT}
 template <int RB, int SB>
 __device__ __forceinline__ void stage_batch(const u16* __restrict__ x, const int* __restrict__ perm, u16* xs, int M,
                                             int K, int c0, int KPc, int RSB, int sx, int k0, float* mx) {
-    u16 v[RB][SB];
-#if STAGE_XT
-#pragma unroll
-    for (int i = 0; i < SB; ++i) {
-        const int kk = k0 + i * W_ * 32, j = c0 + kk;
-        uint4 lo = make_uint4(0u, 0u, 0u, 0u), hi = lo;
-        if (kk < KPc && j < K) {
-            lo = __ldg((const uint4*)(x + (long long)j * 16));
-            if (RB > 8) hi = __ldg((const uint4*)(x + (long long)j * 16 + 8));
-        }
-        const u32 w[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
-#pragma unroll
-        for (int m = 0; m < RB; ++m) v[m][i] = m < M ? (u16)(w[m >> 1] >> ((m & 1) * 16)) : (u16)0;
-    }
-#else
     int src[SB];
 #pragma unroll
     for (int i = 0; i < SB; ++i) {
         const int kk = k0 + i * W_ * 32, j = c0 + kk;
         src[i] = kk < KPc && j < K ? (perm ? __ldg(perm + j) : j) : -1;
     }
+    u16 v[RB][SB];
 #pragma unroll
     for (int m = 0; m < RB; ++m)
 #pragma unroll
         for (int i = 0; i < SB; ++i) v[m][i] = m < M && src[i] >= 0 ? __ldg(x + (long long)m * sx + src[i]) : (u16)0;
-#endif
 #pragma unroll
     for (int m = 0; m < RB; ++m)
 #pragma unroll
@@ -836,24 +812,6 @@ extern "C" __global__ void spqr_octet_dequant(const uint2* __restrict__ codes, c
 
 _SPLIT_SOURCE = r"""
 // ---- spqr_octet_split: up to 16 activation rows; the input dimension split into chunks over the blocks ----
-// The activations of rows 0..M-1 (M <= 16) gathered by perm (null: identity) into the transposed copy that
-// stage_batch reads under STAGE_XT: column j at xt + 16 j, row m at + m, rows M..15 zero. One thread per column.
-extern "C" __global__ void __launch_bounds__(256) spqr_permute_t(const u16* __restrict__ x, const int* __restrict__ perm,
-                                                                u16* __restrict__ xt, int M, int K, int sx) {
-    const int j = blockIdx.x * 256 + threadIdx.x;
-    if (j >= K) return;
-    const int src = perm ? __ldg(perm + j) : j;
-    u32 w[8];
-#pragma unroll
-    for (int e = 0; e < 8; ++e) {
-        const u32 a = 2 * e < M ? __ldg(x + (long long)(2 * e) * sx + src) : 0u;
-        const u32 b = 2 * e + 1 < M ? __ldg(x + (long long)(2 * e + 1) * sx + src) : 0u;
-        w[e] = a | (b << 16);
-    }
-    uint4* dst = (uint4*)(xt + (long long)j * 16);
-    dst[0] = make_uint4(w[0], w[1], w[2], w[3]);
-    dst[1] = make_uint4(w[4], w[5], w[6], w[7]);
-}
 #define TILE_IL {TILE_IL}          // correction tile order: 0 lane-major, 1 interleaved (see _SPLIT_TILE)
 // the half of a step's 8 x 64 correction tile that entry en (column | row << 6 in its low 9 bits) goes to. Lane
 // (g, t) reads the 16 columns 16 t .. 16 t + 15 of row g, i.e. halves 16 lane .. 16 lane + 15 of the row-major tile.
@@ -1126,20 +1084,18 @@ def octet_source(
     stage_steps: int = 4,
     stages: int = 4,
     split: bool = False,
-    xt: bool = False,
 ) -> str:
     """The CUDA source of the kernels: ``warps`` per block, ``hi`` (activation rows 8-15 present) and the
     activation dtype; for ``spqr_octet_gemv`` ``per_octet`` warps splitting each octet's steps (divides ``warps``)
     and ``depth`` steps of loads in flight per warp; for ``spqr_octet_stream`` and ``spqr_octet_split``
-    ``stage_steps`` steps per ring stage and ``stages`` stages per warp; ``split`` adds ``spqr_octet_split`` (and
-    ``spqr_permute_t``); ``xt``: the activations are staged from ``spqr_permute_t``'s transposed copy (split only)."""
+    ``stage_steps`` steps per ring stage and ``stages`` stages per warp; ``split`` adds ``spqr_octet_split``."""
     skip = "".join(f"#define SKIP_{p.upper()} 1\n" for p in sorted(_SKIP))
     if _SPLIT_TILE not in ("lane", "interleaved"):
         raise HfEffllmError(f"_SPLIT_TILE={_SPLIT_TILE!r} is not known; use 'lane' or 'interleaved'.")
     src = _SOURCE + _SPLIT_SOURCE if split else _SOURCE
     return render(
         src, W=warps, P=per_octet, D=depth, U=stage_steps, R=stages, HI=hi, BF16=bf16, SKIP=skip,
-        TILE_IL=_SPLIT_TILE == "interleaved", TIMING=bool(_SPLIT_TIMING), XT=split and xt,
+        TILE_IL=_SPLIT_TILE == "interleaved", TIMING=bool(_SPLIT_TIMING),
     )  # fmt: skip
 
 
@@ -1609,22 +1565,15 @@ def spqr_octet_split(
             mc = min(SPLIT_ROWS, m - m0)
             smem = split_smem_bytes(mc, kc, warps, stage_steps, stages, cdiv(no, grid // chunks))
             scratch = torch.empty(chunks * no * 8 * mc, dtype=torch.float32, device=x.device) if chunks > 1 else y
-            key = ("spqr_octet_split", warps, stage_steps, stages, bf16, _SPLIT_TILE, _SPLIT_TIMING, _SPLIT_XT)
+            key = ("spqr_octet_split", warps, stage_steps, stages, bf16, _SPLIT_TILE, _SPLIT_TIMING)
 
             def source() -> str:
-                return octet_source(warps=warps, hi=True, bf16=bf16, stage_steps=stage_steps, stages=stages, split=True,
-                                    xt=_SPLIT_XT)  # fmt: skip
+                return octet_source(warps=warps, hi=True, bf16=bf16, stage_steps=stage_steps, stages=stages, split=True)
 
             kern = _kernel(key, x.device, source, "spqr_octet_split", smem)
-            xs, perm = x2[m0:], layout.get("perm")
-            if _SPLIT_XT:  # the rows' activations gathered once, transposed (spqr_permute_t); the kernel reads those
-                xs = torch.empty(k * 16, dtype=x.dtype, device=x.device)
-                launch(_kernel(key, x.device, source, "spqr_permute_t", 0), (cdiv(k, 256), 1, 1), 256, 0,
-                       [x2[m0:], perm, xs], [mc, k, x2.stride(0)])  # fmt: skip
-                perm = None
             launch(
                 kern, (grid, 1, 1), warps * 32, smem,
-                [xs, perm, layout["codes"], layout["stats"], layout["stats2"], layout["sent"],
+                [x2[m0:], layout.get("perm"), layout["codes"], layout["stats"], layout["stats2"], layout["sent"],
                  layout["sptr"], bias, y[m0:], scratch, counters, *_timing(grid * warps)],
                 [mc, n, k, ks, no, x2.stride(0), y.stride(0), kc, chunks],
             )  # fmt: skip
