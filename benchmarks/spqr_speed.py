@@ -359,11 +359,14 @@ def split_rows(run: BenchmarkRun, dev: torch.device, threshold: float) -> None:
 
 def split_timing_rows(run: BenchmarkRun, dev: torch.device, threshold: float) -> None:
     """Where ``spqr_octet_split``'s warps spend their cycles (a ``clock64()`` build, ``spqr_octet._SPLIT_TIMING``):
-    per warp its cycles in all and the shares spent waiting for ring stages, staging the activations and finishing
-    octets (the rest: decode, corrections, mma); medians over the warps of one launch, default launch."""
+    per warp its cycles in all and the shares spent waiting for ring stages, staging the activations, finishing
+    octets, writing each stage's outlier corrections into the tile, running the stage's steps (decode, corrections,
+    mma) and after them (clearing the tile, refilling the stage); other = the rest (loop control); medians over the
+    warps of one launch, default launch."""
     from hf_effllm.kernels import spqr_octet
     from hf_effllm.kernels.spqr_octet import octet_layout, spqr_octet_split
 
+    names = ("wait", "stage", "finish", "corr", "steps", "after")
     for inp, out in FULL_SHAPES:
         layer = make_layer(inp, out, dev, threshold)
         t, meta = layer.packed_tensors(), layer.packed_meta()
@@ -372,22 +375,21 @@ def split_timing_rows(run: BenchmarkRun, dev: torch.device, threshold: float) ->
             x = torch.randn(batch, inp, device=dev, dtype=torch.bfloat16)
             ref = spqr_matmul_reference(x.float(), t, **meta)
             times = torch.zeros(
-                4 * 32 * torch.cuda.get_device_properties(dev).multi_processor_count, dtype=torch.int64, device=dev
+                8 * 32 * torch.cuda.get_device_properties(dev).multi_processor_count, dtype=torch.int64, device=dev
             )
             with module_setting(spqr_octet, _SPLIT_TIMING=True, _SPLIT_TIMES=[times]):
                 for _ in range(3):  # the last launch's cycles are kept
                     times.fill_(-1)
                     y = spqr_octet_split(x, olay)
                 torch.cuda.synchronize()
-            w = times.view(-1, 4)
+            w = times.view(-1, 8)
             w = w[w[:, 0] > 0].double()  # warps that ran (empty blocks return before the timers)
-            share = w[:, 1:] / w[:, :1]
+            share = w[:, 1:7] / w[:, :1]
             row = run.add(
                 shape=f"{inp}->{out}", batch=batch, rel_err=rel_err(y, ref), warps=w.shape[0],
                 cycles_median=float(w[:, 0].median()), cycles_max=float(w[:, 0].max()),
-                wait_share=float(share[:, 0].median()), stage_share=float(share[:, 1].median()),
-                finish_share=float(share[:, 2].median()),
-                compute_share=float((1 - share.sum(1)).median()),
+                **{f"{n}_share": float(share[:, i].median()) for i, n in enumerate(names)},
+                other_share=float((1 - share.sum(1)).median()),
             )  # fmt: skip
             print(markdown_table([row]).splitlines()[-1], flush=True)
 
@@ -564,9 +566,11 @@ GPU_MODES = {
         "spqr_speed_split_timing",
         "Where spqr_octet_split's warps spend their cycles (3-bit, 16x16 groups, bf16 activations, default launch): "
         "a build with clock64() timers (kernels.spqr_octet._SPLIT_TIMING); per warp its SM cycles in all and the "
-        "shares spent waiting for its ring stages (bulk copies), staging the activations and finishing octets "
-        "(partial sums, chunk counters); compute = the rest (decode, corrections, mma). Medians over the warps of "
-        "one launch; rel_err of the timed build vs the fp32 reference.",
+        "shares spent waiting for its ring stages (bulk copies), staging the activations, finishing octets "
+        "(partial sums, chunk counters), writing each stage's outlier corrections into the tile (corr), running "
+        "the stage's steps (decode, corrections, mma: steps) and after them (clearing the tile, refilling the "
+        "stage: after); other = the rest (loop control). Medians over the warps of one launch; rel_err of the "
+        "timed build vs the fp32 reference.",
         split_timing_rows,
     ),
     "stream_breakdown": (

@@ -591,7 +591,20 @@ def test_split_timing_build_only_enters_the_source_when_set(monkeypatch):
     monkeypatch.setattr(spqr_octet, "_SPLIT_TIMES", [])
     with pytest.raises(HfEffllmError, match="_SPLIT_TIMES"):
         spqr_octet._timing(16)
-    monkeypatch.setattr(spqr_octet, "_SPLIT_TIMES", [torch.zeros(64, dtype=torch.int64)])
-    assert len(spqr_octet._timing(16)) == 1
-    with pytest.raises(HfEffllmError, match="at least 128"):
+    monkeypatch.setattr(spqr_octet, "_SPLIT_TIMES", [torch.zeros(128, dtype=torch.int64)])
+    assert len(spqr_octet._timing(16)) == 1  # 8 values per warp
+    with pytest.raises(HfEffllmError, match="at least 256"):
         spqr_octet._timing(32)
+
+
+def test_streaming_kernels_refuse_layers_past_their_32_bit_item_counts():
+    """spqr_octet_stream / spqr_octet_split / spqr_octet_dequant count (octet, step) items in 32 bits (udiv32): the
+    hosts refuse a layer whose counts could pass 2^32 instead of computing garbage."""
+    from hf_effllm.kernels.spqr_octet import _check_index_range
+
+    _check_index_range(11008 // 8, 4096 // 64, 132)  # a Llama MLP layer on the H200's grid
+    _check_index_range(152064 // 8, 8192 // 64, 4224)  # a large vocabulary head, 32 blocks per SM
+    with pytest.raises(HfEffllmError, match="32-bit item counts"):
+        _check_index_range(2**20 // 8, 65536 // 64)
+    with pytest.raises(HfEffllmError, match="grid 4096"):
+        _check_index_range(2**20, 1, 4096)
