@@ -17,6 +17,8 @@
 #   million_e2e_only million_speed --e2e-only: generate at 32k (time per token, time to first token, memory)
 #   million_e2e_nocudnn the same with sdpa's cuDNN backend disabled (flash / efficient attention instead)
 #   million_e2e_b8 generate at 32k for 8 sequences, one round, cuDNN disabled (its per-length warm-up)
+#   million_e2e_b8_rounds the same over ROUNDS_B8 (default 3) rounds interleaved between the caches; time per token
+#                 also as the median interval between decode steps
 #   million_e2e_profile the same with profiler tables of each cache's generate (1 and 5 new tokens)
 #   million_host  million_speed --host-only: host time of one million_attention call, its parts, profiles
 #   million_merge pytest -m gpu of the MILLION CUDA-variant tests, million_speed --host-only, then --decode-only with
@@ -24,8 +26,10 @@
 #   spqr_speed    spqr_speed --skip-decode: matvec/matmul v1 vs v2 vs bf16
 #   spqr_breakdown spqr_speed --breakdown: the CUDA decode kernel's time with phases compiled out
 #   spqr_stream   pytest -m gpu tests/spqr/test_spqr_octet.py, then spqr_speed --stream (streaming kernel vs bf16, octet)
+#   spqr_stream_bench spqr_speed --stream alone (no tests first)
 #   spqr_stream_breakdown spqr_speed --stream-breakdown: spqr_octet_stream with phases compiled out
 #   spqr_split    pytest -m gpu tests/spqr/test_spqr_octet.py, then spqr_speed --split (chunked kernel, 1-16 rows)
+#   spqr_octet_tests pytest -m gpu tests/spqr/test_spqr_octet.py (all octet kernels); K_SPQR_OCTET_TESTS: more options
 #   spqr_split_tests pytest -m gpu tests/spqr/test_spqr_octet.py -k split (the chunked kernel only)
 #   spqr_split_bench spqr_speed --split alone (no tests first)
 #   spqr_split_timing spqr_speed --split-timing: spqr_octet_split's cycles per warp (waiting, staging, finishing)
@@ -64,6 +68,7 @@ for step in "$@"; do
     million_e2e_only) bench "million_speed --e2e-only --name million_speed_e2e_rounds" 450 ;;
     million_e2e_nocudnn) bench "million_speed --e2e-only --no-cudnn --name million_speed_e2e_nocudnn" 400 ;;
     million_e2e_b8) bench "million_speed --e2e-only --no-cudnn --batch 8 --rounds 1 --name million_speed_e2e_b8" 300 ;;
+    million_e2e_b8_rounds) bench "million_speed --e2e-only --no-cudnn --batch 8 --rounds ${ROUNDS_B8:-3} --name million_speed_e2e_b8_rounds" 560 ;;
     million_e2e_profile) bench "million_speed --e2e-only --profile --name million_speed_e2e_profile" 400 ;;
     million_host) bench "million_speed --host-only --name million_speed_host" 240 ;;
     million_merge) gpu_pytest million_merge_tests 240 tests/million/test_million_kernel.py "-k cuda"
@@ -72,8 +77,10 @@ for step in "$@"; do
     spqr_speed) bench "spqr_speed --skip-decode" 420 ;;
     spqr_breakdown) bench "spqr_speed --breakdown" 300 ;;
     spqr_stream) gpu_pytest spqr_stream_tests 300 tests/spqr/test_spqr_octet.py; bench "spqr_speed --stream" 400 ;;
+    spqr_stream_bench) bench "spqr_speed --stream" "${T_SPQR_STREAM_BENCH:-300}" ;;
     spqr_stream_breakdown) bench "spqr_speed --stream-breakdown" 400 ;;
     spqr_split) gpu_pytest spqr_split_tests 300 tests/spqr/test_spqr_octet.py; bench "spqr_speed --split" 500 ;;
+    spqr_octet_tests) gpu_pytest spqr_octet_tests "${T_SPQR_OCTET_TESTS:-330}" tests/spqr/test_spqr_octet.py "${K_SPQR_OCTET_TESTS:-}" ;;
     spqr_split_tests) gpu_pytest spqr_split_tests 300 tests/spqr/test_spqr_octet.py "-k split" ;;
     spqr_split_bench) bench "spqr_speed --split" "${T_SPQR_SPLIT_BENCH:-300}" ;;
     spqr_split_timing) bench "spqr_speed --split-timing" 200 ;;

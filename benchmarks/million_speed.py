@@ -332,7 +332,7 @@ def bench_encode(run, dev, quick):
 
 
 def bench_e2e(run, dev, quick, prompt_len, new_tokens, layers, profile=False, rounds=3, batch=1):
-    from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
+    from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LogitsProcessor, LogitsProcessorList
 
     import hf_effllm
     from hf_effllm.cache.million.codebooks import MillionCodebooks, ModelSignature
@@ -355,50 +355,78 @@ def bench_e2e(run, dev, quick, prompt_len, new_tokens, layers, profile=False, ro
                              torch.randn(sig.num_layers, 1, d // 2, 256, 2), torch.randn(sig.num_layers, 1, d // 2, 256, 2))  # fmt: skip
     ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len), device=dev)
 
+    class StepClock(LogitsProcessor):
+        """Stamps the time at every decode step (after a device sync), so that a token's time is the median
+        interval between steps: free of the prefill's run-to-run noise, which a (total - prefill) difference
+        spreads over the tokens."""
+
+        def __init__(self):
+            self.stamps: list[float] = []
+
+        def __call__(self, input_ids, scores):
+            sync()
+            self.stamps.append(time.perf_counter())
+            return scores
+
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
     def gen(make_cache, n_new):
+        """(seconds, cache, device allocations, seconds per step between the first and last token) of one
+        generate of n_new tokens."""
         cache = make_cache()
-        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
         stats = torch.cuda.memory_stats if dev.type == "cuda" else dict
+        clock = StepClock()
         sync()
         mallocs = stats().get("num_device_alloc", 0)
         t0 = time.perf_counter()
         model.generate(input_ids=ids, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
-                       **hf_effllm.cache_kwargs(cache))  # fmt: skip
+                       logits_processor=LogitsProcessorList([clock]), **hf_effllm.cache_kwargs(cache))  # fmt: skip
         sync()
-        return time.perf_counter() - t0, cache, stats().get("num_device_alloc", 0) - mallocs
+        steps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
+        step = statistics.median(steps) if steps else float("nan")
+        return time.perf_counter() - t0, cache, stats().get("num_device_alloc", 0) - mallocs, step
 
     rows = {}
     caches = (("DynamicCache (sdpa)", "sdpa", lambda: DynamicCache(config=model.config)),
               ("MillionCache 4-bit (million)", "million", lambda: hf_effllm.MillionCache(model.config, books)))  # fmt: skip
-    times = {name: ([], [], []) for name, _, _ in caches}
+    times = {name: ([], [], [], []) for name, _, _ in caches}
     last = {}
     with torch.no_grad():
         for _name, impl, make in caches:
             model.set_attn_implementation(impl)
             gen(make, 2)  # warm-up (compilation, allocator)
-        # rounds interleaved between the caches; time per token = (generate of new_tokens - generate of 1) / the
-        # tokens between, from the medians; device allocations (cudaMalloc) counted per generate of new_tokens
+        # rounds interleaved between the caches; time per token two ways: (generate of new_tokens - generate of 1)
+        # / the tokens between, from the medians (as before session 15), and the median interval between decode
+        # steps (StepClock; the reported figure); device allocations (cudaMalloc) counted per generate of new_tokens
         for _ in range(rounds):
             for name, impl, make in caches:
                 model.set_attn_implementation(impl)
                 times[name][0].append(gen(make, 1)[0])
-                total, last[name], mallocs = gen(make, new_tokens)
+                last.pop(name, None)  # the previous round's cache must not stay alive during this generate
+                total, cache, mallocs, step = gen(make, new_tokens)
+                last[name] = cache.nbytes if hasattr(cache, "nbytes") else sum(
+                    lay.keys.numel() * lay.keys.element_size() * 2 for lay in cache.layers)  # fmt: skip
+                del cache
                 times[name][1].append(total)
                 times[name][2].append(mallocs)
+                times[name][3].append(step)
     for name, impl, make in caches:
-        firsts, totals, mallocs = times[name]
+        firsts, totals, mallocs, steps = times[name]
         ttft = statistics.median(firsts)
-        tpot = (statistics.median(totals) - ttft) / (new_tokens - 1)
-        per_round = [round((t - f) / (new_tokens - 1) * 1e3, 1) for f, t in zip(firsts, totals)]
-        cache = last[name]
-        mem = cache.nbytes if hasattr(cache, "nbytes") else sum(
-            lay.keys.numel() * lay.keys.element_size() * 2 for lay in cache.layers)  # fmt: skip
+        tpot_diff = (statistics.median(totals) - ttft) / (new_tokens - 1)
+        tpot = statistics.median(steps)
+        per_round = [round(s * 1e3, 2) for s in steps]
+        per_round_diff = [round((t - f) / (new_tokens - 1) * 1e3, 1) for f, t in zip(firsts, totals)]
+        mem = last[name]
         rows[name] = (ttft, tpot, mem)
         run.add(section="e2e", variant=name, batch=batch, tokens=prompt_len, ttft_s=ttft, ms_per_token=tpot * 1e3,
-                cache_mib=mem / 2**20, note=f"{layers if not quick else 2} layers, {new_tokens} new tokens; ms/token "
-                f"per round {per_round}; device allocations per generate {mallocs}")  # fmt: skip
-        print(f"  e2e {name}: TTFT {ttft:.3f} s, {tpot * 1e3:.2f} ms/token (rounds {per_round}), cache "
-              f"{mem / 2**20:.1f} MiB, cudaMalloc per generate {mallocs}")  # fmt: skip
+                ms_per_token_diff=tpot_diff * 1e3, cache_mib=mem / 2**20,
+                note=f"{layers if not quick else 2} layers, {new_tokens} new tokens; median step ms per round "
+                f"{per_round}; (total - TTFT) ms/token per round {per_round_diff}; device allocations per generate "
+                f"{mallocs}")  # fmt: skip
+        print(f"  e2e {name}: TTFT {ttft:.3f} s, {tpot * 1e3:.2f} ms/token median step (rounds {per_round}; "
+              f"(total - TTFT) method {tpot_diff * 1e3:.2f}: {per_round_diff}), cache {mem / 2**20:.1f} MiB, "
+              f"cudaMalloc per generate {mallocs}")  # fmt: skip
         if profile:  # where a decode step's time goes: 1 vs 5 new tokens, the difference is 4 decode steps
             from torch.profiler import ProfilerActivity
             from torch.profiler import profile as torch_profile
@@ -460,9 +488,10 @@ def main(argv=None) -> int:
         bench_e2e(run, dev, quick, args.prompt if not quick else 256, args.new_tokens if not quick else 4, args.layers,
                   profile=args.profile, rounds=args.rounds, batch=args.batch)  # fmt: skip
         if not args.no_write:
-            print("wrote", *run.write(["section", "variant", "batch", "tokens", "ttft_s", "ms_per_token", "cache_mib",
-                                       "note"]))  # fmt: skip
-        print(markdown_table(run.rows, ["section", "variant", "ttft_s", "ms_per_token", "cache_mib", "note"]))
+            print("wrote", *run.write(["section", "variant", "batch", "tokens", "ttft_s", "ms_per_token",
+                                       "ms_per_token_diff", "cache_mib", "note"]))  # fmt: skip
+        print(markdown_table(run.rows, ["section", "variant", "ttft_s", "ms_per_token", "ms_per_token_diff",
+                                        "cache_mib", "note"]))  # fmt: skip
         for k, v in run.meta.items():
             print(f"- {k}: {v}")
         return 0
