@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -84,6 +85,7 @@ def test_save_load_and_card(tmp_path):
     text = (folder / "README.md").read_text()
     assert "hf-effllm-million" in text and "## How to use" in text
     assert 'MillionCodebooks.from_pretrained("me/tiny-million")' in text  # the card loads from its own repo
+    shutil.rmtree(folder.parent)  # a dry run hands its staging folder to the caller, who removes it
     with pytest.raises(HfEffllmError, match="no million_codebooks"):
         MillionCodebooks.from_pretrained(tmp_path)
     payload = json.loads((tmp_path / "cb" / "million_config.json").read_text())

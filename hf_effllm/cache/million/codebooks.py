@@ -295,7 +295,8 @@ class MillionCodebooks:
             repo_id: ``user/name`` on the Hub.
             private: create the repo as private.
             results: Markdown results to put in the card (e.g. a perplexity table).
-            dry_run: build and validate the folder, upload nothing; returns the folder path.
+            dry_run: build and validate the folder, upload nothing; returns the folder path (a temporary folder
+                that is then the caller's to remove).
             token: Hub token (default: the logged-in one).
 
         Returns:
