@@ -44,6 +44,12 @@ from hf_effllm.benchmarking import BenchmarkRun, markdown_table  # noqa: E402
 from hf_effllm.cache.million.codebooks import ModelSignature, collect_kv, fit_codebooks  # noqa: E402
 from hf_effllm.data import calibration_batches  # noqa: E402
 
+# the grouping axis each QuantizedCache backend is given: groups of 64 consecutive elements (one token of one head at
+# head_dim 64) for both, quanto's axis 0 and HQQ's axis 1. HQQ's axis 0 (transformers' default) groups elements
+# numel/64 apart instead, a grouping that changes as the cache grows and is re-quantized at each flush: the strongest
+# setting of each backend is the baseline
+QC_AXIS = {"quanto": 0, "hqq": 1}
+
 
 def quantized_cache_factories(config) -> dict:
     """transformers' QuantizedCache per installed backend; missing backends map to the reason."""
@@ -56,9 +62,10 @@ def quantized_cache_factories(config) -> dict:
         except Exception as e:
             out[backend] = f"backend not installed ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
             continue
+        axis = QC_AXIS[backend]
         for nbits in (4, 2):
-            out[f"{backend} int{nbits}"] = lambda b=backend, n=nbits: QuantizedCache(
-                b, config, nbits=n, residual_length=128
+            out[f"{backend} int{nbits}"] = lambda b=backend, n=nbits, a=axis: QuantizedCache(
+                b, config, nbits=n, axis_key=a, axis_value=a, residual_length=128
             )
     return out
 
@@ -187,16 +194,19 @@ def main(argv=None) -> int:
                 run.add(context=ctx_len, variant=f"QuantizedCache {name}", note=factory)
                 print(f"  QuantizedCache {name}: {factory}")
                 continue
+            t1 = time.perf_counter()
             try:
                 res = hf_effllm.perplexity(model, ids, cache_factory=factory, **common)
             except Exception as e:
-                run.add(
-                    context=ctx_len, variant=f"QuantizedCache {name}", note=f"failed: {type(e).__name__}: {e}"[:200]
-                )
+                note = f"failed: {type(e).__name__}: {e}"[:200]
+                run.add(context=ctx_len, variant=f"QuantizedCache {name}", note=note)
+                print(f"  QuantizedCache {name}: {note}")
                 continue
-            run.add(context=ctx_len, variant=f"QuantizedCache {name}", perplexity=res.perplexity,
-                    vs_dense_pct=100 * (res.perplexity / dense.perplexity - 1), tokens=res.num_tokens,
-                    note="residual_length 128, q_group_size 64")  # fmt: skip
+            axis, pct = QC_AXIS[name.split()[0]], 100 * (res.perplexity / dense.perplexity - 1)
+            run.add(context=ctx_len, variant=f"QuantizedCache {name}", perplexity=res.perplexity, vs_dense_pct=pct,
+                    tokens=res.num_tokens, seconds=time.perf_counter() - t1,
+                    note=f"residual_length 128, q_group_size 64, axis {axis}")  # fmt: skip
+            print(f"  QuantizedCache {name}: {res.perplexity:.3f} ({pct:+.2f}%)")
         model.set_attn_implementation("million")
         if not args.no_write:  # after each context, so a run cut short keeps what it measured
             run.write(COLS)
