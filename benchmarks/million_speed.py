@@ -390,7 +390,7 @@ def bench_e2e(run, dev, quick, prompt_len, new_tokens, layers, profile=False, ro
     caches = (("DynamicCache (sdpa)", "sdpa", lambda: DynamicCache(config=model.config)),
               ("MillionCache 4-bit (million)", "million", lambda: hf_effllm.MillionCache(model.config, books)))  # fmt: skip
     times = {name: ([], [], [], []) for name, _, _ in caches}
-    last = {}
+    cache_bytes = {}  # per cache kind: the bytes of the last round's cache (the cache itself is not kept alive)
     with torch.no_grad():
         for _name, impl, make in caches:
             model.set_attn_implementation(impl)
@@ -402,11 +402,10 @@ def bench_e2e(run, dev, quick, prompt_len, new_tokens, layers, profile=False, ro
             for name, impl, make in caches:
                 model.set_attn_implementation(impl)
                 times[name][0].append(gen(make, 1)[0])
-                last.pop(name, None)  # the previous round's cache must not stay alive during this generate
                 total, cache, mallocs, step = gen(make, new_tokens)
-                last[name] = cache.nbytes if hasattr(cache, "nbytes") else sum(
+                cache_bytes[name] = cache.nbytes if hasattr(cache, "nbytes") else sum(
                     lay.keys.numel() * lay.keys.element_size() * 2 for lay in cache.layers)  # fmt: skip
-                del cache
+                del cache  # not alive during the next generate (batch 8 x 32k runs out of memory otherwise)
                 times[name][1].append(total)
                 times[name][2].append(mallocs)
                 times[name][3].append(step)
@@ -417,7 +416,7 @@ def bench_e2e(run, dev, quick, prompt_len, new_tokens, layers, profile=False, ro
         tpot = statistics.median(steps)
         per_round = [round(s * 1e3, 2) for s in steps]
         per_round_diff = [round((t - f) / (new_tokens - 1) * 1e3, 1) for f, t in zip(firsts, totals)]
-        mem = last[name]
+        mem = cache_bytes[name]
         rows[name] = (ttft, tpot, mem)
         run.add(section="e2e", variant=name, batch=batch, tokens=prompt_len, ttft_s=ttft, ms_per_token=tpot * 1e3,
                 ms_per_token_diff=tpot_diff * 1e3, cache_mib=mem / 2**20,
