@@ -674,10 +674,13 @@ extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_octet_stream(
         }                                                                                          \
         PRODUCER_ADVANCE(KS)                                                                       \
     }
+    // the activations first, then the ring's first stages: staged after the ring, the activations' loads waited
+    // behind every warp's first bulk copies (ncu, session 16: the largest single stall of a warp's start).
+    // Measured on the H200 against the other order, same bits: 2.6-4.8% faster at every shape and row count of
+    // both streaming kernels (benchmarks/results/spqr_octet_stage_order_s16.md)
+    stage_chunk(x, perm, xs, M, K, 0, KP, RSB, sx, rmax, rscale, rinv);
 #pragma unroll
     for (int r = 0; r < R_; ++r) PRODUCE(r);
-
-    stage_chunk(x, perm, xs, M, K, 0, KP, RSB, sx, rmax, rscale, rinv);
 
     const char* xlane = smem + (g < PR ? g : 0) * RSB + t * 16;
     int k = 0;  // stages consumed
@@ -880,6 +883,13 @@ __device__ __forceinline__ void split_step(const uint2* cw, const u8* sb, const 
     mma_f16(acc1, xp[12], b[3][0], b[3][1]);
 }
 
+// *p += v, returning the old value, with release and acquire semantics at GPU scope
+__device__ __forceinline__ int atom_add_acq_rel(int* p, int v) {
+    int old;
+    asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
+    return old;
+}
+
 // the sums of octet o over this block's chunk, vals[e] = (weight row e / M, activation row e % M) in the scaled
 // activations, finished by one warp: with one chunk (C = 1) written to y; else stored (unscaled) in this chunk's
 // slot of scratch and counted in counters[o]; the chunk that arrives last adds the C slots in chunk order
@@ -901,13 +911,16 @@ __device__ void finish_octet(int o, const float* vals, int M, int N, int NO, int
     }
     float* mine = scratch + ((long long)c * NO + o) * (8 * M);
     for (int e = lane; e < 8 * M; e += 32) mine[e] = vals[e] * rinv[e % M];
-    __threadfence();
+    // the warp's stores, then lane 0's release-acquire count; the last chunk's lanes read after its acquire (CUTLASS's
+    // semaphore pattern at warp scope, in place of two __threadfence: their membar.gl and L1 invalidation were about
+    // 4% of the stall samples at 16 rows, ncu, session 16; measured 1.2-2.5% faster there, same bits:
+    // benchmarks/results/spqr_octet_stage_order_s16.md, columns ring_*)
     __syncwarp();
     int old = 0;
-    if (lane == 0) old = atomicAdd(counters + o, 1);
+    if (lane == 0) old = atom_add_acq_rel(counters + o, 1);
     old = __shfl_sync(0xffffffffu, old, 0);
     if (old != C - 1) return;
-    __threadfence();
+    __syncwarp();
     for (int e = lane; e < 8 * M; e += 32) {
         const int row = o * 8 + e / M, m = e % M;
         float v = 0.f;
@@ -1016,10 +1029,10 @@ extern "C" __global__ void __launch_bounds__(W_ * 32) spqr_octet_split(
         }                                                                                          \
         PRODUCER_ADVANCE(KSc)                                                                      \
     }
+    // the activations first, then the ring's first stages (why: spqr_octet_stream)
+    TIMED(t_stage, stage_chunk(x, perm, xs, M, K, soff * 64, KSc * 64, RSB, sx, rmax, rscale, rinv));
 #pragma unroll
     for (int r = 0; r < R_; ++r) PRODUCE_SPLIT(r);
-
-    TIMED(t_stage, stage_chunk(x, perm, xs, M, K, soff * 64, KSc * 64, RSB, sx, rmax, rscale, rinv));
 
     const char* xlane = smem + (g < PR ? g : 0) * RSB + t * 16;
     int k = 0;  // stages consumed
