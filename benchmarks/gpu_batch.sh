@@ -43,6 +43,9 @@
 #   seer_tests    pytest -m gpu tests/seer only
 #   seer_blockmax_tests pytest -m gpu tests/seer/test_seer_blockmax.py (the block-max kernel's bf16 variants); K_SEER_BLOCKMAX_TESTS: more pytest options (e.g. "-k fixedmax")
 #   seer_blockmax seer_speed --blockmax-only at 32k: dense baselines, the block-max variant sweep, 3 rounds vs cuDNN
+#   ncu_profiles  Nsight Compute profiles of spqr_octet_split (1, 16 rows), spqr_octet_stream (1 row) and the MILLION
+#                 codes kernel (batch 16, 32k), summarised by benchmarks/ncu_summary.py -> ncu_profiles.md (NCU_TARGETS
+#                 picks others); needs the Firecracker machines' ncu (not gVisor's, see the device notes)
 source benchmarks/device_prepare.sh || exit 1
 set +e  # device_prepare sets -e; a failing step must not end the batch
 R=/tmp/r
@@ -53,6 +56,25 @@ save() { tar czf "$OUT/.t.tgz" -C /tmp r && mv "$OUT/.t.tgz" "$OUT/results.tgz";
 # root on sys.path, the source tree's hf_effllm (no kernels/ inside) would shadow the laid-out package in /tmp/hfe
 gpu_pytest() { (cd /tmp && timeout "$2" python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors \
                  -c "$REPO/pyproject.toml" --rootdir "$REPO" "$REPO/$3" ${4:-}) > "$R/$1.log" 2>&1; tail -30 "$R/$1.log"; }
+# Nsight Compute profiles (one warm launch each, --set full, clocks left alone) of the decode kernels named in
+# NCU_TARGETS (name:kernel regex:kernel_profile.py arguments, space separated), each within 150 s; the report's text
+# pages are summarised into $R/ncu_profiles.md by benchmarks/ncu_summary.py, the pages themselves kept under $R/ncu
+NCU_DEFAULT="split1:spqr_octet_split:--target=spqr-split,--rows=1 split16:spqr_octet_split:--target=spqr-split,--rows=16 \
+stream1:spqr_octet_stream:--target=spqr-stream,--rows=1 million_lut:million_codes:--target=million-lut"
+ncu_profiles() {
+  local names=() name rx args
+  mkdir -p "$R/ncu"
+  for spec in ${NCU_TARGETS:-$NCU_DEFAULT}; do
+    IFS=: read -r name rx args <<< "$spec"
+    timeout 150 ncu --clock-control none --set full --import-source no -k "regex:$rx" -s 1 -c 1 -f -o "/tmp/$name" \
+      python3 benchmarks/kernel_profile.py ${args//,/ } > "$R/ncu/$name.log" 2>&1
+    ncu -i "/tmp/$name.ncu-rep" --page details --print-details all > "$R/ncu/${name}_details.txt" 2>&1
+    ncu -i "/tmp/$name.ncu-rep" --page source --csv --print-source sass > "$R/ncu/${name}_sass.csv" 2>&1
+    names+=("$name")
+  done
+  python3 benchmarks/ncu_summary.py "$R/ncu" "${names[@]}" > "$R/ncu_profiles.md"
+  head -40 "$R/ncu_profiles.md"
+}
 # a step's limit: $2 seconds, or T_<STEP> (upper case) when set, e.g. T_MILLION=300
 bench() { local t="T_${step^^}"; python3 benchmarks/run.py "$1" --timeout "${!t:-$2}" --results-dir "$R"; }
 for step in "$@"; do
@@ -93,6 +115,7 @@ for step in "$@"; do
     seer_tests) gpu_pytest seer_tests "${T_SEER_TESTS:-300}" tests/seer ;;
     seer_blockmax_tests) gpu_pytest seer_blockmax_tests "${T_SEER_BLOCKMAX_TESTS:-240}" tests/seer/test_seer_blockmax.py "${K_SEER_BLOCKMAX_TESTS:-}" ;;
     seer_blockmax) bench "seer_speed --seqs 32768 --blockmax-only --repeats 3" 420 ;;
+    ncu_profiles) ncu_profiles ;;
     *) echo "unknown step $step" ;;
   esac
   save
