@@ -12,7 +12,9 @@ outliers; identity Hessian, since speed does not depend on calibration). Then, f
    ``cuda_raw``: its ``decode="raw"`` path), and the
    dequantize-then-matmul prefill path; eager (``do_bench``) and in a CUDA graph over distinct weight copies
    (no launch overhead, nothing L2-resident: how a decode step runs when captured);
-3. end to end: greedy decode tokens/s of the embedded SmolLM2-135M, bf16 vs SpQR (3-bit, quick calibration).
+3. end to end: greedy decode tokens/s of the embedded SmolLM2-135M, bf16 vs SpQR (3-bit, quick calibration):
+   eager ``generate`` (``tokens_per_s``, host work included) and one decode step with a ``StaticCache``
+   captured in a CUDA graph and replayed (``static_step_ms``: the GPU's time per token).
 
 Usage (repo root)::
 
@@ -476,6 +478,51 @@ def stream_breakdown_rows(run: BenchmarkRun, dev: torch.device, threshold: float
         del ocopies, dense
 
 
+def static_step_ms(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> tuple[float, list[int]]:
+    """Milliseconds per greedy decode step with a ``StaticCache``, and the tokens chosen: on CUDA one step (forward,
+    argmax, position update) is captured in a CUDA graph and replayed ``steps`` times, so the figure is the GPU's
+    time per token without the host work of eager ``generate``; elsewhere the same step runs eagerly."""
+    from transformers import StaticCache
+
+    from hf_effllm.compat import cache_kwargs
+
+    dev, n = prompt.device, prompt.shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=n + steps + 4)
+    chosen: list[int] = []
+    with torch.no_grad():
+        out = model(input_ids=prompt, cache_position=torch.arange(n, device=dev), use_cache=True, **cache_kwargs(cache))
+        ids = out.logits[:, -1:].argmax(-1)
+        pos = torch.tensor([n], device=dev)
+
+        def step() -> None:
+            o = model(input_ids=ids, position_ids=pos[None], cache_position=pos, use_cache=True, **cache_kwargs(cache))
+            ids.copy_(o.logits[:, -1:].argmax(-1))
+            pos.add_(1)
+
+        if dev.type != "cuda":
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+                chosen.append(int(ids))
+            return (time.perf_counter() - t0) * 1e3 / steps, chosen
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # compile the kernels and warm the allocator outside the capture
+            step()
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps - 2):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / (steps - 2), chosen
+
+
 def decode_rows(run: BenchmarkRun, dev: torch.device, quick: bool, new_tokens: int) -> None:
     import copy
 
@@ -510,12 +557,15 @@ def decode_rows(run: BenchmarkRun, dev: torch.device, quick: bool, new_tokens: i
         if dev.type == "cuda":
             torch.cuda.synchronize()
         s = time.perf_counter() - t0
+        step_ms, _ = static_step_ms(m, prompt, new_tokens)
         run.add(
             shape="decode SmolLM2-135M" if not quick else "decode tiny llama",
             batch=1,
             dtype=str(dtype).replace("torch.", ""),
             avg_bits=cfg.avg_bits if name.startswith("spqr") else None,
             tokens_per_s=new_tokens / s,
+            static_step_ms=step_ms,
+            static_tokens_per_s=1e3 / step_ms,
             note=f"{name}; quantize {quant_s:.1f} s" if name.startswith("spqr") else name,
         )
 
