@@ -68,13 +68,15 @@ ncu_profiles() {
   mkdir -p "$R/ncu"
   for spec in ${NCU_TARGETS:-$NCU_DEFAULT}; do
     IFS=: read -r name rx args <<< "$spec"
+    rm -f "/tmp/$name.ncu-rep"  # a report left by an earlier call must not stand in for a failed profile
     timeout 150 ncu --clock-control none --set full --import-source no -k "regex:$rx" -s 1 -c 1 -f -o "/tmp/$name" \
       python3 benchmarks/kernel_profile.py ${args//,/ } > "$R/ncu/$name.log" 2>&1
+    if [ ! -f "/tmp/$name.ncu-rep" ]; then echo "ncu_profiles: no report for $name (see ncu/$name.log)"; continue; fi
     ncu -i "/tmp/$name.ncu-rep" --page details --print-details all > "$R/ncu/${name}_details.txt" 2>&1
     ncu -i "/tmp/$name.ncu-rep" --page source --csv --print-source sass > "$R/ncu/${name}_sass.csv" 2>&1
     names+=("$name")
   done
-  python3 benchmarks/ncu_summary.py "$R/ncu" "${names[@]}" > "$R/ncu_profiles.md"
+  [ ${#names[@]} -gt 0 ] && python3 benchmarks/ncu_summary.py "$R/ncu" "${names[@]}" > "$R/ncu_profiles.md"
   head -40 "$R/ncu_profiles.md"
 }
 # a step's limit: $2 seconds, or T_<STEP> (upper case) when set, e.g. T_MILLION=300

@@ -53,13 +53,14 @@ def _spqr(kind: str, shape: str, rows: int, calls: int, dev: torch.device) -> No
 def _million(batch: int, tokens: int, calls: int, dev: torch.device) -> None:
     from hf_effllm.kernels.million import million_attention, million_attention_reference
     from million_speed import HKV, HQ, WINDOW, D, K, _cuda_codes_call, _inputs
+    from spqr_speed import rel_err
 
     q, ck, cv, cbk, cbv, rk, rv = _inputs(batch, HQ, HKV, tokens, WINDOW, D, D // 2, K, torch.bfloat16, dev, seed=1)
     out = million_attention(q, ck, cv, cbk, cbv, rk, rv, scale=D**-0.5, variant="cuda")
     ref = million_attention_reference(
         q.float(), ck, cv, cbk.float(), cbv.float(), rk.float(), rv.float(), scale=D**-0.5
     )
-    err = ((out.float() - ref).norm() / ref.norm()).item()
+    err = rel_err(out, ref)
     print(f"million_attention (cuda) batch {batch} x {tokens} tokens: rel_err vs the reference {err:.2e}", flush=True)
     call = _cuda_codes_call(q, ck, cv, cbk, cbv, D, None)
     for _ in range(calls):

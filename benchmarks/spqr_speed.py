@@ -479,14 +479,17 @@ def stream_breakdown_rows(run: BenchmarkRun, dev: torch.device, threshold: float
 
 
 def static_step_ms(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> tuple[float, list[int]]:
-    """Milliseconds per greedy decode step with a ``StaticCache``, and the tokens chosen: on CUDA one step (forward,
-    argmax, position update) is captured in a CUDA graph and replayed ``steps`` times, so the figure is the GPU's
-    time per token without the host work of eager ``generate``; elsewhere the same step runs eagerly."""
+    """Milliseconds per greedy decode step with a ``StaticCache``: on CUDA, after two eager warm-up steps, one step
+    (forward, argmax, position update) is captured in a CUDA graph and replayed ``steps - 2`` times, so the figure
+    is the GPU's time per token without the host work of eager ``generate`` (the tokens stay on the GPU: the list
+    returned is empty); elsewhere ``steps`` steps run eagerly and the list holds the tokens they chose."""
     from transformers import StaticCache
 
     from hf_effllm.compat import cache_kwargs
 
     dev, n = prompt.device, prompt.shape[1]
+    if steps < 3:
+        raise ValueError(f"steps={steps}; static_step_ms needs at least 3 (two warm-up steps on CUDA, then replays)")
     cache = StaticCache(config=model.config, max_cache_len=n + steps + 4)
     chosen: list[int] = []
     with torch.no_grad():

@@ -5,6 +5,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from hf_effllm.testing import tiny_model
@@ -32,3 +33,9 @@ def test_static_cache_steps_pick_the_tokens_of_generate():
         ref = model.generate(prompt, max_new_tokens=7, min_new_tokens=7, do_sample=False)[0, 12:].tolist()
     assert ms > 0
     assert chosen == ref[1:]  # the first token comes from the prefill, each step adds one
+
+
+def test_static_step_ms_refuses_too_few_steps():
+    model = tiny_model("llama").eval()
+    with pytest.raises(ValueError, match="steps=2"):
+        _static_step_ms()(model, torch.zeros(1, 4, dtype=torch.long), 2)
