@@ -35,6 +35,7 @@
 #   spqr_split_tests pytest -m gpu tests/spqr/test_spqr_octet.py -k split (the chunked kernel only)
 #   spqr_split_bench spqr_speed --split alone (no tests first)
 #   spqr_split_timing spqr_speed --split-timing: spqr_octet_split's cycles per warp (waiting, staging, finishing)
+#   spqr_flat     pytest -m gpu tests/spqr/test_spqr_flat.py + the routing tests, then spqr_speed --flat (1-16 rows)
 #   spqr_octet    pytest -m gpu tests/spqr/test_spqr_octet.py, then spqr_speed --octet (octet kernel vs bf16, CUDA)
 #   muon_decode   muon_mla_moe: the four recipes, decode timed interleaved after training
 #   spqr_quality  spqr_quality with full calibration: 3.6-bit tuned, k/v at 4 bits (plain, tuned); _b: 4.6-bit tuned
@@ -111,6 +112,9 @@ for step in "$@"; do
     spqr_split_tests) gpu_pytest spqr_split_tests 300 tests/spqr/test_spqr_octet.py "-k split" ;;
     spqr_split_bench) bench "spqr_speed --split" "${T_SPQR_SPLIT_BENCH:-300}" ;;
     spqr_split_timing) bench "spqr_speed --split-timing" 200 ;;
+    spqr_flat) gpu_pytest spqr_flat_tests "${T_SPQR_FLAT_TESTS:-240}" tests/spqr/test_spqr_flat.py
+               gpu_pytest spqr_flat_routing_tests 120 tests/spqr/test_spqr_octet.py "-k routes_rows"
+               bench "spqr_speed --flat" "${T_SPQR_FLAT_BENCH:-330}" ;;
     spqr_octet) gpu_pytest spqr_octet_tests 200 tests/spqr/test_spqr_octet.py; bench "spqr_speed --octet" 360 ;;
     muon_decode) bench "muon_mla_moe" 600 ;;
     spqr_quality) bench "spqr_quality --tag a --variants 'float,SpQR ~3.6 bits tuned,SpQR ~3.6 bits kv4,SpQR ~3.6 bits kv4 tuned'" 590 ;;

@@ -359,6 +359,61 @@ def split_rows(run: BenchmarkRun, dev: torch.device, threshold: float) -> None:
         del ocopies, dense
 
 
+FLAT_SWEEP = [(8, 6, 2), (8, 4, 2), (4, 4, 4), (16, 4, 1), (4, 6, 3)]  # (warps, depth, blocks_per_sm)
+ROUNDS = 3  # interleaved timing rounds of --flat (medians)
+
+
+def flat_rows(run: BenchmarkRun, dev: torch.device, threshold: float) -> None:
+    """``spqr_octet_flat`` (prep kernel + programmatic dependent launch, no shared-memory staging) against the
+    kernel the dispatch used before it (``spqr_octet_split``; ``spqr_octet_stream`` at 1-2 rows) and bf16, at 1 to
+    16 rows: CUDA graphs over distinct copies, ``ROUNDS`` rounds interleaved (medians); a launch sweep of the new
+    kernel once per row count; error vs the fp32 reference; determinism (two calls, same bits)."""
+    from hf_effllm.kernels.spqr_flat import spqr_octet_flat
+    from hf_effllm.kernels.spqr_octet import octet_layout, spqr_octet_split, spqr_octet_stream
+
+    for inp, out in FULL_SHAPES:
+        layer = make_layer(inp, out, dev, threshold)
+        t, meta = layer.packed_tensors(), layer.packed_meta()
+        olay = octet_layout(t, **meta)
+        ocopies = [_clone_layout(olay) for _ in range(_copies(layout_bytes(olay)))]
+        w = layer.dequantize().to(torch.bfloat16)
+        dense = [w.clone() for _ in range(_copies(w.numel() * w.element_size()))]
+        for batch in (1, 4, 8, 12, 16):
+            x = torch.randn(batch, inp, device=dev, dtype=torch.bfloat16)
+            ref = spqr_matmul_reference(x.float(), t, **meta)
+            y = spqr_octet_flat(x, olay)
+            err, again = rel_err(y, ref), torch.equal(spqr_octet_flat(x, olay), y)
+            sweep = {}
+            for cfg in FLAT_SWEEP:
+                launch = dict(zip(("warps", "depth", "blocks_per_sm"), cfg))
+                sweep[cfg] = graph_time_ms([lambda lo=lo, x=x, k=launch: spqr_octet_flat(x, lo, **k) for lo in ocopies])
+            calls = {
+                "bf16": [lambda w=w, x=x: torch.matmul(x, w.T) for w in dense],
+                "flat": [lambda lo=lo, x=x: spqr_octet_flat(x, lo) for lo in ocopies],
+                "split": [lambda lo=lo, x=x: spqr_octet_split(x, lo) for lo in ocopies],
+            }
+            if batch <= 2:
+                calls["stream"] = [lambda lo=lo, x=x: spqr_octet_stream(x, lo) for lo in ocopies]
+            rounds: dict[str, list[float]] = {k: [] for k in calls}
+            for _ in range(ROUNDS):
+                for k, fns in calls.items():
+                    rounds[k].append(graph_time_ms(fns))
+            med = {k: sorted(v)[len(v) // 2] for k, v in rounds.items()}
+            best = min(sweep, key=sweep.get)
+            row = run.add(
+                shape=f"{inp}->{out}", batch=batch, rel_err=err, rel_err_split=rel_err(spqr_octet_split(x, olay), ref),
+                deterministic=again, bf16_graph_ms=med["bf16"], flat_graph_ms=med["flat"],
+                split_graph_ms=med["split"], stream_graph_ms=med.get("stream"), flat_speedup=med["bf16"] / med["flat"],
+                split_speedup=med["bf16"] / med["split"],
+                stream_speedup=med["bf16"] / med["stream"] if "stream" in med else None,
+                flat_vs_split=med["split"] / med["flat"], best_flat_graph_ms=sweep[best], best_launch=str(best),
+                sweep_ms={str(c): round(v, 4) for c, v in sweep.items()},
+                rounds={k: [round(v, 4) for v in vs] for k, vs in rounds.items()},
+            )  # fmt: skip
+            print(markdown_table([row]).splitlines()[-1], flush=True)
+        del ocopies, dense
+
+
 def split_timing_rows(run: BenchmarkRun, dev: torch.device, threshold: float) -> None:
     """Where ``spqr_octet_split``'s warps spend their cycles (a ``clock64()`` build, ``spqr_octet._SPLIT_TIMING``):
     per warp its cycles in all and the shares spent waiting for ring stages, staging the activations, finishing
@@ -615,6 +670,18 @@ GPU_MODES = {
         "split_gbps = bytes the kernel reads / best time; kernel_bits = those bytes per weight x 8.",
         split_rows,
     ),
+    "flat": (
+        "spqr_speed_flat",
+        "SpQR 3-bit (16x16 groups, act-order, outliers) decode products, bf16 activations, 1-16 rows: "
+        "kernels.spqr_flat.spqr_octet_flat (a prep kernel gathers and scales the activations once into global "
+        "memory; the decode kernel, launched with programmatic stream serialization, streams each warp's equal "
+        "share of the (octet, step) items with register prefetch, no shared-memory staging, no block barrier) vs "
+        "spqr_octet_split (the dispatch's kernel for 8-16 rows before) and spqr_octet_stream (1-2 rows) vs bf16 "
+        "torch.matmul, all as CUDA graphs over distinct copies (no launch overhead, nothing L2-resident), 3 rounds "
+        "interleaved, medians (rounds lists them); flat times the default launch (kernels.spqr_flat.flat_launch), "
+        "sweep_ms the launch sweep; rel_err vs the fp32 reference; deterministic: two calls give the same bits.",
+        flat_rows,
+    ),
     "split_timing": (
         "spqr_speed_split_timing",
         "Where spqr_octet_split's warps spend their cycles (3-bit, 16x16 groups, bf16 activations, default launch): "
@@ -649,6 +716,7 @@ def main() -> None:
     p.add_argument("--stream", action="store_true", help="only the streaming octet kernel vs bf16 and the octet kernel")
     p.add_argument("--stream-breakdown", action="store_true", help="only spqr_octet_stream with phases left out")
     p.add_argument("--split", action="store_true", help="only the chunked octet kernel vs bf16 and the octet kernels")
+    p.add_argument("--flat", action="store_true", help="only spqr_octet_flat vs spqr_octet_split, stream and bf16")
     p.add_argument(
         "--split-timing", action="store_true", help="only spqr_octet_split's cycles per warp (clock64 build)"
     )
@@ -665,13 +733,25 @@ def main() -> None:
             rows(run, dev, args.outlier_threshold)
             print(run.write()[1].read_text())
             return
-    run = BenchmarkRun(
-        ("spqr_decode" if args.skip_kernels else "spqr_speed") + ("_quick" if args.quick else ""),
+    kernels_text = (
         "SpQR 3-bit (16x16 bi-level groups, act-order, 16-bit outliers) fused dequantize+matvec/matmul kernels "
         "(Triton v1, v2; CUDA: *_cuda) vs bf16 torch.matmul on the same dense weight. speedup = bf16 time / SpQR time (>1 is faster) with both "
         "timed in a CUDA graph over distinct weight copies (*_graph_ms: no launch overhead, weights not in L2); "
         "speedup_eager from do_bench (launch included). best_* is the fastest launch setting of a sweep; "
-        "kernel_bits = bytes the kernel layout holds per weight x 8; dequant_matmul_ms is the prefill path.",
+        "kernel_bits = bytes the kernel layout holds per weight x 8; dequant_matmul_ms is the prefill path."
+    )
+    decode_text = (
+        "End-to-end greedy decoding at batch 1 of the embedded model in bf16 and quantized with SpQR 3-bit "
+        "(16x16 bi-level groups, act-order, outliers): tokens_per_s = eager generate of --new-tokens tokens after "
+        "a 16-token random prompt (host-bound at this model size); static_step_ms = one decode step with a "
+        "StaticCache captured in a CUDA graph and replayed (the GPU's time per token, see static_step_ms), "
+        "static_tokens_per_s its inverse; avg_bits of the SpQR format; quantize time in note."
+    )
+    run = BenchmarkRun(
+        ("spqr_decode" if args.skip_kernels else "spqr_speed") + ("_quick" if args.quick else ""),
+        decode_text
+        if args.skip_kernels
+        else kernels_text + ("" if args.skip_decode else " Decode rows: " + decode_text),
     )
     run.meta["outlier_threshold"] = args.outlier_threshold
     if not args.skip_kernels:

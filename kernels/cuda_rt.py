@@ -210,6 +210,48 @@ def _cu_launch_kernel() -> Any:
     return fn
 
 
+class _LaunchAttribute(ctypes.Structure):
+    """``CUlaunchAttribute``: an id, padding to 8 bytes, a 64-byte value union."""
+
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_char * 64)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    """``CUlaunchConfig`` (grid, block, dynamic shared memory, stream, attributes)."""
+
+    _fields_ = [
+        ("grid_x", ctypes.c_uint), ("grid_y", ctypes.c_uint), ("grid_z", ctypes.c_uint),
+        ("block_x", ctypes.c_uint), ("block_y", ctypes.c_uint), ("block_z", ctypes.c_uint),
+        ("smem", ctypes.c_uint), ("stream", ctypes.c_void_p),
+        ("attrs", ctypes.POINTER(_LaunchAttribute)), ("num_attrs", ctypes.c_uint),
+    ]  # fmt: skip
+
+
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
+def _pdl_attribute() -> _LaunchAttribute:
+    """The attribute that lets a kernel start before the previous kernel of its stream has finished (programmatic
+    dependent launch, sm_90+): ``programmaticStreamSerializationAllowed = 1``."""
+    attr = _LaunchAttribute()
+    attr.id = _PROGRAMMATIC_STREAM_SERIALIZATION
+    ctypes.memmove(ctypes.addressof(attr) + _LaunchAttribute.value.offset, ctypes.byref(ctypes.c_int(1)), 4)
+    return attr
+
+
+_PDL_ATTRIBUTE = _pdl_attribute()
+
+
+@functools.lru_cache(maxsize=1)
+def _cu_launch_kernel_ex() -> Any:
+    """The driver's ``cuLaunchKernelEx`` (CUDA 12+), bound once; None where the driver lacks it."""
+    fn = getattr(ctypes.CDLL("libcuda.so.1"), "cuLaunchKernelEx", None)
+    if fn is not None:
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    return fn
+
+
 class _ParamBlock:
     """The parameter values of one kernel signature (``nptr`` pointers, then ``nint`` 32-bit ints) in one ctypes
     buffer, native byte order and no padding (pointers at ``8 i``, ints at ``8 nptr + 4 j``), and the
@@ -263,24 +305,39 @@ def _current_stream() -> int:
     return torch.cuda.current_stream().cuda_stream
 
 
-def launch(kernel: Any, grid: tuple[int, int, int], block: int, smem: int, ptrs: list, ints: list) -> None:
+def launch(
+    kernel: Any, grid: tuple[int, int, int], block: int, smem: int, ptrs: list, ints: list, *, pdl: bool = False
+) -> None:
     """Launch ``kernel`` (from ``torch.cuda._compile_kernel``) on the current stream: ``ptrs`` (tensors, or ``None``
     for a null pointer) then ``ints`` (32-bit) are its parameters, in that order. Falls back to the kernel's own
     ``__call__`` where torch's kernel object has no ``func`` handle or the driver library is not found under its
     usual name.
+
+    ``pdl=True`` launches it with programmatic stream serialization (``cuLaunchKernelEx``): it may start while the
+    previous kernel of the stream still runs, once that kernel has run ``griddepcontrol.launch_dependents`` (or
+    finished), and must itself wait (``griddepcontrol.wait``) before it reads what that kernel writes. Where the
+    driver has no ``cuLaunchKernelEx`` it is an ordinary launch (the wait then returns at once): the same results.
+    Stream capture keeps the dependency as a programmatic edge of the graph.
 
     The parameters are packed into a buffer kept per signature (numbers of pointers and ints) and thread
     (:class:`_ParamBlock`) instead of one ctypes object per parameter and call."""
     func = getattr(kernel, "func", None)
     try:
         fn = _cu_launch_kernel() if func is not None else None
+        fn_ex = _cu_launch_kernel_ex() if func is not None and pdl else None
     except OSError:
-        fn = None
+        fn = fn_ex = None
     if fn is None:
         kernel(grid=grid, block=(block, 1, 1), args=[*ptrs, *ints], shared_mem=smem)
         return
     params = _param_block(len(ptrs), len(ints))
     params.fill(ptrs, ints)
-    rc = fn(func, grid[0], grid[1], grid[2], block, 1, 1, smem, _current_stream(), params.argv, None)
+    if fn_ex is not None:
+        cfg = _LaunchConfig(*grid, block, 1, 1, smem, _current_stream(), ctypes.pointer(_PDL_ATTRIBUTE), 1)
+        rc = fn_ex(ctypes.byref(cfg), func, params.argv, None)
+        name = "cuLaunchKernelEx"
+    else:
+        rc = fn(func, grid[0], grid[1], grid[2], block, 1, 1, smem, _current_stream(), params.argv, None)
+        name = "cuLaunchKernel"
     if rc != 0:
-        raise HfEffllmError(f"cuLaunchKernel failed with CUDA error {rc}.")
+        raise HfEffllmError(f"{name} failed with CUDA error {rc}.")

@@ -40,6 +40,7 @@ from .spqr_cuda import MAX_ROWS as CUDA_MAX_ROWS
 from .spqr_cuda import cuda_layout as build_cuda_layout
 from .spqr_cuda import spqr_dequantize_cuda, spqr_gemv_cuda
 from .spqr_cuda import supports as cuda_supports
+from .spqr_flat import spqr_octet_flat
 from .spqr_octet import (
     STREAM_ROWS,
     octet_supported,
@@ -856,6 +857,11 @@ def _bulk_copies(device: torch.device) -> bool:
     return device.type == "cuda" and capability(device) >= (9, 0)
 
 
+# the paths of cuda_path that run on the octet layout (kernels.spqr_octet), the others on kernels.spqr_cuda's
+OCTET_PATHS = ("octet", "stream", "split", "flat")
+FLAT_MIN_ROWS = 8  # activation rows from which spqr_octet_flat serves a decode product on sm_90+
+
+
 def cuda_path(rows: int, meta: dict[str, Any], device: torch.device, out_features: int | None = None) -> str:
     """Which CUDA kernels serve ``rows`` activation rows of a layer of format ``meta`` on ``device``: ``"octet"``
     (``kernels.spqr_octet``: decode products in one launch, and the dense weight for prefill) wherever the format
@@ -873,7 +879,11 @@ def cuda_path(rows: int, meta: dict[str, Any], device: torch.device, out_feature
     tile) at 16 rows 0.47x / 0.48x / 0.45x bf16 against 0.40x / 0.14x / 0.35x for ``spqr_octet_gemv`` (4096 ->
     11008, 11008 -> 4096, 4096 -> 4096), at 8 rows 0.55x / 0.59x / 0.53x against 0.48x / 0.29x / 0.46x, at 4 rows
     0.65x / 0.71x against 0.56x / 0.59x on the MLP shapes; slower than it at 4 rows of 4096 -> 4096 (0.57x against
-    0.63x)."""
+    0.63x).
+
+    ``"flat"`` (``kernels.spqr_flat.spqr_octet_flat``, same layout) on sm_90+ from ``FLAT_MIN_ROWS`` (8) rows, in
+    place of ``"split"`` there: on the H200 (``benchmarks/results/spqr_speed_flat.md``, same run) 1.08-1.11x faster
+    than it at 8 rows, 1.19-1.22x at 12, 1.31-1.36x at 16 (0.64-0.72x bf16), and not at 4 rows (0.95-1.06x)."""
     if octet_supported(**meta) is not None:
         return "cuda"
     k = meta["in_features"]
@@ -885,6 +895,8 @@ def cuda_path(rows: int, meta: dict[str, Any], device: torch.device, out_feature
         and _bulk_copies(device)
     ):
         return "stream"
+    if rows >= FLAT_MIN_ROWS and _bulk_copies(device):
+        return "flat"
     if rows > STREAM_ROWS and (rows >= 8 or max(k, out_features or 0) >= 8192) and _bulk_copies(device):
         return "split"
     if rows > CUDA_MAX_ROWS:
@@ -948,9 +960,11 @@ def spqr_matmul(
         and cuda_supports(x, meta) is None
     ):
         path = cuda_path(rows, meta, x.device, out_features=tensors["outlier_row_ptr"].shape[0] - 1)
-        if path in ("octet", "stream", "split"):
+        if path in OCTET_PATHS:
             lay = octet_layout if octet_layout is not None else build_octet_layout(tensors, **meta)
-            gemv = {"stream": spqr_octet_stream, "split": spqr_octet_split}.get(path, spqr_octet_gemv)
+            gemv = {"stream": spqr_octet_stream, "split": spqr_octet_split, "flat": spqr_octet_flat}.get(
+                path, spqr_octet_gemv
+            )
             dequant = spqr_octet_dequant
         else:
             lay = cuda_layout if cuda_layout is not None else build_cuda_layout(tensors, **meta)

@@ -109,6 +109,40 @@ def test_launch_reports_a_driver_error(driver):
         cuda_rt.launch(types.SimpleNamespace(func=ctypes.c_void_p(1)), (1, 1, 1), 32, 0, [torch.zeros(1)], [])
 
 
+def test_programmatic_dependent_launch_goes_through_cu_launch_kernel_ex(driver, monkeypatch):
+    """``pdl=True``: ``cuLaunchKernelEx`` with a CUlaunchConfig (grid, block, shared memory, stream) carrying one
+    attribute, programmatic stream serialization (id 6) = 1, and the same packed parameters; where the driver has
+    no ``cuLaunchKernelEx`` (or ``pdl=False``) the ordinary ``cuLaunchKernel``."""
+    plain = driver(nptr=2)
+    calls = []
+
+    def ex(cfg_ptr, func, argv, extra):
+        cfg = cfg_ptr._obj
+        attr = cfg.attrs[0]
+        value = ctypes.c_int.from_buffer_copy(bytes(attr)[8:12]).value
+        calls.append(
+            {"grid": (cfg.grid_x, cfg.grid_y, cfg.grid_z), "block": (cfg.block_x, cfg.block_y, cfg.block_z),
+             "smem": cfg.smem, "stream": cfg.stream, "num_attrs": cfg.num_attrs, "attr": (attr.id, value),
+             "func": func, "params": _read_params(argv, 2, 1), "extra": extra}
+        )  # fmt: skip
+        return 0
+
+    monkeypatch.setattr(cuda_rt, "_cu_launch_kernel_ex", lambda: ex)
+    kernel = types.SimpleNamespace(func=ctypes.c_void_p(0xDEF))
+    x, y = torch.zeros(4), torch.zeros(3)
+    cuda_rt.launch(kernel, (7, 2, 1), 128, 4096, [x, y], [11], pdl=True)
+    assert ctypes.sizeof(cuda_rt._LaunchConfig) == 56 and ctypes.sizeof(cuda_rt._LaunchAttribute) == 72
+    (call,) = calls
+    assert call["grid"] == (7, 2, 1) and call["block"] == (128, 1, 1) and call["smem"] == 4096
+    assert call["stream"] == 77 and call["num_attrs"] == 1 and call["attr"] == (6, 1) and call["extra"] is None
+    assert call["func"] is kernel.func and call["params"] == ([x.data_ptr(), y.data_ptr()], [11])
+    assert plain.launches == []
+    cuda_rt.launch(kernel, (1, 1, 1), 32, 0, [x, y], [3])  # pdl=False: the ordinary launch
+    monkeypatch.setattr(cuda_rt, "_cu_launch_kernel_ex", lambda: None)  # a driver without cuLaunchKernelEx
+    cuda_rt.launch(kernel, (1, 1, 1), 32, 0, [x, y], [4], pdl=True)
+    assert [c["ints"] for c in plain.launches] == [[3], [4]] and len(calls) == 1
+
+
 def test_current_stream_uses_the_raw_getter_of_the_current_device(monkeypatch):
     asked = []
     monkeypatch.setattr(cuda_rt, "_RAW_STREAM", lambda index: asked.append(index) or 1234)

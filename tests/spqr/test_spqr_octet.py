@@ -381,11 +381,12 @@ def test_cuda_path_prefers_the_octet_kernel_where_it_runs_in_one_launch(monkeypa
     assert [cuda_path(r, meta, dev, out_features=11008) for r in (1, 2, 3)] == ["octet"] * 3  # no bulk copies
     monkeypatch.setattr(spqr, "_bulk_copies", lambda device: True)
     assert [cuda_path(r, meta, dev, out_features=11008) for r in (1, 2, 3)] == ["stream", "stream", "split"]
-    assert [cuda_path(r, meta, dev, out_features=4096) for r in (1, 3, 7, 8)] == ["octet"] * 3 + ["split"]
+    assert [cuda_path(r, meta, dev, out_features=4096) for r in (1, 3, 7, 8)] == ["octet"] * 3 + ["flat"]
     assert [cuda_path(r, wide, dev, out_features=4096) for r in (1, 2, 3)] == ["stream", "stream", "split"]
-    # the chunked kernel on sm_90+: 8-16 rows, and 3-16 rows of >= 8192 inputs or outputs; prefill (> 16) dequantizes
-    assert [cuda_path(r, meta, dev) for r in (1, 3, 7, 8, 16, 40)] == ["octet"] * 3 + ["split"] * 3
-    assert [cuda_path(r, wide, dev) for r in (1, 2, 3, 16, 17)] == ["octet", "octet", "split", "split", "split"]
+    # on sm_90+ the chunked kernel takes 3-7 rows of >= 8192 inputs or outputs and spqr_octet_flat 8 rows and more
+    # (prefill, > 16 rows, dequantizes from the same layout)
+    assert [cuda_path(r, meta, dev) for r in (1, 3, 7, 8, 16, 40)] == ["octet"] * 3 + ["flat"] * 3
+    assert [cuda_path(r, wide, dev) for r in (1, 2, 3, 7, 8, 16, 17)] == ["octet"] * 2 + ["split"] * 2 + ["flat"] * 3
     assert cuda_path(1, meta, dev, out_features=4096) == "octet"
     assert cuda_path(1, meta, dev, out_features=6144) == "octet"
     assert cuda_path(1, {**meta, "in_features": 2048}, dev, out_features=8192) == "octet"
@@ -485,7 +486,7 @@ def test_stream_kernel_with_many_stages_per_warp():
 
 
 @pytest.mark.gpu
-def test_spqr_linear_routes_rows_to_the_stream_and_split_kernels():
+def test_spqr_linear_routes_rows_to_the_stream_split_and_flat_kernels():
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("needs an sm_90 GPU")
     from hf_effllm.kernels.spqr import cuda_path
@@ -500,10 +501,10 @@ def test_spqr_linear_routes_rows_to_the_stream_and_split_kernels():
     res = spqr_quantize_matrix(w, None, cfg)
     layer = SpQRLinear.from_packed(res.tensors, cfg, in_features=4096, bias=torch.randn(8200, device="cuda"))
     t, meta = layer.packed_tensors(), layer.packed_meta()
-    for rows in (1, 2, 3, 8):
+    for rows in (1, 2, 3, 8, 16):
         x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
         path = cuda_path(rows, meta, x.device, out_features=8200)
-        assert path == {1: "stream", 2: "stream", 3: "split", 8: "split"}[rows]  # 8200 outputs: 3-7 rows split too
+        assert path == {1: "stream", 2: "stream", 3: "split", 8: "flat", 16: "flat"}[rows]  # 8200 outputs: 3-7 split
         ref = spqr_matmul_reference(x.float(), t, bias=layer.bias, **meta)
         y = layer(x)
         assert y.dtype == torch.bfloat16 and (y.float() - ref).norm() <= 5e-3 * ref.norm(), rows

@@ -258,10 +258,10 @@ class SpQRLinear(nn.Module):
         t, meta = self.packed_tensors(), self.packed_meta()
         with torch.no_grad():
             if self._use_cuda(x):
-                from ...kernels.spqr import cuda_path
+                from ...kernels.spqr import OCTET_PATHS, cuda_path
 
                 path = cuda_path(x.numel() // self.in_features, meta, x.device, out_features=self.out_features)
-                if path in ("octet", "stream", "split"):
+                if path in OCTET_PATHS:
                     return spqr_matmul(x, t, bias=self.bias, octet_layout=self.octet_layout(), **meta)
                 return spqr_matmul(x, t, bias=self.bias, cuda_layout=self.cuda_layout(), **meta)
             layout = self.kernel_layout() if self._use_triton(x.device) else None
@@ -272,11 +272,11 @@ class SpQRLinear(nn.Module):
         GPU)."""
         probe = torch.empty(0, self.in_features, dtype=dtype, device=device)
         if self._use_cuda(probe):
-            from ...kernels.spqr import cuda_path
+            from ...kernels.spqr import OCTET_PATHS, cuda_path
             from ...kernels.spqr_cuda import spqr_dequantize_cuda
             from ...kernels.spqr_octet import MAX_ROWS, spqr_octet_dequant
 
-            octet = cuda_path(MAX_ROWS + 1, self.packed_meta(), probe.device) in ("octet", "split")  # prefill path
+            octet = cuda_path(MAX_ROWS + 1, self.packed_meta(), probe.device) in OCTET_PATHS  # prefill path
             lay = self.octet_layout() if octet else self.cuda_layout()
             with torch.no_grad():
                 w = (spqr_octet_dequant if octet else spqr_dequantize_cuda)(lay, dtype)

@@ -1,0 +1,396 @@
+"""SpQR decode products for 8-16 activation rows without shared-memory staging: ``spqr_octet_flat`` (sm_90+).
+
+Same layout and decode as :mod:`kernels.spqr_octet` (one weight row per ``mma`` column, the activations in the A
+operand); what changes is where the time goes. Profiles of ``spqr_octet_split`` at 16 rows
+(``benchmarks/results/ncu_profiles_after_s16.md``) spent about a quarter of each warp's time before its first step:
+every block gathered its chunk of the activations through the permutation, found each row's largest magnitude and
+scaled them into shared memory, behind two block barriers; and about 239 warp instructions per 64-column step, of
+which the decode and ``mma`` are about 60. Here:
+
+* ``spqr_octet_prep`` (a small grid: rows x 1024-column blocks) does the gather, the per-row power-of-two scale and
+  the fp16 rounding once, into a global buffer in the octet kernels' shared-memory image order (``xs_index`` with
+  row pairs ``64 KS`` columns apart) plus ``rinv`` per row, and lets the next kernel start at once
+  (``griddepcontrol.launch_dependents``).
+* ``spqr_octet_flat`` is launched with programmatic stream serialization (:func:`kernels.cuda_rt.launch` with
+  ``pdl=True``): each warp issues its first weight loads, then waits for the activations (``griddepcontrol.wait``).
+  Every warp of a persistent grid takes an equal contiguous range of the layer's (octet, step) items in octet-major
+  order and streams it with ``FD_`` steps of loads in flight in registers (codes, statistics, and the step's
+  outlier entries, one per lane); the A fragments are read from the global buffer (L1); each step's outliers are
+  added to its decoded weights through a one-step tile per warp in shared memory (positions precomputed in
+  ``layout["fent"]``, :func:`flat_entries`). An octet the warp covers whole is written directly; one shared with
+  the neighbouring warps (at most two per warp) goes through a scratch slot and a counter per octet, and the warp
+  that arrives last adds the pieces in warp order (deterministic: the same launch gives the same bits).
+
+With no block barrier and no staging, 16 rows cost about 1.1x one. Measured on the H200 in one run
+(``benchmarks/results/spqr_speed_flat.md``; 3-bit, 16x16 groups, act-order, outliers; CUDA graphs over distinct
+copies, 3 interleaved rounds) against ``spqr_octet_split``, the dispatch's kernel there before: 1.31x / 1.36x /
+1.31x faster at 16 rows (4096 -> 11008, 11008 -> 4096, 4096 -> 4096; 0.68x / 0.72x / 0.64x of bf16's speed against
+0.52x / 0.53x / 0.49x), 1.19-1.22x at 12 rows, 1.08-1.11x at 8, 0.95-1.06x at 4; at 1 row slower than
+``spqr_octet_stream`` (0.74x / 0.76x / 0.71x bf16 against 0.99x / 0.96x / 0.88x). Its limit is instruction issue:
+by ncu (``ncu_flat_proto_s17.md``, at one row) about 184 warp instructions per 64-column step against 132 for
+``spqr_octet_stream``, of which the decode, ``mma`` and loads are about 60. :func:`kernels.spqr.cuda_path` routes
+8-16 rows here. The PyTorch reference of the same function is :func:`kernels.spqr.spqr_matmul_reference`.
+
+Example:
+    >>> lay = octet_layout(layer.packed_tensors(), **layer.packed_meta())  # doctest: +SKIP
+    >>> y = spqr_octet_flat(x, lay, bias=layer.bias)  # x: (16, in_features) bf16 on an sm_90 GPU  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from hf_effllm.errors import HfEffllmError
+
+from .cuda_rt import capability, cdiv, launch, on_device, sm_count
+from .spqr_octet import MAX_ROWS, _bias, _check_index_range, _kernel, _rows, octet_source
+
+__all__ = ["FLAT_ROWS", "flat_entries", "flat_launch", "flat_source", "spqr_octet_flat"]
+
+FLAT_ROWS = 16  # activation rows of one launch (the mma's m16)
+PREP_COLUMNS = 1024  # stored columns per block of spqr_octet_prep (4 per thread of 256)
+
+_FLAT_SOURCE = r"""
+#define FD_ {FD}                 // steps of loads in flight per warp
+#define FW_ {FW}                 // warps per block
+#define FMB_ {FMB}               // blocks per SM the registers are budgeted for
+
+// activations (M, K) -> xf (the shared-memory image order of xs_index, row pairs KS * 256 bytes apart), gathered by
+// perm, row m scaled by 2^e so that its largest magnitude lies in [2^13, 2^14), rounded to fp16; rinv[m] = 2^-e.
+// Block (m, b) takes stored columns [b CPB, (b + 1) CPB) of row m (CPB <= 1024) and reads the whole row for the max.
+extern "C" __global__ void __launch_bounds__(256) spqr_octet_prep(
+    const u16* __restrict__ x, const int* __restrict__ perm, u16* __restrict__ xf, float* __restrict__ rinv,
+    int M, int K, int KS, int sx, int CPB) {
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    const int m = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int c0 = blockIdx.y * CPB, c1 = min(c0 + CPB, KS * 64);
+    __shared__ float red[8];
+    const u16* xr = x + (long long)m * sx;
+    int src[4];  // the permutation entries first: independent of the row's loads
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int k = c0 + (int)threadIdx.x + i * 256;
+        src[i] = k < c1 && k < K ? (perm ? __ldg(perm + k) : k) : -1;
+    }
+    float mx = 0.f;
+#pragma unroll 8
+    for (int k = threadIdx.x; k < K; k += 256) mx = fmaxf(mx, fabsf(act_f(xr[k])));
+#pragma unroll
+    for (int off = 16; off; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    if (lane == 0) red[warp] = mx;
+    __syncthreads();
+    float v = red[0];
+#pragma unroll
+    for (int w = 1; w < 8; ++w) v = fmaxf(v, red[w]);
+    int e = 0;
+    if (v > 0.f && v <= 3.0e38f) {
+        int ex;
+        frexpf(v, &ex);
+        e = min(max(14 - ex, -120), 120);
+    }
+    const float sc = ldexpf(1.f, e);
+    if (blockIdx.y == 0 && threadIdx.x == 0) rinv[m] = ldexpf(1.f, -e);
+    const int RSB = KS * 256;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int k = c0 + (int)threadIdx.x + i * 256;
+        if (k < c1) xf[xs_index(m, k, RSB)] = src[i] >= 0 ? half_from_f(act_f(xr[src[i]]) * sc) : (u16)0;
+    }
+}
+
+// the first item of warp w when NWT warps split T items evenly, and the warp whose range holds item i
+__device__ __forceinline__ long long fl_begin(long long w, long long T, long long NWT) { return w * T / NWT; }
+__device__ __forceinline__ long long fl_owner(long long i, long long T, long long NWT) {
+    return ((i + 1) * NWT - 1) / T;
+}
+
+// the end of an octet segment of a warp: the C fragment sums (c0 = (activation row g, weight row 2t), c1 = (g,
+// 2t + 1), c2/c3 the same for row g + 8) written whole, or stored as piece `piece` of `np` in scratch and counted;
+// the last piece's warp adds the pieces in order, writes the rows and resets the counter for the next launch
+__device__ __noinline__ void fl_finish(float a0, float a1, float a2, float a3, int o, bool whole, int piece, int np,
+                                       int M, int N, int PMAX, const float* __restrict__ rinv,
+                                       const u16* __restrict__ bias, u16* __restrict__ y, int sy,
+                                       float* __restrict__ scratch, int* __restrict__ counters) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const float acc[4] = {a0, a1, a2, a3};
+    if (whole) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int m = g + (i >> 1) * 8, row = o * 8 + 2 * t + (i & 1);
+            if (m < M && row < N) {
+                float v = acc[i] * rinv[m];
+                if (bias) v += act_f(bias[row]);
+                y[(long long)m * sy + row] = act_from_f(v);
+            }
+        }
+        return;
+    }
+    float* mine = scratch + ((long long)o * PMAX + piece) * 128;  // [8 weight rows][16 activation rows]
+#pragma unroll
+    for (int i = 0; i < 4; ++i) mine[(2 * t + (i & 1)) * 16 + g + (i >> 1) * 8] = acc[i];
+    __syncwarp();
+    int old = 0;
+    if (lane == 0) old = atom_add_acq_rel(counters + o, 1);
+    old = __shfl_sync(0xffffffffu, old, 0);
+    if (old != np - 1) return;
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int m = g + (i >> 1) * 8, r = 2 * t + (i & 1), row = o * 8 + r;
+        float v = 0.f;
+#pragma unroll 1
+        for (int p = 0; p < np; ++p) v += __ldcg(scratch + ((long long)o * PMAX + p) * 128 + r * 16 + m);
+        if (m < M && row < N) {
+            v *= rinv[m];
+            if (bias) v += act_f(bias[row]);
+            y[(long long)m * sy + row] = act_from_f(v);
+        }
+    }
+    if (lane == 0) counters[o] = 0;
+}
+
+// y (M, N) = x (M, K) W^T (+ bias), M <= 16, from the prepared activations xf and rinv (spqr_octet_prep)
+extern "C" __global__ void __launch_bounds__(FW_ * 32, FMB_) spqr_octet_flat(
+    const uint4* __restrict__ xf, const float* __restrict__ rinv, const uint2* __restrict__ codes,
+    const u8* __restrict__ stats, const uint2* __restrict__ stats2, const u32* __restrict__ fent,
+    const int* __restrict__ sptr, const u16* __restrict__ bias, u16* __restrict__ y, float* __restrict__ scratch,
+    int* __restrict__ counters, int M, int N, int KS, int NO, int sy, int NWT, int PMAX) {
+    extern __shared__ __align__(16) char smem[];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const long long T = (long long)NO * KS, gw = (long long)blockIdx.x * FW_ + warp;
+    const long long ib = fl_begin(gw, T, NWT), ie = fl_begin(gw + 1, T, NWT);
+    if (gw >= NWT || ib >= ie) return;  // no block barrier follows
+    u16* tile = (u16*)smem + warp * 512;  // this step's fp16 corrections: [half of the slice][lane][8]
+    for (int i = lane; i < 64; i += 32) ((uint4*)tile)[i] = make_uint4(0u, 0u, 0u, 0u);
+    __syncwarp();
+    // sptr of the loaded items, 32 at a time: lane j holds sptr[sp0 + j] (cur) and sptr[sp0 + 32 + j] (nxt)
+    long long sp0 = ib;
+    int sp_cur = __ldg(sptr + min(sp0 + lane, T)), sp_nxt = __ldg(sptr + min(sp0 + 32 + lane, T));
+    uint2 bcw[FD_], bs2[FD_];
+    u32 bsb[FD_], ben[FD_];
+    int blo[FD_], bn[FD_];
+    long long p_it = ib;
+    int p_o = (int)(ib / KS), p_s = (int)(ib - (long long)p_o * KS);
+    const uint2* p_cp = codes + ib * 32 + lane;
+    const u8* p_sp = stats + ib * 32 + lane;
+    const uint2* p_s2 = stats2 + ((long long)(p_o >> 1) * KS + p_s) * 4 + t;
+// slot U <- the next item's codes, statistics and outlier entries (lane j: the item's entry j, if any)
+#define LOAD(U)                                                                                    \
+    if (p_it < ie) {                                                                               \
+        bcw[U] = ld_stream2(p_cp);                                                                 \
+        bsb[U] = ld_stream_u8(p_sp);                                                               \
+        bs2[U] = __ldg(p_s2);                                                                      \
+        int i_ = (int)(p_it - sp0);                                                                \
+        if (i_ == 32) {                                                                            \
+            sp0 += 32;                                                                             \
+            sp_cur = sp_nxt;                                                                       \
+            sp_nxt = __ldg(sptr + min(sp0 + 32 + lane, T));                                        \
+            i_ = 0;                                                                                \
+        }                                                                                          \
+        const int lo_ = __shfl_sync(0xffffffffu, sp_cur, i_);                                      \
+        const int hi_ = __shfl_sync(0xffffffffu, i_ < 31 ? sp_cur : sp_nxt, (i_ + 1) & 31);        \
+        blo[U] = lo_;                                                                              \
+        bn[U] = hi_ - lo_;                                                                         \
+        ben[U] = lane < hi_ - lo_ ? __ldg(fent + lo_ + lane) : 0u;                                 \
+        ++p_it;                                                                                    \
+        p_cp += 32;                                                                                \
+        p_sp += 32;                                                                                \
+        p_s2 += 4;                                                                                 \
+        if (++p_s == KS) {                                                                         \
+            p_s = 0;                                                                               \
+            ++p_o;                                                                                 \
+            p_s2 = stats2 + (long long)(p_o >> 1) * KS * 4 + t;                                    \
+        }                                                                                          \
+    }
+#pragma unroll
+    for (int u = 0; u < FD_; ++u) LOAD(u);
+    asm volatile("griddepcontrol.wait;" ::: "memory");  // spqr_octet_prep's activations are complete from here
+
+    const int PR = M < 8 ? M : 8;
+    const bool has_a = g < PR;  // lanes of absent activation rows: their fragment rows of C are never written
+    const uint4* xl = xf + (long long)(has_a ? g : 0) * KS * 16 + t;  // row pair g: uint4 (s * 16 + q * 4 + t)
+    int c_o = (int)(ib / KS), c_s = (int)(ib - (long long)c_o * KS);
+    int seg_s = c_s;  // the first step of the current octet segment
+    float acc0[4] = {0.f, 0.f, 0.f, 0.f}, acc1[4] = {0.f, 0.f, 0.f, 0.f};
+    const uint4 z4 = make_uint4(0u, 0u, 0u, 0u);
+    const uint4* xp = xl + c_s * 16;
+    for (long long c_it = ib; c_it < ie; c_it += FD_) {
+#pragma unroll
+        for (int u = 0; u < FD_; ++u) {
+            if (c_it + u >= ie) break;  // warp-uniform
+            u32 b[4][2];
+            decode_step(b, bcw[u], bsb[u], bs2[u]);
+            const uint4 a0 = has_a ? __ldg(xp) : z4, a1 = has_a ? __ldg(xp + 4) : z4;
+            const uint4 a2 = has_a ? __ldg(xp + 8) : z4, a3 = has_a ? __ldg(xp + 12) : z4;
+            const int n = bn[u];
+            if (n > 0) {  // warp-uniform: the step's corrections into the tile, each lane adds its 16, cleared
+                const u32 en = ben[u];
+                if (lane < n) tile[en & 511u] = (u16)(en >> 16);
+#pragma unroll 1
+                for (int e = 32 + lane; e < n; e += 32) {
+                    const u32 en2 = __ldg(fent + blo[u] + e);
+                    tile[en2 & 511u] = (u16)(en2 >> 16);
+                }
+                __syncwarp();
+                const uint4* tl = (const uint4*)tile;
+                const uint4 q0 = tl[lane], q1 = tl[32 + lane];
+                b[0][0] = hadd2(b[0][0], q0.x);
+                b[0][1] = hadd2(b[0][1], q0.y);
+                b[1][0] = hadd2(b[1][0], q0.z);
+                b[1][1] = hadd2(b[1][1], q0.w);
+                b[2][0] = hadd2(b[2][0], q1.x);
+                b[2][1] = hadd2(b[2][1], q1.y);
+                b[3][0] = hadd2(b[3][0], q1.z);
+                b[3][1] = hadd2(b[3][1], q1.w);
+                __syncwarp();
+                if (lane < n) tile[en & 511u] = 0;
+#pragma unroll 1
+                for (int e = 32 + lane; e < n; e += 32) tile[__ldg(fent + blo[u] + e) & 511u] = 0;
+                __syncwarp();
+            }
+            mma_f16(acc0, a0, b[0][0], b[0][1]);
+            mma_f16(acc1, a1, b[1][0], b[1][1]);
+            mma_f16(acc0, a2, b[2][0], b[2][1]);
+            mma_f16(acc1, a3, b[3][0], b[3][1]);
+            LOAD(u);
+            xp += 16;
+            const bool last = c_it + u == ie - 1;
+            if (++c_s == KS || last) {  // the end of an octet segment (warp-uniform)
+                const bool whole = seg_s == 0 && c_s == KS;
+                int piece = 0, np = 1;
+                if (!whole) {
+                    const long long f = fl_owner((long long)c_o * KS, T, NWT);
+                    np = (int)(fl_owner((long long)c_o * KS + KS - 1, T, NWT) - f) + 1;
+                    piece = (int)(gw - f);
+                }
+                fl_finish(acc0[0] + acc1[0], acc0[1] + acc1[1], acc0[2] + acc1[2], acc0[3] + acc1[3], c_o, whole,
+                          piece, np, M, N, PMAX, rinv, bias, y, sy, scratch, counters);
+#pragma unroll
+                for (int i = 0; i < 4; ++i) acc0[i] = acc1[i] = 0.f;
+                if (c_s == KS) {
+                    c_s = 0;
+                    ++c_o;
+                    xp = xl;
+                }
+                seg_s = c_s;
+            }
+        }
+    }
+}
+"""
+
+
+def flat_source(*, warps: int, depth: int, blocks_per_sm: int, bf16: bool) -> str:
+    """The CUDA source of ``spqr_octet_prep`` and ``spqr_octet_flat`` (after the octet kernels' device helpers):
+    ``warps`` per block, ``depth`` steps of loads in flight per warp, registers budgeted for ``blocks_per_sm``
+    resident blocks, and the activation dtype."""
+    src = _FLAT_SOURCE
+    for name, value in dict(FD=depth, FW=warps, FMB=blocks_per_sm).items():
+        src = src.replace("{" + name + "}", str(value))
+    return octet_source(warps=warps, hi=True, bf16=bf16, split=True) + src
+
+
+def flat_entries(sent: torch.Tensor) -> torch.Tensor:
+    """The octet layout's step-sorted outlier entries (``column in step | row in octet << 6 | (step mod 128) << 9 |
+    fp16 correction << 16``) as ``tile position | correction << 16``: the position of the correction in the warp's
+    one-step tile (the half index ``(column bit 3) * 256 + (lane g * 4 + column / 16) * 8 + column % 8``, where
+    lane ``(g, t)`` reads its 16 as two 16-byte words, columns 0-7 and 8-15 of its slice)."""
+    e = sent.to(torch.int64) & 0xFFFFFFFF
+    col, row = e & 63, (e >> 6) & 7
+    pos = (((col >> 3) & 1) << 8) | (((col >> 4) | (row << 2)) << 3) | (col & 7)
+    out = pos | (e & 0xFFFF0000)
+    return ((out + 2**31) % 2**32 - 2**31).to(torch.int32)
+
+
+def flat_launch(rows: int, device: torch.device) -> tuple[int, int, int]:
+    """``(warps, depth, blocks_per_sm)`` of :func:`spqr_octet_flat`: 8 warps, 6 steps in flight, 2 blocks per SM
+    (16 warps per SM at the 128 registers a thread may then use; deeper spills). The fastest or within 1% of the
+    fastest of the sweep in ``benchmarks/results/spqr_speed_flat.md`` at every shape and row count."""
+    return 8, 6, 2
+
+
+def spqr_octet_flat(
+    x: torch.Tensor,
+    layout: dict[str, Any],
+    *,
+    bias: torch.Tensor | None = None,
+    warps: int | None = None,
+    depth: int | None = None,
+    blocks_per_sm: int | None = None,
+) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` for W in :func:`kernels.spqr_octet.octet_layout`, computed by ``spqr_octet_prep`` and
+    ``spqr_octet_flat`` (sm_90+; see the module docstring). Shared octets are counted in
+    ``layout["flat_counters"]`` (reset by the kernel: concurrent launches on one layout from several streams are not
+    supported).
+
+    Args:
+        x: (..., in_features) float16 or bfloat16 on the layout's GPU, any number of rows (one launch per 16).
+        layout: the layer's octet layout.
+        bias: optional (out_features,) bias.
+        warps: warps per block (1-32); depth: steps of loads in flight per warp (1-8); blocks_per_sm: resident
+            blocks per SM the registers are budgeted for (1-4). ``None``: :func:`flat_launch`.
+
+    Returns:
+        (..., out_features) in ``x.dtype``.
+    """
+    lead, x2, y = _rows(x, layout, "spqr_octet_flat", max_rows=None)
+    if x.device.type != "cuda" or capability(x.device) < (9, 0):
+        raise HfEffllmError(
+            f"spqr_octet_flat needs an sm_90+ GPU (programmatic dependent launch); x is on {x.device}. Use "
+            f"spqr_octet_split or spqr_octet_gemv."
+        )
+    default = flat_launch(min(x2.shape[0], FLAT_ROWS), x.device)
+    warps, depth, blocks_per_sm = (d if v is None else v for d, v in zip(default, (warps, depth, blocks_per_sm)))
+    for name, value, lo, hi in (
+        ("warps", warps, 1, 32),
+        ("depth", depth, 1, 8),
+        ("blocks_per_sm", blocks_per_sm, 1, 4),
+    ):
+        if not lo <= value <= hi:
+            raise HfEffllmError(f"{name}={value} is out of range; spqr_octet_flat takes {lo}-{hi}.")
+    if warps * blocks_per_sm > 64:
+        raise HfEffllmError(
+            f"warps={warps} x blocks_per_sm={blocks_per_sm} is over the 64 warps an SM holds; use fewer of either."
+        )
+    n, k, ks, no, m = layout["n"], layout["k"], layout["ks"], layout["no"], x2.shape[0]
+    if m == 0 or n == 0:
+        return y.reshape(*lead, n)
+    bias = _bias(bias, n, x.dtype)
+    items = no * ks
+    nwt = min(sm_count(x.device) * blocks_per_sm * warps, items)
+    _check_index_range(no, ks, nwt)
+    pmax = ks // max(1, items // nwt) + 2  # pieces an octet can have: its steps over the fewest items of a warp, + 2
+    dev = x.device
+    if layout.get("fent") is None or layout["fent"].device != dev:
+        layout["fent"] = flat_entries(layout["sent"]).to(dev)
+    counters = layout.get("flat_counters")
+    if counters is None or counters.device != dev or counters.numel() < no:
+        counters = layout["flat_counters"] = torch.zeros(no, dtype=torch.int32, device=dev)
+    # the prepared activations (8 row pairs x KS steps x 256 bytes; rows a launch does not have are left as they
+    # are: they only reach output rows that are never written), their scales, the shared octets' pieces
+    xf = torch.empty(8 * ks * 128, dtype=torch.float16, device=dev)
+    rinv = torch.empty(FLAT_ROWS, dtype=torch.float32, device=dev)
+    scratch = torch.empty(no * pmax * 128, dtype=torch.float32, device=dev)
+    bf16 = x.dtype == torch.bfloat16
+    key = ("spqr_octet_flat", warps, depth, blocks_per_sm, bf16)
+
+    def source() -> str:
+        return flat_source(warps=warps, depth=depth, blocks_per_sm=blocks_per_sm, bf16=bf16)
+
+    smem = warps * 1024
+    with on_device(dev):
+        prep = _kernel(key, dev, source, "spqr_octet_prep", 0)
+        kern = _kernel(key, dev, source, "spqr_octet_flat", smem)
+        for m0 in range(0, m, MAX_ROWS):
+            mc = min(MAX_ROWS, m - m0)
+            launch(prep, (mc, cdiv(ks * 64, PREP_COLUMNS), 1), 256, 0, [x2[m0:], layout.get("perm"), xf, rinv],
+                   [mc, k, ks, x2.stride(0), PREP_COLUMNS])  # fmt: skip
+            launch(
+                kern, (cdiv(nwt, warps), 1, 1), warps * 32, smem,
+                [xf, rinv, layout["codes"], layout["stats"], layout["stats2"], layout["fent"], layout["sptr"], bias,
+                 y[m0:], scratch, counters],
+                [mc, n, ks, no, y.stride(0), nwt, pmax], pdl=True,
+            )  # fmt: skip
+    return y.reshape(*lead, n)
