@@ -42,7 +42,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from hf_effllm.benchmarking import BenchmarkRun, markdown_table, time_ms  # noqa: E402
+from hf_effllm.benchmarking import BenchmarkRun, markdown_table, rel_err, time_ms  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
 BACKENDS: dict[str, SDPBackend | None] = {
@@ -98,10 +98,6 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         mask = torch.ones(lq, lk, dtype=torch.bool, device=s.device).triu(1)
         s = s.masked_fill(mask, float("-inf"))
     return torch.softmax(s, dim=-1) @ v
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.float() - ref).norm() / ref.norm())
 
 
 def probe(backend: SDPBackend | None, q, k, v, *, causal: bool) -> tuple[str | None, str]:

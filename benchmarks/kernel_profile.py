@@ -36,7 +36,9 @@ TARGETS = ("spqr-stream", "spqr-split", "million-lut")
 def _spqr(kind: str, shape: str, rows: int, calls: int, dev: torch.device) -> None:
     from hf_effllm.kernels.spqr import spqr_matmul_reference
     from hf_effllm.kernels.spqr_octet import octet_layout, spqr_octet_split, spqr_octet_stream
-    from spqr_speed import make_layer, rel_err
+    from spqr_speed import make_layer
+
+    from hf_effllm.benchmarking import rel_err
 
     inp, out = (int(v) for v in shape.lower().split("x"))
     layer = make_layer(inp, out, dev, 0.2)
@@ -53,7 +55,8 @@ def _spqr(kind: str, shape: str, rows: int, calls: int, dev: torch.device) -> No
 def _million(batch: int, tokens: int, calls: int, dev: torch.device) -> None:
     from hf_effllm.kernels.million import million_attention, million_attention_reference
     from million_speed import HKV, HQ, WINDOW, D, K, _cuda_codes_call, _inputs
-    from spqr_speed import rel_err
+
+    from hf_effllm.benchmarking import rel_err
 
     q, ck, cv, cbk, cbv, rk, rv = _inputs(batch, HQ, HKV, tokens, WINDOW, D, D // 2, K, torch.bfloat16, dev, seed=1)
     out = million_attention(q, ck, cv, cbk, cbv, rk, rv, scale=D**-0.5, variant="cuda")

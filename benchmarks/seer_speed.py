@@ -56,7 +56,7 @@ from hf_effllm.kernels.seer_gate import block_pool_reference  # noqa: E402
 
 from hf_effllm.attention.seer import SeerAttentionConfig, SeerAttnGate, select_blocks  # noqa: E402
 from hf_effllm.attention.seer.attention import causal_block_count  # noqa: E402
-from hf_effllm.benchmarking import BenchmarkRun, markdown_table, time_ms  # noqa: E402
+from hf_effllm.benchmarking import BenchmarkRun, markdown_table, rel_err, time_ms  # noqa: E402
 
 COLUMNS = [
     "section", "variant", "seq", "sparsity", "ms", "tflops_dense_equiv", "x_vs_flash", "x_vs_cudnn",
@@ -84,10 +84,6 @@ def bench(fn, quick: bool) -> float:
         t = start.elapsed_time(end)
         return time_ms(fn, warmup=max(25, int(2 * t)), rep=max(100, int(8 * t)))
     return time_ms(fn, warmup=1, rep=3 if quick else 20)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
 
 
 def make_mask(b: int, hkv: int, s: int, bs: int, sparsity: float, dev, seed: int = 0) -> torch.Tensor:

@@ -55,7 +55,14 @@ from hf_effllm.kernels.spqr_cuda import cuda_layout, spqr_dequantize_cuda, spqr_
 from hf_effllm.kernels.spqr_cuda import supports as cuda_supports  # noqa: E402
 
 from hf_effllm import SpQRConfig, SpQRLinear  # noqa: E402
-from hf_effllm.benchmarking import BenchmarkRun, graph_time_ms, markdown_table, module_setting, time_ms  # noqa: E402
+from hf_effllm.benchmarking import (  # noqa: E402
+    BenchmarkRun,
+    graph_time_ms,
+    markdown_table,
+    module_setting,
+    rel_err,
+    time_ms,
+)
 from hf_effllm.quant.spqr import spqr_quantize_matrix  # noqa: E402
 
 FULL_SHAPES = [(4096, 11008), (11008, 4096), (4096, 4096)]
@@ -74,10 +81,6 @@ def make_layer(inp: int, out: int, device: torch.device, threshold: float) -> Sp
     cfg = SpQRConfig(bits=3, group_size=16, stats_bits=3, stats_group_size=16, outlier_threshold=threshold)
     res = spqr_quantize_matrix(w, None, cfg)
     return SpQRLinear.from_packed(res.tensors, cfg, in_features=inp, bias=None)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
 def _copies(nbytes: int, total: int = 256 << 20) -> int:

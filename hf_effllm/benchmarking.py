@@ -133,6 +133,18 @@ def graph_time_ms(fns: Sequence[Callable[[], Any]], *, replays: int = 20, trials
     return statistics.median(times)
 
 
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||out - ref|| / ||ref||`` in fp32, the error every benchmark checks its kernel's output by before timing it;
+    a zero reference counts as norm 1e-30 (an exact zero output gives 0, anything else a large number, never nan).
+
+    Example:
+        >>> rel_err(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0]))
+        0.0
+    """
+    ref = ref.float()
+    return float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
 def peak_memory_bytes(fn: Callable[[], Any], *, device: torch.device | str = "cuda") -> int:
     """Peak CUDA memory allocated while ``fn()`` runs, above what was allocated before (bytes)."""
     dev = torch.device(device)

@@ -44,3 +44,15 @@ def test_module_setting_restores_the_previous_values_also_on_an_error():
     except KeyError:
         pass
     assert mod.TIMES == [1]
+
+
+def test_rel_err_in_fp32_and_against_a_zero_reference():
+    import torch
+
+    from hf_effllm.benchmarking import rel_err
+
+    ref = torch.tensor([3.0, 4.0], dtype=torch.float16)
+    assert rel_err(torch.tensor([3.0, 4.0], dtype=torch.bfloat16), ref) == 0.0
+    assert abs(rel_err(torch.tensor([3.0, 5.0]), ref) - 0.2) < 1e-7  # ||(0, 1)|| / ||(3, 4)||
+    assert rel_err(torch.zeros(2), torch.zeros(2)) == 0.0
+    assert rel_err(torch.ones(2), torch.zeros(2)) > 1e29  # large, not nan or inf
