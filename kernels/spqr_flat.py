@@ -235,15 +235,7 @@ extern "C" __global__ void __launch_bounds__(FW_ * 32, FMB_) spqr_octet_flat(
                 }
                 __syncwarp();
                 const uint4* tl = (const uint4*)tile;
-                const uint4 q0 = tl[lane], q1 = tl[32 + lane];
-                b[0][0] = hadd2(b[0][0], q0.x);
-                b[0][1] = hadd2(b[0][1], q0.y);
-                b[1][0] = hadd2(b[1][0], q0.z);
-                b[1][1] = hadd2(b[1][1], q0.w);
-                b[2][0] = hadd2(b[2][0], q1.x);
-                b[2][1] = hadd2(b[2][1], q1.y);
-                b[3][0] = hadd2(b[3][0], q1.z);
-                b[3][1] = hadd2(b[3][1], q1.w);
+                add_corrections(b, tl[lane], tl[32 + lane]);
                 __syncwarp();
                 if (lane < n) tile[en & 511u] = 0;
 #pragma unroll 1

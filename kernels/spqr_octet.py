@@ -192,6 +192,19 @@ __device__ __forceinline__ void decode_step(u32 (*b)[2], uint2 cw, u32 sb, uint2
     }
 }
 
+// the outlier corrections of a lane's 16 weights (fp16; q0: columns 0-7 of its slice, q1: 8-15, in order) added to
+// the B fragments decode_step made of them
+__device__ __forceinline__ void add_corrections(u32 (*b)[2], uint4 q0, uint4 q1) {
+    b[0][0] = hadd2(b[0][0], q0.x);
+    b[0][1] = hadd2(b[0][1], q0.y);
+    b[1][0] = hadd2(b[1][0], q0.z);
+    b[1][1] = hadd2(b[1][1], q0.w);
+    b[2][0] = hadd2(b[2][0], q1.x);
+    b[2][1] = hadd2(b[2][1], q1.y);
+    b[3][0] = hadd2(b[3][0], q1.z);
+    b[3][1] = hadd2(b[3][1], q1.w);
+}
+
 __device__ __forceinline__ void mma_f16(float* c, uint4 a, u32 b0, u32 b1) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
                  "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
@@ -868,14 +881,7 @@ __device__ __forceinline__ void split_step(const uint2* cw, const u8* sb, const 
     tl[0] = make_uint4(0u, 0u, 0u, 0u);
     tl[1] = make_uint4(0u, 0u, 0u, 0u);
 #endif
-    b[0][0] = hadd2(b[0][0], q0.x);
-    b[0][1] = hadd2(b[0][1], q0.y);
-    b[1][0] = hadd2(b[1][0], q0.z);
-    b[1][1] = hadd2(b[1][1], q0.w);
-    b[2][0] = hadd2(b[2][0], q1.x);
-    b[2][1] = hadd2(b[2][1], q1.y);
-    b[3][0] = hadd2(b[3][0], q1.z);
-    b[3][1] = hadd2(b[3][1], q1.w);
+    add_corrections(b, q0, q1);
     const uint4* xp = (const uint4*)(xp0 + u * 256);
     mma_f16(acc0, xp[0], b[0][0], b[0][1]);
     mma_f16(acc1, xp[4], b[1][0], b[1][1]);
