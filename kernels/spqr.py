@@ -874,8 +874,8 @@ def cuda_path(rows: int, meta: dict[str, Any], device: torch.device, out_feature
     measured 1.06x / 1.01x bf16 at one row against 0.86x / 0.96x for ``spqr_octet_gemv``, and slower on square
     layers (4096 -> 4096: 0.85x against 0.95x; ``benchmarks/results/spqr_speed_stream.md``).
 
-    ``"split"`` (``spqr_octet_split``, same layout) on sm_90+ for 8-16 rows, and for 3-16 rows of layers with at
-    least 8192 inputs or outputs: on the H200 (``benchmarks/results/spqr_speed_split_s13.md``, interleaved correction
+    ``"split"`` (``spqr_octet_split``, same layout) on sm_90+ for 3-7 rows of layers with at least 8192 inputs or
+    outputs (and 8-16 rows of every layer until session 17): on the H200 (``benchmarks/results/spqr_speed_split_s13.md``, interleaved correction
     tile) at 16 rows 0.47x / 0.48x / 0.45x bf16 against 0.40x / 0.14x / 0.35x for ``spqr_octet_gemv`` (4096 ->
     11008, 11008 -> 4096, 4096 -> 4096), at 8 rows 0.55x / 0.59x / 0.53x against 0.48x / 0.29x / 0.46x, at 4 rows
     0.65x / 0.71x against 0.56x / 0.59x on the MLP shapes; slower than it at 4 rows of 4096 -> 4096 (0.57x against
@@ -897,7 +897,7 @@ def cuda_path(rows: int, meta: dict[str, Any], device: torch.device, out_feature
         return "stream"
     if rows >= FLAT_MIN_ROWS and _bulk_copies(device):
         return "flat"
-    if rows > STREAM_ROWS and (rows >= 8 or max(k, out_features or 0) >= 8192) and _bulk_copies(device):
+    if rows > STREAM_ROWS and max(k, out_features or 0) >= 8192 and _bulk_copies(device):
         return "split"
     if rows > CUDA_MAX_ROWS:
         return "octet"
