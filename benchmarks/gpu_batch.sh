@@ -46,7 +46,8 @@
 #   seer_tests    pytest -m gpu tests/seer only
 #   seer_blockmax_tests pytest -m gpu tests/seer/test_seer_blockmax.py (the block-max kernel's bf16 variants); K_SEER_BLOCKMAX_TESTS: more pytest options (e.g. "-k fixedmax")
 #   seer_blockmax seer_speed --blockmax-only at 32k: dense baselines, the block-max variant sweep, 3 rounds vs cuDNN
-#   ncu_profiles  Nsight Compute profiles of spqr_octet_split (1, 16 rows), spqr_octet_stream (1 row) and the MILLION
+#   ncu_profiles  Nsight Compute profiles of spqr_octet_split (1, 16 rows), spqr_octet_stream (1 row), spqr_octet_flat
+#                 (16 rows) and the MILLION
 #                 codes kernel (batch 16, 32k), summarised by benchmarks/ncu_summary.py -> ncu_profiles.md (NCU_TARGETS
 #                 picks others); needs the Firecracker machines' ncu (not gVisor's, see the device notes)
 source benchmarks/device_prepare.sh || exit 1
@@ -63,7 +64,8 @@ gpu_pytest() { (cd /tmp && timeout "$2" python3 -m pytest -q -m gpu -p no:cachep
 # NCU_TARGETS (name:kernel regex:kernel_profile.py arguments, space separated), each within 150 s; the report's text
 # pages are summarised into $R/ncu_profiles.md by benchmarks/ncu_summary.py, the pages themselves kept under $R/ncu
 NCU_DEFAULT="split1:spqr_octet_split:--target=spqr-split,--rows=1 split16:spqr_octet_split:--target=spqr-split,--rows=16 \
-stream1:spqr_octet_stream:--target=spqr-stream,--rows=1 million_lut:million_codes:--target=million-lut"
+stream1:spqr_octet_stream:--target=spqr-stream,--rows=1 flat16:spqr_octet_flat:--target=spqr-flat,--rows=16 \
+million_lut:million_codes:--target=million-lut"
 ncu_profiles() {
   local names=() name rx args
   mkdir -p "$R/ncu"

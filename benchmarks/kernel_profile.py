@@ -2,7 +2,8 @@
 
 Targets (``--target``):
 
-* ``spqr-stream`` / ``spqr-split``: ``spqr_octet_stream`` / ``spqr_octet_split`` on the SpQR 3-bit layer of
+* ``spqr-stream`` / ``spqr-split`` / ``spqr-flat``: ``spqr_octet_stream`` / ``spqr_octet_split`` /
+  ``spqr_octet_flat`` (with its prep kernel; profile the kernel ``spqr_octet_flat``) on the SpQR 3-bit layer of
   ``benchmarks/spqr_speed.py`` (``--shape 4096x11008``: in x out), ``--rows`` activation rows (bf16);
 * ``million-lut``: the MILLION CUDA codes kernel (``million_codes_lut`` at the default dispatch of batch 16) at the
   Llama-3-8B shape of ``benchmarks/million_speed.py``, ``--batch`` sequences of ``--tokens`` cached tokens, 4 bits.
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-TARGETS = ("spqr-stream", "spqr-split", "million-lut")
+TARGETS = ("spqr-stream", "spqr-split", "spqr-flat", "million-lut")
 
 
 def _spqr(kind: str, shape: str, rows: int, calls: int, dev: torch.device) -> None:
@@ -44,7 +45,9 @@ def _spqr(kind: str, shape: str, rows: int, calls: int, dev: torch.device) -> No
     layer = make_layer(inp, out, dev, 0.2)
     t, meta = layer.packed_tensors(), layer.packed_meta()
     lay = octet_layout(t, **meta)
-    kern = spqr_octet_split if kind == "split" else spqr_octet_stream
+    from hf_effllm.kernels.spqr_flat import spqr_octet_flat
+
+    kern = {"split": spqr_octet_split, "stream": spqr_octet_stream, "flat": spqr_octet_flat}[kind]
     x = torch.randn(rows, inp, device=dev, dtype=torch.bfloat16)
     err = rel_err(kern(x, lay), spqr_matmul_reference(x.float(), t, **meta))
     print(f"spqr_octet_{kind} {inp}->{out} rows {rows}: rel_err vs the fp32 reference {err:.2e}", flush=True)
