@@ -36,6 +36,7 @@ TARGETS = ("spqr-stream", "spqr-split", "spqr-flat", "million-lut")
 
 def _spqr(kind: str, shape: str, rows: int, calls: int, dev: torch.device) -> None:
     from hf_effllm.kernels.spqr import spqr_matmul_reference
+    from hf_effllm.kernels.spqr_flat import spqr_octet_flat
     from hf_effllm.kernels.spqr_octet import octet_layout, spqr_octet_split, spqr_octet_stream
     from spqr_speed import make_layer
 
@@ -45,8 +46,6 @@ def _spqr(kind: str, shape: str, rows: int, calls: int, dev: torch.device) -> No
     layer = make_layer(inp, out, dev, 0.2)
     t, meta = layer.packed_tensors(), layer.packed_meta()
     lay = octet_layout(t, **meta)
-    from hf_effllm.kernels.spqr_flat import spqr_octet_flat
-
     kern = {"split": spqr_octet_split, "stream": spqr_octet_stream, "flat": spqr_octet_flat}[kind]
     x = torch.randn(rows, inp, device=dev, dtype=torch.bfloat16)
     err = rel_err(kern(x, lay), spqr_matmul_reference(x.float(), t, **meta))

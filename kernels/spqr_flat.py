@@ -45,7 +45,7 @@ import torch
 from hf_effllm.errors import HfEffllmError
 
 from .cuda_rt import capability, cdiv, launch, on_device, sm_count
-from .spqr_octet import MAX_ROWS, _bias, _check_index_range, _kernel, _rows, octet_source
+from .spqr_octet import MAX_ROWS, _bias, _check_index_range, _check_ranges, _kernel, _rows, octet_source
 
 __all__ = ["FLAT_ROWS", "flat_entries", "flat_launch", "flat_source", "spqr_octet_flat"]
 
@@ -84,12 +84,7 @@ extern "C" __global__ void __launch_bounds__(256) spqr_octet_prep(
     float v = red[0];
 #pragma unroll
     for (int w = 1; w < 8; ++w) v = fmaxf(v, red[w]);
-    int e = 0;
-    if (v > 0.f && v <= 3.0e38f) {
-        int ex;
-        frexpf(v, &ex);
-        e = min(max(14 - ex, -120), 120);
-    }
+    const int e = scale_exponent(v);  // as stage_chunk scales a row
     const float sc = ldexpf(1.f, e);
     if (blockIdx.y == 0 && threadIdx.x == 0) rinv[m] = ldexpf(1.f, -e);
     const int RSB = KS * 256;
@@ -130,12 +125,7 @@ __device__ __noinline__ void fl_finish(float a0, float a1, float a2, float a3, i
     float* mine = scratch + ((long long)o * PMAX + piece) * 128;  // [8 weight rows][16 activation rows]
 #pragma unroll
     for (int i = 0; i < 4; ++i) mine[(2 * t + (i & 1)) * 16 + g + (i >> 1) * 8] = acc[i];
-    __syncwarp();
-    int old = 0;
-    if (lane == 0) old = atom_add_acq_rel(counters + o, 1);
-    old = __shfl_sync(0xffffffffu, old, 0);
-    if (old != np - 1) return;
-    __syncwarp();
+    if (!warp_arrives_last(counters, o, np)) return;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         const int m = g + (i >> 1) * 8, r = 2 * t + (i & 1), row = o * 8 + r;
@@ -335,13 +325,7 @@ def spqr_octet_flat(
         )
     default = flat_launch(min(x2.shape[0], FLAT_ROWS), x.device)
     warps, depth, blocks_per_sm = (d if v is None else v for d, v in zip(default, (warps, depth, blocks_per_sm)))
-    for name, value, lo, hi in (
-        ("warps", warps, 1, 32),
-        ("depth", depth, 1, 8),
-        ("blocks_per_sm", blocks_per_sm, 1, 4),
-    ):
-        if not lo <= value <= hi:
-            raise HfEffllmError(f"{name}={value} is out of range; spqr_octet_flat takes {lo}-{hi}.")
+    _check_ranges(("warps", warps, 1, 32), ("depth", depth, 1, 8), ("blocks_per_sm", blocks_per_sm, 1, 4))
     if warps * blocks_per_sm > 64:
         raise HfEffllmError(
             f"warps={warps} x blocks_per_sm={blocks_per_sm} is over the 64 warps an SM holds; use fewer of either."

@@ -212,6 +212,38 @@ __device__ __forceinline__ void mma_f16(float* c, uint4 a, u32 b0, u32 b1) {
                  : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
 }
 
+// *p += v, returning the old value, with release and acquire semantics at GPU scope
+__device__ __forceinline__ int atom_add_acq_rel(int* p, int v) {
+    int old;
+    asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
+    return old;
+}
+
+// e such that a row whose largest magnitude is mx, scaled by 2^e, has its largest magnitude in [2^13, 2^14) (exact,
+// far from fp16's limits); 0 for an all-zero or non-finite row, |e| <= 120
+__device__ __forceinline__ int scale_exponent(float mx) {
+    int e = 0;
+    if (mx > 0.f && mx <= 3.0e38f) {
+        int ex;
+        frexpf(mx, &ex);
+        e = min(max(14 - ex, -120), 120);
+    }
+    return e;
+}
+
+// a warp's arrival at counters[i], shared by n pieces, after its stores: lane 0's release-acquire count, broadcast;
+// true for the warp that arrives last, whose lanes may then read the other pieces' stores (CUTLASS's semaphore
+// pattern at warp scope)
+__device__ __forceinline__ bool warp_arrives_last(int* counters, int i, int n) {
+    __syncwarp();
+    int old = 0;
+    if ((threadIdx.x & 31) == 0) old = atom_add_acq_rel(counters + i, 1);
+    old = __shfl_sync(0xffffffffu, old, 0);
+    if (old != n - 1) return false;
+    __syncwarp();
+    return true;
+}
+
 // the activations in shared memory: row pair p (rows p and p + 8) holds, per step s, mma q and lane column t, the
 // A fragment {x[p][c, c+1], x[p+8][c, c+1], x[p][c+2, c+3], x[p+8][c+2, c+3]} (c = 64 s + 16 t + 4 q) as 16
 // bytes at (s * 16 + q * 4 + t) * 16: the four lanes t of a row read 64 contiguous bytes. Row pairs are
@@ -288,13 +320,7 @@ __device__ void stage_chunk(const u16* __restrict__ x, const int* __restrict__ p
     }
     __syncthreads();
     if (threadIdx.x < M) {
-        const float mx0 = rmax[threadIdx.x];
-        int e = 0;
-        if (mx0 > 0.f && mx0 <= 3.0e38f) {
-            int ex;
-            frexpf(mx0, &ex);
-            e = min(max(14 - ex, -120), 120);
-        }
+        const int e = scale_exponent(rmax[threadIdx.x]);
         rscale[threadIdx.x] = ldexpf(1.f, e);
         rinv[threadIdx.x] = ldexpf(1.f, -e);
     }
@@ -889,13 +915,6 @@ __device__ __forceinline__ void split_step(const uint2* cw, const u8* sb, const 
     mma_f16(acc1, xp[12], b[3][0], b[3][1]);
 }
 
-// *p += v, returning the old value, with release and acquire semantics at GPU scope
-__device__ __forceinline__ int atom_add_acq_rel(int* p, int v) {
-    int old;
-    asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
-    return old;
-}
-
 // the sums of octet o over this block's chunk, vals[e] = (weight row e / M, activation row e % M) in the scaled
 // activations, finished by one warp: with one chunk (C = 1) written to y; else stored (unscaled) in this chunk's
 // slot of scratch and counted in counters[o]; the chunk that arrives last adds the C slots in chunk order
@@ -917,16 +936,11 @@ __device__ void finish_octet(int o, const float* vals, int M, int N, int NO, int
     }
     float* mine = scratch + ((long long)c * NO + o) * (8 * M);
     for (int e = lane; e < 8 * M; e += 32) mine[e] = vals[e] * rinv[e % M];
-    // the warp's stores, then lane 0's release-acquire count; the last chunk's lanes read after its acquire (CUTLASS's
-    // semaphore pattern at warp scope, in place of two __threadfence: their membar.gl and L1 invalidation were about
-    // 4% of the stall samples at 16 rows, ncu, session 16; measured 1.2-2.5% faster there, same bits:
-    // benchmarks/results/spqr_octet_stage_order_s16.md, columns ring_*)
-    __syncwarp();
-    int old = 0;
-    if (lane == 0) old = atom_add_acq_rel(counters + o, 1);
-    old = __shfl_sync(0xffffffffu, old, 0);
-    if (old != C - 1) return;
-    __syncwarp();
+    // the warp's stores, then its count; the last chunk's lanes read after its acquire (warp_arrives_last, in place of
+    // two __threadfence: their membar.gl and L1 invalidation were about 4% of the stall samples at 16 rows, ncu,
+    // session 16; measured 1.2-2.5% faster there, same bits: benchmarks/results/spqr_octet_stage_order_s16.md,
+    // columns ring_*)
+    if (!warp_arrives_last(counters, o, C)) return;
     for (int e = lane; e < 8 * M; e += 32) {
         const int row = o * 8 + e / M, m = e % M;
         float v = 0.f;
@@ -1441,6 +1455,13 @@ def stream_smem_bytes(rows: int, steps: int, warps: int, stage_steps: int, stage
     return rows * (steps * 256 + 64) + warps * per_warp + 4 * octets
 
 
+def _check_ranges(*checks: tuple[str, int, int, int]) -> None:
+    """Each ``(name, value, lo, hi)`` of a launch setting: refused with its name and value unless ``lo <= value <= hi``."""
+    for name, value, lo, hi in checks:
+        if not lo <= value <= hi:
+            raise HfEffllmError(f"{name}={value} is out of range; use {lo} to {hi}.")
+
+
 def _ring_launch(
     kernel: str, x: torch.Tensor, default: tuple[int, int, int, int], given: tuple[int | None, ...]
 ) -> tuple[int, int, int, int]:
@@ -1452,9 +1473,7 @@ def _ring_launch(
             f"Use spqr_octet_gemv on older GPUs."
         )
     warps, stage_steps, stages, blocks_per_sm = (d if g is None else g for d, g in zip(default, given))
-    for name, value, lo, hi in (("warps", warps, 1, 32), ("stage_steps", stage_steps, 1, 8), ("stages", stages, 2, 16)):
-        if not lo <= value <= hi:
-            raise HfEffllmError(f"{name}={value} is out of range; use {lo} to {hi}.")
+    _check_ranges(("warps", warps, 1, 32), ("stage_steps", stage_steps, 1, 8), ("stages", stages, 2, 16))
     if blocks_per_sm < 1:
         raise HfEffllmError(f"blocks_per_sm={blocks_per_sm} must be >= 1.")
     return warps, stage_steps, stages, blocks_per_sm

@@ -58,6 +58,12 @@ def test_flat_source_and_refusals():
         spqr_octet_flat(torch.randn(2, 96, dtype=torch.bfloat16), lay)
     with pytest.raises(HfEffllmError, match="95 features"):
         spqr_octet_flat(torch.randn(2, 95, dtype=torch.bfloat16), lay)
+    # the launch settings' bounds (the check spqr_octet_flat shares with the ring kernels' _ring_launch)
+    from hf_effllm.kernels.spqr_octet import _check_ranges
+
+    _check_ranges(("warps", 32, 1, 32), ("depth", 1, 1, 8))
+    with pytest.raises(HfEffllmError, match=r"depth=9 is out of range; use 1 to 8"):
+        _check_ranges(("warps", 8, 1, 32), ("depth", 9, 1, 8))
 
 
 def _sm90() -> bool:
