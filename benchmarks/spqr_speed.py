@@ -246,20 +246,31 @@ OCTET_SWEEP = [
 OCTET_READ = ("codes", "stats", "stats2", "oent", "optr", "perm")
 
 
+def _octet_case(inp: int, out: int, dev: torch.device, threshold: float) -> tuple:
+    """The benchmark layer of one shape for the octet kernels' modes: ``(layer, tensors, meta, layout, layout
+    copies, dense copies)``, the copies (of the octet layout, and of the bf16 dense weight for the baseline) enough
+    that one CUDA-graph replay over them reads nothing from L2."""
+    from hf_effllm.kernels.spqr_octet import octet_layout
+
+    layer = make_layer(inp, out, dev, threshold)
+    t, meta = layer.packed_tensors(), layer.packed_meta()
+    olay = octet_layout(t, **meta)
+    ocopies = [_clone_layout(olay) for _ in range(_copies(layout_bytes(olay)))]
+    w = layer.dequantize().to(torch.bfloat16)
+    dense = [w.clone() for _ in range(_copies(w.numel() * w.element_size()))]
+    return layer, t, meta, olay, ocopies, dense
+
+
 def octet_rows(run: BenchmarkRun, dev: torch.device, threshold: float) -> None:
     """The octet kernel (``kernels.spqr_octet``) against bf16 and the CUDA kernel of ``kernels.spqr_cuda``, all
     in CUDA graphs over distinct copies: error vs the fp32 reference, default launch and the best of a sweep."""
-    from hf_effllm.kernels.spqr_octet import octet_layout, spqr_octet_dequant, spqr_octet_gemv
+    from hf_effllm.kernels.spqr_octet import spqr_octet_dequant, spqr_octet_gemv
 
     for inp, out in FULL_SHAPES:
-        layer = make_layer(inp, out, dev, threshold)
-        t, meta = layer.packed_tensors(), layer.packed_meta()
-        olay, clay = octet_layout(t, **meta), cuda_layout(t, **meta)
+        layer, t, meta, olay, ocopies, dense = _octet_case(inp, out, dev, threshold)
+        clay = cuda_layout(t, **meta)
         obytes = sum(olay[k].numel() * olay[k].element_size() for k in OCTET_READ if k in olay)  # read per call
-        ocopies = [_clone_layout(olay) for _ in range(_copies(layout_bytes(olay)))]
         ccopies = [_clone_layout(clay) for _ in range(_copies(layout_bytes(clay)))]
-        w = layer.dequantize().to(torch.bfloat16)
-        dense = [w.clone() for _ in range(_copies(w.numel() * w.element_size()))]
         wd = spqr_octet_dequant(olay, torch.bfloat16)
         wdr = layer.dequantize()[:, olay["perm_long"]] if "perm_long" in olay else layer.dequantize()
         for batch in (1, 4, 16):
@@ -322,16 +333,11 @@ def split_rows(run: BenchmarkRun, dev: torch.device, threshold: float) -> None:
     (``spqr_octet_gemv``; ``spqr_octet_stream`` at 1-2 rows), all in CUDA graphs over distinct copies: error vs
     the fp32 reference, default launch and the best of a sweep, at 1 to 16 activation rows."""
     from hf_effllm.kernels import spqr_octet
-    from hf_effllm.kernels.spqr_octet import octet_layout, spqr_octet_gemv, spqr_octet_split, spqr_octet_stream
+    from hf_effllm.kernels.spqr_octet import spqr_octet_gemv, spqr_octet_split, spqr_octet_stream
 
     for inp, out in FULL_SHAPES:
-        layer = make_layer(inp, out, dev, threshold)
-        t, meta = layer.packed_tensors(), layer.packed_meta()
-        olay = octet_layout(t, **meta)
+        _, t, meta, olay, ocopies, dense = _octet_case(inp, out, dev, threshold)
         obytes = sum(olay[k].numel() * olay[k].element_size() for k in SPLIT_READ if k in olay)
-        ocopies = [_clone_layout(olay) for _ in range(_copies(layout_bytes(olay)))]
-        w = layer.dequantize().to(torch.bfloat16)
-        dense = [w.clone() for _ in range(_copies(w.numel() * w.element_size()))]
         for batch in (1, 2, 4, 8, 16):
             x = torch.randn(batch, inp, device=dev, dtype=torch.bfloat16)
             ref = spqr_matmul_reference(x.float(), t, **meta)
@@ -372,15 +378,10 @@ def flat_rows(run: BenchmarkRun, dev: torch.device, threshold: float) -> None:
     16 rows: CUDA graphs over distinct copies, ``ROUNDS`` rounds interleaved (medians); a launch sweep of the new
     kernel once per row count; error vs the fp32 reference; determinism (two calls, same bits)."""
     from hf_effllm.kernels.spqr_flat import spqr_octet_flat
-    from hf_effllm.kernels.spqr_octet import octet_layout, spqr_octet_split, spqr_octet_stream
+    from hf_effllm.kernels.spqr_octet import spqr_octet_split, spqr_octet_stream
 
     for inp, out in FULL_SHAPES:
-        layer = make_layer(inp, out, dev, threshold)
-        t, meta = layer.packed_tensors(), layer.packed_meta()
-        olay = octet_layout(t, **meta)
-        ocopies = [_clone_layout(olay) for _ in range(_copies(layout_bytes(olay)))]
-        w = layer.dequantize().to(torch.bfloat16)
-        dense = [w.clone() for _ in range(_copies(w.numel() * w.element_size()))]
+        _, t, meta, olay, ocopies, dense = _octet_case(inp, out, dev, threshold)
         for batch in (1, 4, 8, 12, 16):
             x = torch.randn(batch, inp, device=dev, dtype=torch.bfloat16)
             ref = spqr_matmul_reference(x.float(), t, **meta)
@@ -464,16 +465,11 @@ STREAM_SWEEP = [
 def stream_rows(run: BenchmarkRun, dev: torch.device, threshold: float) -> None:
     """The streaming octet kernel (``spqr_octet_stream``) against bf16 and the octet kernel ``spqr_octet_gemv``,
     all in CUDA graphs over distinct copies: error vs the fp32 reference, default launch and the best of a sweep."""
-    from hf_effllm.kernels.spqr_octet import octet_layout, spqr_octet_gemv, spqr_octet_stream
+    from hf_effllm.kernels.spqr_octet import spqr_octet_gemv, spqr_octet_stream
 
     for inp, out in FULL_SHAPES:
-        layer = make_layer(inp, out, dev, threshold)
-        t, meta = layer.packed_tensors(), layer.packed_meta()
-        olay = octet_layout(t, **meta)
+        _, t, meta, olay, ocopies, dense = _octet_case(inp, out, dev, threshold)
         obytes = sum(olay[k].numel() * olay[k].element_size() for k in OCTET_READ if k in olay)  # read per call
-        ocopies = [_clone_layout(olay) for _ in range(_copies(layout_bytes(olay)))]
-        w = layer.dequantize().to(torch.bfloat16)
-        dense = [w.clone() for _ in range(_copies(w.numel() * w.element_size()))]
         for batch in (1, 2, 4):
             x = torch.randn(batch, inp, device=dev, dtype=torch.bfloat16)
             ref = spqr_matmul_reference(x.float(), t, **meta)
@@ -510,13 +506,8 @@ def stream_breakdown_rows(run: BenchmarkRun, dev: torch.device, threshold: float
     from hf_effllm import HfEffllmError
 
     for inp, out in FULL_SHAPES:
-        layer = make_layer(inp, out, dev, threshold)
-        t, meta = layer.packed_tensors(), layer.packed_meta()
-        olay = spqr_octet.octet_layout(t, **meta)
+        _, t, meta, olay, ocopies, dense = _octet_case(inp, out, dev, threshold)
         nbytes = sum(olay[k].numel() * olay[k].element_size() for k in OCTET_READ if k in olay)
-        ocopies = [_clone_layout(olay) for _ in range(_copies(layout_bytes(olay)))]
-        w = layer.dequantize().to(torch.bfloat16)
-        dense = [w.clone() for _ in range(_copies(w.numel() * w.element_size()))]
         x = torch.randn(1, inp, device=dev, dtype=torch.bfloat16)
         base = graph_time_ms([lambda w=w, x=x: torch.matmul(x, w.T) for w in dense])
         for a, b, c, d in [(16, 8, 2, 1), (16, 8, 4, 1), (32, 8, 2, 1)]:
