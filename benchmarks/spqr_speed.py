@@ -368,7 +368,7 @@ def split_rows(run: BenchmarkRun, dev: torch.device, threshold: float) -> None:
         del ocopies, dense
 
 
-FLAT_SWEEP = [(8, 6, 2), (8, 4, 2), (4, 4, 4), (16, 4, 1), (4, 6, 3)]  # (warps, depth, blocks_per_sm)
+FLAT_SWEEP = [(8, 3, 2), (8, 4, 2), (8, 2, 2), (4, 3, 4), (16, 3, 1)]  # (warps, depth, blocks_per_sm)
 ROUNDS = 3  # interleaved timing rounds of --flat (medians)
 
 

@@ -15,20 +15,29 @@ which the decode and ``mma`` are about 60. Here:
   ``pdl=True``): each warp issues its first weight loads, then waits for the activations (``griddepcontrol.wait``).
   Every warp of a persistent grid takes an equal contiguous range of the layer's (octet, step) items in octet-major
   order and streams it with ``FD_`` steps of loads in flight in registers (codes, statistics, and the step's
-  outlier entries, one per lane); the A fragments are read from the global buffer (L1); each step's outliers are
-  added to its decoded weights through a one-step tile per warp in shared memory (positions precomputed in
-  ``layout["fent"]``, :func:`flat_entries`). An octet the warp covers whole is written directly; one shared with
-  the neighbouring warps (at most two per warp) goes through a scratch slot and a counter per octet, and the warp
-  that arrives last adds the pieces in warp order (deterministic: the same launch gives the same bits).
+  outlier entries, one per lane); the A fragments are read from the global buffer (L1) one step ahead; each step's
+  outliers are added to its decoded weights through one of two one-step tiles per warp in shared memory, used in
+  turn (positions precomputed in ``layout["fent"]``, :func:`flat_entries`). An octet the warp covers whole is
+  written directly; one shared with the neighbouring warps (at most two per warp) goes through a scratch slot and a
+  counter per octet, and the warp that arrives last adds the pieces in warp order (deterministic: the same launch
+  gives the same bits).
 
-With no block barrier and no staging, 16 rows cost about 1.1x one. Measured on the H200 in one run
-(``benchmarks/results/spqr_speed_flat.md``; 3-bit, 16x16 groups, act-order, outliers; CUDA graphs over distinct
-copies, 3 interleaved rounds) against ``spqr_octet_split``, the dispatch's kernel there before: 1.31x / 1.36x /
-1.31x faster at 16 rows (4096 -> 11008, 11008 -> 4096, 4096 -> 4096; 0.68x / 0.72x / 0.64x of bf16's speed against
-0.52x / 0.53x / 0.49x), 1.19-1.22x at 12 rows, 1.08-1.11x at 8, 0.95-1.06x at 4; at 1 row slower than
-``spqr_octet_stream`` (0.74x / 0.76x / 0.71x bf16 against 0.99x / 0.96x / 0.88x). Its limit is instruction issue:
-by ncu (``ncu_flat_proto_s17.md``, at one row) about 184 warp instructions per 64-column step against 132 for
-``spqr_octet_stream``, of which the decode, ``mma`` and loads are about 60. :func:`kernels.spqr.cuda_path` routes
+With no block barrier and no staging, 16 rows cost about 1.1x one. Measured on the H200 (3-bit, 16x16 groups,
+act-order, outliers; CUDA graphs over distinct copies, 3 interleaved rounds):
+
+* session 17 (``benchmarks/results/spqr_speed_flat.md``), against ``spqr_octet_split``, the dispatch's kernel there
+  before: 1.31x / 1.36x / 1.31x faster at 16 rows (4096 -> 11008, 11008 -> 4096, 4096 -> 4096), 1.19-1.22x at 12
+  rows, 1.08-1.11x at 8, 0.95-1.06x at 4;
+* session 18 (``benchmarks/results/spqr_flat_s18.md``), this loop against session 17's: 1.08-1.10x faster on the two
+  MLP shapes, 1.00-1.01x on 4096 -> 4096. Against bf16: 0.85x / 0.86x / 0.71x at 1 row (``spqr_octet_stream``:
+  1.04x / 0.97x / 0.86x, so the dispatch keeps it there), 0.77x / 0.78x / 0.65x at 8 rows, 0.76x / 0.78x / 0.65x
+  at 16.
+
+Its limit is latency, not instruction issue: about 40% fewer instructions per step (session 18's loop against
+session 17's, counted in the SASS) changed the time by -4% to +4% until the A fragments were loaded a step ahead
+(``benchmarks/results/spqr_flat_proto_s18.md``). By Nsight Compute (the prototypes at depth 4, 1 and 16 rows) the
+issue slots are 36-42% busy with 16 warps per SM (the 128 registers a thread may use at 2 blocks of 8 warps), DRAM
+17-20%, and at 16 rows 42% of the stall samples wait on L1TEX data, the hottest at the A fragments' first use. :func:`kernels.spqr.cuda_path` routes
 8-16 rows here. The PyTorch reference of the same function is :func:`kernels.spqr.spqr_matmul_reference`.
 
 Example:
@@ -104,7 +113,7 @@ __device__ __forceinline__ long long fl_owner(long long i, long long T, long lon
 // the end of an octet segment of a warp: the C fragment sums (c0 = (activation row g, weight row 2t), c1 = (g,
 // 2t + 1), c2/c3 the same for row g + 8) written whole, or stored as piece `piece` of `np` in scratch and counted;
 // the last piece's warp adds the pieces in order, writes the rows and resets the counter for the next launch
-__device__ __noinline__ void fl_finish(float a0, float a1, float a2, float a3, int o, bool whole, int piece, int np,
+__device__ __forceinline__ void fl_finish(float a0, float a1, float a2, float a3, int o, bool whole, int piece, int np,
                                        int M, int N, int PMAX, const float* __restrict__ rinv,
                                        const u16* __restrict__ bias, u16* __restrict__ y, int sy,
                                        float* __restrict__ scratch, int* __restrict__ counters) {
@@ -141,6 +150,26 @@ __device__ __noinline__ void fl_finish(float a0, float a1, float a2, float a3, i
     if (lane == 0) counters[o] = 0;
 }
 
+// shared-memory access by 32-bit address (the correction tiles), and the A fragments' 16-byte global load: an
+// ordinary (coherent) load, so that none of the prepared activations is read before griddepcontrol.wait (ptxas moves
+// ld.global.nc loads, whose data it may take as constant for the whole kernel, above it)
+__device__ __forceinline__ void sts_u16(u32 a, u32 v) {
+    asm volatile("st.shared.u16 [%0], %1;" ::"r"(a), "h"((u16)v) : "memory");
+}
+__device__ __forceinline__ uint4 lds_128(u32 a) {
+    uint4 v;
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a) : "memory");
+    return v;
+}
+__device__ __forceinline__ void sts_zero128(u32 a) {
+    asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};" ::"r"(a), "r"(0) : "memory");
+}
+__device__ __forceinline__ uint4 ld_nc128(const uint4* p) {
+    uint4 v;
+    asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
 // y (M, N) = x (M, K) W^T (+ bias), M <= 16, from the prepared activations xf and rinv (spqr_octet_prep)
 extern "C" __global__ void __launch_bounds__(FW_ * 32, FMB_) spqr_octet_flat(
     const uint4* __restrict__ xf, const float* __restrict__ rinv, const uint2* __restrict__ codes,
@@ -149,98 +178,106 @@ extern "C" __global__ void __launch_bounds__(FW_ * 32, FMB_) spqr_octet_flat(
     int* __restrict__ counters, int M, int N, int KS, int NO, int sy, int NWT, int PMAX) {
     extern __shared__ __align__(16) char smem[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const long long T = (long long)NO * KS, gw = (long long)blockIdx.x * FW_ + warp;
-    const long long ib = fl_begin(gw, T, NWT), ie = fl_begin(gw + 1, T, NWT);
+    const int T = NO * KS, gw = blockIdx.x * FW_ + warp;
+    const int ib = (int)fl_begin(gw, T, NWT), ie = (int)fl_begin(gw + 1, T, NWT);
     if (gw >= NWT || ib >= ie) return;  // no block barrier follows
-    u16* tile = (u16*)smem + warp * 512;  // this step's fp16 corrections: [half of the slice][lane][8]
-    for (int i = lane; i < 64; i += 32) ((uint4*)tile)[i] = make_uint4(0u, 0u, 0u, 0u);
-    __syncwarp();
-    // sptr of the loaded items, 32 at a time: lane j holds sptr[sp0 + j] (cur) and sptr[sp0 + 32 + j] (nxt)
-    long long sp0 = ib;
-    int sp_cur = __ldg(sptr + min(sp0 + lane, T)), sp_nxt = __ldg(sptr + min(sp0 + 32 + lane, T));
+    // two one-step correction tiles per warp, used in turn: [half of the slice][lane][8] fp16 each
+    const u32 tb = smem_addr(smem) + warp * 2048;
+    for (int i = lane; i < 128; i += 32) sts_zero128(tb + i * 16);
     uint2 bcw[FD_], bs2[FD_];
     u32 bsb[FD_], ben[FD_];
-    int blo[FD_], bn[FD_];
-    long long p_it = ib;
-    int p_o = (int)(ib / KS), p_s = (int)(ib - (long long)p_o * KS);
-    const uint2* p_cp = codes + ib * 32 + lane;
-    const u8* p_sp = stats + ib * 32 + lane;
-    const uint2* p_s2 = stats2 + ((long long)(p_o >> 1) * KS + p_s) * 4 + t;
-// slot U <- the next item's codes, statistics and outlier entries (lane j: the item's entry j, if any)
+    int bn[FD_], shi[FD_];
+    const int last = ie - 1;
+    // the loads run FD_ items ahead of the steps: the codes and statistics through per-round pointers and immediate
+    // offsets, sptr one round ahead of its use (the entries' loads need it); the stats2 word of (octet pair, step, t) tracked by index (s2i, the steps to the octet's end p_left,
+    // the jump at that end s2d: back to the pair's start after an even octet, none after an odd one)
+    int p_o = ib / KS;
+    int p_left = KS - (ib - p_o * KS);
+    u32 s2i = (u32)(((p_o >> 1) * KS + (ib - p_o * KS)) * 4 + t);
+    u32 s2d = (p_o & 1) ? 0u : (u32)(-KS * 4);
+    const u32 s2x = (u32)(-KS * 4);
+    int prev_hi = __ldg(sptr + ib);
+#pragma unroll
+    for (int u = 0; u < FD_; ++u) if (ib + u <= last) shi[u] = __ldg(sptr + ib + u + 1);
+    const uint2* pc = codes + (u32)ib * 32u + lane;
+    const u8* ps = stats + (u32)ib * 32u + lane;
+    const int* pp = sptr + ib + FD_ + 1;
+    int lim = last - ib;  // slots u <= lim load in this round
+// slot U <- the round's item U: codes, statistics and outlier entries (lane j: entry j, if any); sptr of item + FD_
 #define LOAD(U)                                                                                    \
-    if (p_it < ie) {                                                                               \
-        bcw[U] = ld_stream2(p_cp);                                                                 \
-        bsb[U] = ld_stream_u8(p_sp);                                                               \
-        bs2[U] = __ldg(p_s2);                                                                      \
-        int i_ = (int)(p_it - sp0);                                                                \
-        if (i_ == 32) {                                                                            \
-            sp0 += 32;                                                                             \
-            sp_cur = sp_nxt;                                                                       \
-            sp_nxt = __ldg(sptr + min(sp0 + 32 + lane, T));                                        \
-            i_ = 0;                                                                                \
-        }                                                                                          \
-        const int lo_ = __shfl_sync(0xffffffffu, sp_cur, i_);                                      \
-        const int hi_ = __shfl_sync(0xffffffffu, i_ < 31 ? sp_cur : sp_nxt, (i_ + 1) & 31);        \
-        blo[U] = lo_;                                                                              \
-        bn[U] = hi_ - lo_;                                                                         \
-        ben[U] = lane < hi_ - lo_ ? __ldg(fent + lo_ + lane) : 0u;                                 \
-        ++p_it;                                                                                    \
-        p_cp += 32;                                                                                \
-        p_sp += 32;                                                                                \
-        p_s2 += 4;                                                                                 \
-        if (++p_s == KS) {                                                                         \
-            p_s = 0;                                                                               \
-            ++p_o;                                                                                 \
-            p_s2 = stats2 + (long long)(p_o >> 1) * KS * 4 + t;                                    \
+    if (U <= lim) {                                                                                \
+        bcw[U] = ld_stream2(pc + U * 32);                                                          \
+        bsb[U] = ld_stream_u8(ps + U * 32);                                                        \
+        bs2[U] = __ldg(stats2 + s2i);                                                              \
+        const int lo_ = prev_hi, n_ = shi[U] - lo_;                                                \
+        prev_hi = shi[U];                                                                          \
+        bn[U] = n_;                                                                                \
+        ben[U] = lane < n_ ? __ldg(fent + lo_ + lane) : 0u;                                        \
+        if (U + FD_ <= lim) shi[U] = __ldg(pp + U);                                                \
+        s2i += 4;                                                                                  \
+        if (--p_left == 0) {                                                                       \
+            p_left = KS;                                                                           \
+            s2i += s2d;                                                                            \
+            s2d ^= s2x;                                                                            \
         }                                                                                          \
     }
 #pragma unroll
     for (int u = 0; u < FD_; ++u) LOAD(u);
     asm volatile("griddepcontrol.wait;" ::: "memory");  // spqr_octet_prep's activations are complete from here
-
-    const int PR = M < 8 ? M : 8;
-    const bool has_a = g < PR;  // lanes of absent activation rows: their fragment rows of C are never written
-    const uint4* xl = xf + (long long)(has_a ? g : 0) * KS * 16 + t;  // row pair g: uint4 (s * 16 + q * 4 + t)
-    int c_o = (int)(ib / KS), c_s = (int)(ib - (long long)c_o * KS);
-    int seg_s = c_s;  // the first step of the current octet segment
+    const uint4* xl = xf + (long long)(g < (M < 8 ? M : 8) ? g : 0) * KS * 16 + t;  // row pair g (absent: pair 0)
+    int c_o = ib / KS;
+    const int s0 = ib - c_o * KS;
+    int seg_len = min(KS - s0, ie - ib);  // the current octet segment: its length, steps left, the next one's start
+    int seg_left = seg_len, seg_next = ib + seg_len;
     float acc0[4] = {0.f, 0.f, 0.f, 0.f}, acc1[4] = {0.f, 0.f, 0.f, 0.f};
-    const uint4 z4 = make_uint4(0u, 0u, 0u, 0u);
-    const uint4* xp = xl + c_s * 16;
-    for (long long c_it = ib; c_it < ie; c_it += FD_) {
+    const uint4* xpb = xl + s0 * 16;  // the round's A base: slot u reads xpb + 16 u
+    u32 toff = 0;                     // the tile of this step: 0 or 1024 bytes
+    uint4 na0 = ld_nc128(xpb), na1 = ld_nc128(xpb + 4), na2 = ld_nc128(xpb + 8), na3 = ld_nc128(xpb + 12);
+    int rb = ib;  // the round's first item
+    for (;;) {
+        pc += FD_ * 32;
+        ps += FD_ * 32;
+        pp += FD_;
+        lim -= FD_;
 #pragma unroll
         for (int u = 0; u < FD_; ++u) {
-            if (c_it + u >= ie) break;  // warp-uniform
             u32 b[4][2];
             decode_step(b, bcw[u], bsb[u], bs2[u]);
-            const uint4 a0 = has_a ? __ldg(xp) : z4, a1 = has_a ? __ldg(xp + 4) : z4;
-            const uint4 a2 = has_a ? __ldg(xp + 8) : z4, a3 = has_a ? __ldg(xp + 12) : z4;
+            const uint4 a0 = na0, a1 = na1, a2 = na2, a3 = na3;  // this step's A fragments; the next step's issued
+            {
+                const uint4* xq = seg_left == 1 ? xl : xpb + (u + 1) * 16;
+                na0 = ld_nc128(xq);
+                na1 = ld_nc128(xq + 4);
+                na2 = ld_nc128(xq + 8);
+                na3 = ld_nc128(xq + 12);
+            }
             const int n = bn[u];
-            if (n > 0) {  // warp-uniform: the step's corrections into the tile, each lane adds its 16, cleared
-                const u32 en = ben[u];
-                if (lane < n) tile[en & 511u] = (u16)(en >> 16);
+            const u32 tl = tb + toff;
+            toff ^= 1024u;
+            const u32 en = ben[u];
+            if (lane < n) sts_u16(tl + ((en & 511u) << 1), en >> 16);
+            if (n > 32) {  // warp-uniform, rare: the step's entries past the first 32
+                const int lo = __ldg(sptr + rb + u);
 #pragma unroll 1
                 for (int e = 32 + lane; e < n; e += 32) {
-                    const u32 en2 = __ldg(fent + blo[u] + e);
-                    tile[en2 & 511u] = (u16)(en2 >> 16);
+                    const u32 en2 = __ldg(fent + lo + e);
+                    sts_u16(tl + ((en2 & 511u) << 1), en2 >> 16);
                 }
-                __syncwarp();
-                const uint4* tl = (const uint4*)tile;
-                add_corrections(b, tl[lane], tl[32 + lane]);
-                __syncwarp();
-                if (lane < n) tile[en & 511u] = 0;
-#pragma unroll 1
-                for (int e = 32 + lane; e < n; e += 32) tile[__ldg(fent + blo[u] + e) & 511u] = 0;
-                __syncwarp();
+            }
+            __syncwarp();  // every step: the writes before the reads, and last step's clears before the next writes
+            if (n > 0) {   // warp-uniform: each lane adds its 16 corrections and clears them
+                const u32 ta = tl + lane * 16;
+                add_corrections(b, lds_128(ta), lds_128(ta + 512));
+                sts_zero128(ta);
+                sts_zero128(ta + 512);
             }
             mma_f16(acc0, a0, b[0][0], b[0][1]);
             mma_f16(acc1, a1, b[1][0], b[1][1]);
             mma_f16(acc0, a2, b[2][0], b[2][1]);
             mma_f16(acc1, a3, b[3][0], b[3][1]);
             LOAD(u);
-            xp += 16;
-            const bool last = c_it + u == ie - 1;
-            if (++c_s == KS || last) {  // the end of an octet segment (warp-uniform)
-                const bool whole = seg_s == 0 && c_s == KS;
+            if (--seg_left == 0) {  // the end of an octet segment (warp-uniform)
+                const bool whole = seg_len == KS;
                 int piece = 0, np = 1;
                 if (!whole) {
                     const long long f = fl_owner((long long)c_o * KS, T, NWT);
@@ -249,16 +286,17 @@ extern "C" __global__ void __launch_bounds__(FW_ * 32, FMB_) spqr_octet_flat(
                 }
                 fl_finish(acc0[0] + acc1[0], acc0[1] + acc1[1], acc0[2] + acc1[2], acc0[3] + acc1[3], c_o, whole,
                           piece, np, M, N, PMAX, rinv, bias, y, sy, scratch, counters);
+                if (seg_next == ie) return;
 #pragma unroll
                 for (int i = 0; i < 4; ++i) acc0[i] = acc1[i] = 0.f;
-                if (c_s == KS) {
-                    c_s = 0;
-                    ++c_o;
-                    xp = xl;
-                }
-                seg_s = c_s;
+                ++c_o;
+                seg_len = seg_left = min(KS, ie - seg_next);
+                seg_next += seg_len;
+                xpb = xl - (u + 1) * 16;
             }
         }
+        rb += FD_;
+        xpb += FD_ * 16;
     }
 }
 """
@@ -287,10 +325,11 @@ def flat_entries(sent: torch.Tensor) -> torch.Tensor:
 
 
 def flat_launch(rows: int, device: torch.device) -> tuple[int, int, int]:
-    """``(warps, depth, blocks_per_sm)`` of :func:`spqr_octet_flat`: 8 warps, 6 steps in flight, 2 blocks per SM
-    (16 warps per SM at the 128 registers a thread may then use; deeper spills). The fastest or within 1% of the
-    fastest of the sweep in ``benchmarks/results/spqr_speed_flat.md`` at every shape and row count."""
-    return 8, 6, 2
+    """``(warps, depth, blocks_per_sm)`` of :func:`spqr_octet_flat`: 8 warps, 3 steps in flight, 2 blocks per SM
+    (16 warps per SM at the 128 registers a thread may then use; with the A fragments loaded a step ahead, 4 steps
+    is the deepest that does not spill). Measured in ``benchmarks/results/spqr_flat_s18.md`` at 1, 8 and 16 rows:
+    3 was 0-3% faster than 4 on the MLP shapes and within 2% of it on 4096 -> 4096; 2 was 6-11% slower."""
+    return 8, 3, 2
 
 
 def spqr_octet_flat(
@@ -355,7 +394,7 @@ def spqr_octet_flat(
     def source() -> str:
         return flat_source(warps=warps, depth=depth, blocks_per_sm=blocks_per_sm, bf16=bf16)
 
-    smem = warps * 1024
+    smem = warps * 2048
     with on_device(dev):
         prep = _kernel(key, dev, source, "spqr_octet_prep", 0)
         kern = _kernel(key, dev, source, "spqr_octet_flat", smem)

@@ -79,7 +79,7 @@ FLAT_CASES = [
     (50, 202, 3, 3, 16, "act_order"),
 ]
 # (warps, depth, blocks_per_sm): the default, one warp per block (several octets each), deep and shallow loads
-FLAT_CONFIGS = [(8, 6, 2), (1, 2, 1), (4, 8, 1), (32, 1, 2), (6, 3, 3)]
+FLAT_CONFIGS = [(8, 3, 2), (1, 2, 1), (4, 8, 1), (32, 1, 2), (6, 5, 3)]
 
 
 @pytest.mark.gpu
