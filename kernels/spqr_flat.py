@@ -37,7 +37,8 @@ Its limit is latency, not instruction issue: about 40% fewer instructions per st
 session 17's, counted in the SASS) changed the time by -4% to +4% until the A fragments were loaded a step ahead
 (``benchmarks/results/spqr_flat_proto_s18.md``). By Nsight Compute (the prototypes at depth 4, 1 and 16 rows) the
 issue slots are 36-42% busy with 16 warps per SM (the 128 registers a thread may use at 2 blocks of 8 warps), DRAM
-17-20%, and at 16 rows 42% of the stall samples wait on L1TEX data, the hottest at the A fragments' first use. :func:`kernels.spqr.cuda_path` routes
+17-20%, and at 16 rows 42% of the stall samples wait on L1TEX data, the hottest at the A fragments' first use. A variant over octet pairs (each A
+fragment serving two octets) was correct but not faster (same file). :func:`kernels.spqr.cuda_path` routes
 8-16 rows here. The PyTorch reference of the same function is :func:`kernels.spqr.spqr_matmul_reference`.
 
 Example:
