@@ -42,8 +42,12 @@ Two designs of the kernel, one block per (batch, KV head, split of the codes); :
   step ``(bb, i)``, so the 16 lanes of a half-warp hit 16 distinct 8-byte banks whatever the codes; one entry is
   two registers of an mma A fragment (rows: 8 tokens x query rows 0-1 / 2-3), and a 0/1 B operand sums each
   query row's k-slots: the per-token sum over the M subspaces runs on the tensor cores in fp32.
-* online softmax in log2 units over 32 tokens (lanes ``t4 = 0`` hold the 4 rows of their tokens); the
-  probabilities go to a per-warp tile in shared memory as fp16 pairs.
+* online softmax in log2 units over 32 tokens (the 0/1 operand puts each row's sum in every column, so every lane
+  holds the 4 rows of its tokens); the probabilities go to a per-warp tile in shared memory as fp16 pairs, lane
+  ``(g, t4)`` storing token ``g + 8 t4`` in a tile padded so that each quarter-warp's 16-byte stores take one
+  wavefront (session 18: 4 per 32-token step instead of 16, bit-identical; 1.4-2.4% faster at 4 bits, batch 16,
+  32k-128k tokens, no change at 2 bits: ``benchmarks/results/million_lut_tile_s18.md``; ``LUT_TILE`` keeps the
+  earlier layout for comparison).
 * values on the CUDA cores: lane ``l`` owns subspaces ``2 l, 2 l + 1`` (M=64) or ``l``; the value table's layout
   gives them distinct banks, so every gather is one wavefront; fp16 pair FMAs (``HFMA2``) over a 32-token step,
   added to fp32 accumulators between steps.
@@ -105,7 +109,19 @@ LUT_ROWS = 4  # query rows per KV head the "lut" design takes (four fp16 values 
 # was 7-19% faster at 8192 and more (2 bits: as fast or faster everywhere, 7-40%)
 LUT_MIN_TOKENS = 8192
 DESIGNS = ("mma", "lut")
-LUT_TILE_WORDS = 32 * 4 + 4  # "lut": each warp's probability tile (32 tokens x 4 rows, fp16 pairs) + 4 factors
+# "lut": how each warp's probability tile is stored (module setting, so that the benchmark can compare them):
+# "padded" (every lane stores one token's 4 rows, two 16-byte pads per 8 tokens: 4 shared-memory wavefronts per
+# 32-token step) or "t4zero" (session 11: the 8 lanes t4 = 0 store all 32 tokens, 16 wavefronts)
+LUT_TILE = "padded"
+
+
+def lut_tile_words(tile: str | None = None) -> int:
+    """Words per warp of the "lut" design's probability tile (32 tokens x 4 rows as fp16 pairs, padded or not) and
+    its 4 rescale factors, for ``tile`` (default: the module setting ``LUT_TILE``)."""
+    tile = LUT_TILE if tile is None else tile
+    if tile not in ("padded", "t4zero"):
+        raise HfEffllmError(f"million_cuda.LUT_TILE={tile!r} is not known; use 'padded' or 't4zero'.")
+    return (40 if tile == "padded" else 32) * 4 + 4
 
 
 def num_warps(rows: int, design: str = "mma") -> int:
@@ -139,6 +155,7 @@ _HEADER = r"""
 #define VLANES (M_ / SPL)      // "lut": lanes that own value subspaces
 #define NBLK (M_ / 16)         // "lut": 16-subspace blocks of a key-code row
 #define PW {PW}                 // "lut": words per warp of the probability tile (32 tokens x 4 rows) + 4 rescale factors
+#define TILE_PAD {TILE_PAD}     // "lut": the probability tile padded (every lane stores a token) or not (lanes t4 = 0)
 #define CS {CS}                // "lut": the codes' token stride in bytes when known at compile time (else 0)
 #define NEG_INF (-__int_as_float(0x7f800000))
 //@COMMON
@@ -579,7 +596,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_lut(K
     const int start = sp * split_len;
     const int end = min(start + split_len, n_codes);
     u32* Ps = tiles + warp * PW;
-    float* As = (float*)(Ps + 128);
+    float* As = (float*)(Ps + PW - 4);
     const u32 sLa = (u32)__cvta_generic_to_shared(sL);
     const u32 sVa = (u32)__cvta_generic_to_shared(sV);
     // Scores: A = table entries (16 rows: 8 tokens x the row pairs 0-1 and 2-3 of the 4 query rows; k: 8 subspaces x
@@ -594,7 +611,11 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_lut(K
         sel[i] = 0x4440u | (u32)x;
         lb[i] = sLa + (4 * t4 + x) * 8;
     }
-    const u32 bsel = (g == 0 ? 0x3C00u : 0u) | (g == 1 ? 0x3C000000u : 0u);  // k-slot 2t4 (+8): column 0; +1: 1
+#if TILE_PAD  // k-slot 2t4 (+8) into every even column, 2t4 + 1 (+9) into every odd one: all lanes get the sums
+    const u32 bsel = (g & 1) ? 0x3C000000u : 0x3C00u;
+#else         // k-slot 2t4 (+8): column 0; +1: 1 (lanes t4 = 0 get the sums, the others zeros)
+    const u32 bsel = (g == 0 ? 0x3C00u : 0u) | (g == 1 ? 0x3C000000u : 0u);
+#endif
     // Values: lane l owns subspaces SPL l + s (s < SPL) for all 4 rows, accumulated in fp16 pairs over a 32-token
     // step and in fp32 across steps.
     u32 vb[SPL];
@@ -661,12 +682,23 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_lut(K
             l_r[e] = l_r[e] * al[e] + ((p[0][e] + p[1][e]) + (p[2][e] + p[3][e]));  // this lane's share (added up at the end)
             m_r[e] = m_new;
         }
+#if TILE_PAD
+        {  // lane (g, t4) stores token g + 8 t4 at slot g + 10 t4 (two 16-byte pads per 8 tokens): the 8 lanes of a
+           // quarter-warp hit 8 distinct 16-byte bank groups, one wavefront each instead of four
+            u32 w[4];
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) w[e] = h2dup(t4 == 0 ? p[0][e] : t4 == 1 ? p[1][e] : t4 == 2 ? p[2][e] : p[3][e]);
+            *(uint4*)(Ps + (g + 10 * t4) * 4) = make_uint4(w[0], w[1], w[2], w[3]);
+            if (lane == 0) *(float4*)As = make_float4(al[0], al[1], al[2], al[3]);
+        }
+#else
         if (t4 == 0) {
             #pragma unroll
             for (int r = 0; r < 4; ++r)
                 *(uint4*)(Ps + (g + 8 * r) * 4) = make_uint4(h2dup(p[r][0]), h2dup(p[r][1]), h2dup(p[r][2]), h2dup(p[r][3]));
             if (g == 0) *(float4*)As = make_float4(al[0], al[1], al[2], al[3]);
         }
+#endif
         __syncwarp();
         if (lane < VLANES) {
             const float4 al4 = *(const float4*)As;
@@ -682,7 +714,7 @@ extern "C" __global__ void __launch_bounds__(NWARPS * 32, 1) million_codes_lut(K
                 }
             #pragma unroll
             for (int j = 0; j < 32; ++j) {
-                const uint4 pp = *(const uint4*)(Ps + j * 4);
+                const uint4 pp = *(const uint4*)(Ps + (TILE_PAD ? j + 2 * (j >> 3) : j) * 4);
                 const u32 pr[4] = {pp.x, pp.y, pp.z, pp.w};
                 #pragma unroll
                 for (int s = 0; s < SPL; ++s) {
@@ -1029,7 +1061,7 @@ def cuda_source(
     return render(
         _HEADER + (_SOURCE_LUT if design == "lut" else _SOURCE), D=d, M=m, DSUB=d // m, GQ=gq, LQ=lq, HKV=hkv,
         NWARPS=nwarps, IS_BF16=bf16, PER_HEAD=per_head, HAS_MASK=has_mask, CS=code_stride if design == "lut" else 0,
-        PW=LUT_TILE_WORDS,
+        PW=lut_tile_words(), TILE_PAD=LUT_TILE == "padded",
     )  # fmt: skip
 
 
@@ -1038,7 +1070,7 @@ def smem_bytes(d: int, m: int, nwarps: int = NWARPS, rows: int = ROWS, design: s
     warps' ``rows`` query rows reuses them (and needs more at 16 warps with 9-16 rows). ``"lut"``: the lookup table
     (256 x M x 8 bytes), the value table, the scaled query rows and each warp's probability tile."""
     if design == "lut":
-        return 256 * m * 8 + 256 * d * 2 + 4 * d * 4 + nwarps * LUT_TILE_WORDS * 4
+        return 256 * m * 8 + 256 * d * 2 + 4 * d * 4 + nwarps * lut_tile_words() * 4
     merge = nwarps * ((8 if rows <= 8 else 16) * d + 32) * 4
     return max(2 * 256 * d * 2, merge)
 
@@ -1175,9 +1207,9 @@ def split_plan(n: int, bh: int, device: torch.device, splits: int | None = None)
 
 def _compiled(key: tuple, device: torch.device) -> tuple[Any, int]:
     """``(kernel, shared-memory bytes)`` for ``key = (d, m, gq, lq, hkv, bf16, per_head, has_mask, nwarps,
-    design, code_stride)`` on ``device``; the source is generated and compiled on the first call only (a dict lookup
+    design, code_stride, LUT_TILE)`` on ``device`` (the source reads ``LUT_TILE``: it is in the key); the source is generated and compiled on the first call only (a dict lookup
     afterwards)."""
-    d, m, gq, lq, hkv, bf16, per_head, has_mask, nwarps, design, code_stride = key
+    d, m, gq, lq, hkv, bf16, per_head, has_mask, nwarps, design, code_stride, _tile = key
     smem = smem_bytes(d, m, nwarps, gq * lq, design)
 
     def source() -> str:
@@ -1233,7 +1265,7 @@ def million_codes_cuda(
     # the cache's codes are rows of M bytes: that stride is compiled in ("lut"), any other one read at run time
     cs = m if design == "lut" and sk[2] == m and sv[2] == m else 0
     has_mask = code_mask is not None
-    key = (d, m, gq, lq, hkv, q.dtype, per_head, has_mask, nwarps, design, cs, q.device)
+    key = (d, m, gq, lq, hkv, q.dtype, per_head, has_mask, nwarps, design, cs, q.device, LUT_TILE)
     plan = _PLANS.get(key)
     if plan is None:  # checked (and compiled) once per key
         plan = _launch_plan(key)
@@ -1267,9 +1299,9 @@ def _float_bits(x: float) -> int:
 
 def _launch_plan(key: tuple) -> tuple[Any, int, int]:
     """``(kernel, shared-memory bytes, warps)`` of :func:`million_codes_cuda` for its launch key ``(d, m, gq, lq,
-    hkv, dtype, per_head, has_mask, nwarps, design, code_stride, device)``, after the checks of ``design`` and
+    hkv, dtype, per_head, has_mask, nwarps, design, code_stride, device, LUT_TILE)``, after the checks of ``design`` and
     ``nwarps`` against the device's shared memory (compiling the kernel on the first call for its key)."""
-    d, m, gq, lq, hkv, dtype, per_head, has_mask, nwarps, design, cs, device = key
+    d, m, gq, lq, hkv, dtype, per_head, has_mask, nwarps, design, cs, device, tile = key
     if design not in DESIGNS or (design == "lut" and gq * lq > LUT_ROWS):
         raise HfEffllmError(f"design={design!r} does not take GQ * Lq = {gq * lq} query rows; use 'mma'.")
     warps = nwarps or num_warps(gq * lq, design)
@@ -1282,6 +1314,6 @@ def _launch_plan(key: tuple) -> tuple[Any, int, int]:
             f"Use fewer warps (the default, {num_warps(gq * lq, design)}, fits on the H100/H200)."
         )
     kernel, smem = _compiled(
-        (d, m, gq, lq, hkv, dtype == torch.bfloat16, per_head, has_mask, warps, design, cs), device
+        (d, m, gq, lq, hkv, dtype == torch.bfloat16, per_head, has_mask, warps, design, cs, tile), device
     )
     return kernel, smem, warps

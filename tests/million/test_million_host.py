@@ -350,14 +350,15 @@ def test_cuda_path_end_to_end_through_a_fake_gpu(triton_interpret, fake_gpu, dri
     warps = mc.num_warps(hq // hkv * lq, design)
     assert launch["grid"] == (b * hkv, 3, 1) and launch["block"] == (warps * 32, 1, 1) and launch["stream"] == 77
     assert launch["smem"] == mc.smem_bytes(d, m, warps, hq // hkv * lq, design)
-    assert compiled[0][-2:] == (design, m if design == "lut" else 0)  # rows of M bytes: "lut" compiles M in
+    # rows of M bytes: "lut" compiles M in; the probability tile's layout is in the key
+    assert compiled[0][-3:] == (design, m if design == "lut" else 0, mc.LUT_TILE)
     with pytest.raises(HfEffllmError, match="nwarps=17 is out of range"):
         million_attention(q, ck, cv, cbk, cbv, rk, rv, scale=d**-0.5, variant="cuda", num_warps=17)
 
 
 def test_launch_plan_key_and_per_call_checks(fake_gpu, driver):
-    """million_codes_cuda compiles once per launch key (shape, dtype, design, mask, warps, code stride, device) and
-    still checks the partial buffer and the split count on every call."""
+    """million_codes_cuda compiles once per launch key (shape, dtype, design, mask, warps, code stride, device,
+    probability tile) and still checks the partial buffer and the split count on every call."""
     compiled = []
     fake_gpu.setattr(mc, "compiled", lambda key, *a, **kw: compiled.append(key) or types.SimpleNamespace(func=1))
     drv = driver(nptr=9)
@@ -380,10 +381,13 @@ def test_launch_plan_key_and_per_call_checks(fake_gpu, driver):
     call(design="lut")
     call(nwarps=4)
     assert len(compiled) == 5
-    assert compiled[-2][-2:] == ("lut", 64)  # contiguous codes: "lut" compiles the token stride in
+    assert compiled[-2][-3:] == ("lut", 64, "padded")  # contiguous codes: "lut" compiles the token stride in
     strided = _codes(1, 2, 64, 64, row=80)  # rows of 80 bytes: the stride is read at run time
     call(design="lut", codes=(strided, strided))
-    assert len(compiled) == 6 and compiled[-1][-2:] == ("lut", 0)
+    assert len(compiled) == 6 and compiled[-1][-3:] == ("lut", 0, "padded")
+    fake_gpu.setattr(mc, "LUT_TILE", "t4zero")  # the probability tile's layout is compiled in: its own key
+    call(design="lut")
+    assert len(compiled) == 7 and compiled[-1][-3:] == ("lut", 64, "t4zero")
     assert drv.launches[0]["ints"][3] == struct.unpack("<i", struct.pack("<f", 0.125))[0]
     with pytest.raises(HfEffllmError, match="part_o holds"):
         call(part_o=po[:100])  # a hit of the plan memo: checked anyway

@@ -302,6 +302,26 @@ def test_cuda_lut_value_table_is_the_kernels_layout(m, dsub):
     assert lut_value_table(cb) is table
 
 
+def test_cuda_lut_tile_setting_reaches_the_source_and_the_shared_memory(monkeypatch):
+    """LUT_TILE picks the probability tile's layout: padded (default: 40 slots of 4 words per warp + 4 factors,
+    every lane stores a token) or the session-11 one (32 slots, lanes t4 = 0); the source, the shared memory and
+    the compiled kernel's key follow it; an unknown value is refused."""
+    from hf_effllm.kernels import million_cuda as mc
+
+    kw = dict(d=128, m=64, gq=4, lq=1, hkv=8, bf16=True, per_head=True, has_mask=False, nwarps=12, design="lut")
+    assert mc.LUT_TILE == "padded" and mc.lut_tile_words() == 164
+    src = mc.cuda_source(**kw)
+    assert "#define TILE_PAD 1" in src and "#define PW 164" in src
+    padded = mc.smem_bytes(128, 64, 12, 4, "lut")
+    monkeypatch.setattr(mc, "LUT_TILE", "t4zero")
+    src = mc.cuda_source(**kw)
+    assert "#define TILE_PAD 0" in src and "#define PW 132" in src
+    assert padded - mc.smem_bytes(128, 64, 12, 4, "lut") == 12 * 32 * 4
+    monkeypatch.setattr(mc, "LUT_TILE", "wide")
+    with pytest.raises(HfEffllmError, match="LUT_TILE='wide' is not known"):
+        mc.cuda_source(**kw)
+
+
 def test_cuda_lut_smem_fits_the_h200_at_every_warp_count():
     from hf_effllm.kernels.million_cuda import NWARPS, smem_bytes
 
