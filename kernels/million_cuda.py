@@ -1054,23 +1054,27 @@ def design_for(rows: int, codebook_v: torch.Tensor, split_len: int = LUT_MIN_TOK
 
 def cuda_source(
     *, d: int, m: int, gq: int, lq: int, hkv: int, bf16: bool, per_head: bool, has_mask: bool, nwarps: int = NWARPS,
-    design: str = "mma", code_stride: int = 0,
+    design: str = "mma", code_stride: int = 0, tile: str | None = None,
 ) -> str:  # fmt: skip
     """The kernel's CUDA source for one shape (constants baked in, like Triton's ``constexpr``); ``code_stride``:
-    the codes' token stride in bytes when it is known (``"lut"``; 0: read at run time)."""
+    the codes' token stride in bytes when it is known (``"lut"``; 0: read at run time); ``tile``: the ``"lut"``
+    probability tile's layout (default: ``LUT_TILE``)."""
     return render(
         _HEADER + (_SOURCE_LUT if design == "lut" else _SOURCE), D=d, M=m, DSUB=d // m, GQ=gq, LQ=lq, HKV=hkv,
         NWARPS=nwarps, IS_BF16=bf16, PER_HEAD=per_head, HAS_MASK=has_mask, CS=code_stride if design == "lut" else 0,
-        PW=lut_tile_words(), TILE_PAD=LUT_TILE == "padded",
+        PW=lut_tile_words(tile), TILE_PAD=(LUT_TILE if tile is None else tile) == "padded",
     )  # fmt: skip
 
 
-def smem_bytes(d: int, m: int, nwarps: int = NWARPS, rows: int = ROWS, design: str = "mma") -> int:
+def smem_bytes(
+    d: int, m: int, nwarps: int = NWARPS, rows: int = ROWS, design: str = "mma", tile: str | None = None
+) -> int:
     """Dynamic shared memory of one block. ``"mma"``: both tables (256 x D x 2 bytes each); the final merge of the
     warps' ``rows`` query rows reuses them (and needs more at 16 warps with 9-16 rows). ``"lut"``: the lookup table
-    (256 x M x 8 bytes), the value table, the scaled query rows and each warp's probability tile."""
+    (256 x M x 8 bytes), the value table, the scaled query rows and each warp's probability tile (its layout
+    ``tile``, default ``LUT_TILE``)."""
     if design == "lut":
-        return 256 * m * 8 + 256 * d * 2 + 4 * d * 4 + nwarps * lut_tile_words() * 4
+        return 256 * m * 8 + 256 * d * 2 + 4 * d * 4 + nwarps * lut_tile_words(tile) * 4
     merge = nwarps * ((8 if rows <= 8 else 16) * d + 32) * 4
     return max(2 * 256 * d * 2, merge)
 
@@ -1207,10 +1211,10 @@ def split_plan(n: int, bh: int, device: torch.device, splits: int | None = None)
 
 def _compiled(key: tuple, device: torch.device) -> tuple[Any, int]:
     """``(kernel, shared-memory bytes)`` for ``key = (d, m, gq, lq, hkv, bf16, per_head, has_mask, nwarps,
-    design, code_stride, LUT_TILE)`` on ``device`` (the source reads ``LUT_TILE``: it is in the key); the source is generated and compiled on the first call only (a dict lookup
-    afterwards)."""
-    d, m, gq, lq, hkv, bf16, per_head, has_mask, nwarps, design, code_stride, _tile = key
-    smem = smem_bytes(d, m, nwarps, gq * lq, design)
+    design, code_stride, tile)`` on ``device`` (``tile``: the probability tile's layout, ``LUT_TILE``); the source
+    is generated and compiled on the first call only (a dict lookup afterwards)."""
+    d, m, gq, lq, hkv, bf16, per_head, has_mask, nwarps, design, code_stride, tile = key
+    smem = smem_bytes(d, m, nwarps, gq * lq, design, tile)
 
     def source() -> str:
         return cuda_source(
@@ -1225,6 +1229,7 @@ def _compiled(key: tuple, device: torch.device) -> tuple[Any, int]:
             nwarps=nwarps,
             design=design,
             code_stride=code_stride,
+            tile=tile,
         )
 
     name = "million_codes_lut" if design == "lut" else "million_codes_cuda"
@@ -1299,15 +1304,16 @@ def _float_bits(x: float) -> int:
 
 def _launch_plan(key: tuple) -> tuple[Any, int, int]:
     """``(kernel, shared-memory bytes, warps)`` of :func:`million_codes_cuda` for its launch key ``(d, m, gq, lq,
-    hkv, dtype, per_head, has_mask, nwarps, design, code_stride, device, LUT_TILE)``, after the checks of ``design`` and
-    ``nwarps`` against the device's shared memory (compiling the kernel on the first call for its key)."""
+    hkv, dtype, per_head, has_mask, nwarps, design, code_stride, device, LUT_TILE)``, after the checks of
+    ``design`` and ``nwarps`` against the device's shared memory (compiling the kernel on the first call for its
+    key)."""
     d, m, gq, lq, hkv, dtype, per_head, has_mask, nwarps, design, cs, device, tile = key
     if design not in DESIGNS or (design == "lut" and gq * lq > LUT_ROWS):
         raise HfEffllmError(f"design={design!r} does not take GQ * Lq = {gq * lq} query rows; use 'mma'.")
     warps = nwarps or num_warps(gq * lq, design)
     if not 1 <= warps <= NWARPS:
         raise HfEffllmError(f"nwarps={nwarps} is out of range; use 1 to {NWARPS} (or None for the default).")
-    need, limit = smem_bytes(d, m, warps, gq * lq, design), smem_limit(device)
+    need, limit = smem_bytes(d, m, warps, gq * lq, design, tile), smem_limit(device)
     if need > limit:
         raise HfEffllmError(
             f"nwarps={warps} needs {need} bytes of shared memory per block at D={d}, M={m}; this GPU gives {limit}. "
