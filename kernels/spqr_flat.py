@@ -165,7 +165,7 @@ __device__ __forceinline__ uint4 lds_128(u32 a) {
 __device__ __forceinline__ void sts_zero128(u32 a) {
     asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};" ::"r"(a), "r"(0) : "memory");
 }
-__device__ __forceinline__ uint4 ld_nc128(const uint4* p) {
+__device__ __forceinline__ uint4 ld_a128(const uint4* p) {
     uint4 v;
     asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
     return v;
@@ -233,7 +233,7 @@ extern "C" __global__ void __launch_bounds__(FW_ * 32, FMB_) spqr_octet_flat(
     float acc0[4] = {0.f, 0.f, 0.f, 0.f}, acc1[4] = {0.f, 0.f, 0.f, 0.f};
     const uint4* xpb = xl + s0 * 16;  // the round's A base: slot u reads xpb + 16 u
     u32 toff = 0;                     // the tile of this step: 0 or 1024 bytes
-    uint4 na0 = ld_nc128(xpb), na1 = ld_nc128(xpb + 4), na2 = ld_nc128(xpb + 8), na3 = ld_nc128(xpb + 12);
+    uint4 na0 = ld_a128(xpb), na1 = ld_a128(xpb + 4), na2 = ld_a128(xpb + 8), na3 = ld_a128(xpb + 12);
     int rb = ib;  // the round's first item
     for (;;) {
         pc += FD_ * 32;
@@ -247,10 +247,10 @@ extern "C" __global__ void __launch_bounds__(FW_ * 32, FMB_) spqr_octet_flat(
             const uint4 a0 = na0, a1 = na1, a2 = na2, a3 = na3;  // this step's A fragments; the next step's issued
             {
                 const uint4* xq = seg_left == 1 ? xl : xpb + (u + 1) * 16;
-                na0 = ld_nc128(xq);
-                na1 = ld_nc128(xq + 4);
-                na2 = ld_nc128(xq + 8);
-                na3 = ld_nc128(xq + 12);
+                na0 = ld_a128(xq);
+                na1 = ld_a128(xq + 4);
+                na2 = ld_a128(xq + 8);
+                na3 = ld_a128(xq + 12);
             }
             const int n = bn[u];
             const u32 tl = tb + toff;

@@ -48,6 +48,19 @@ def test_partition_pieces_fit_the_scratch_the_host_sizes(octets, steps, warps):
         assert covered == steps
 
 
+def test_flat_kernel_reads_the_prepared_activations_after_the_wait():
+    """spqr_octet_flat reads spqr_octet_prep's buffer with ordinary loads issued after griddepcontrol.wait: ptxas
+    moves ld.global.nc loads (__ldg) above the wait (seen in session 18's SASS), which would read the previous
+    launch's activations."""
+    src = flat_source(warps=8, depth=3, blocks_per_sm=2, bf16=True)
+    body = src[src.index("spqr_octet_flat(") :]
+    wait = body.index("griddepcontrol.wait")
+    assert "__ldg(xf" not in body and "__ldg(xp" not in body and "__ldg(xq" not in body
+    assert body.index("ld_a128(") > wait  # every read of xf (through xl / xpb / xq) follows the wait
+    helper = src[src.index("uint4 ld_a128(") :]
+    assert 'asm volatile("ld.global.v4.u32' in helper[: helper.index("}")]
+
+
 def test_flat_source_and_refusals():
     src = flat_source(warps=8, depth=6, blocks_per_sm=2, bf16=True)
     assert "#define FD_ 6" in src and "#define FW_ 8" in src and "#define FMB_ 2" in src
