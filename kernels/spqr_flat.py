@@ -205,6 +205,7 @@ extern "C" __global__ void __launch_bounds__(FW_ * 32, FMB_) spqr_octet_flat(
     const int* pp = sptr + ib + FD_ + 1;
     int lim = last - ib;  // slots u <= lim load in this round
 // slot U <- the round's item U: codes, statistics and outlier entries (lane j: entry j, if any); sptr of item + FD_
+#undef LOAD  // spqr_octet_gemv's macro of the same name (octet_source, earlier in this source)
 #define LOAD(U)                                                                                    \
     if (U <= lim) {                                                                                \
         bcw[U] = ld_stream2(pc + U * 32);                                                          \
@@ -300,6 +301,7 @@ extern "C" __global__ void __launch_bounds__(FW_ * 32, FMB_) spqr_octet_flat(
         xpb += FD_ * 16;
     }
 }
+#undef LOAD
 """
 
 
