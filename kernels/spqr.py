@@ -883,7 +883,9 @@ def cuda_path(rows: int, meta: dict[str, Any], device: torch.device, out_feature
 
     ``"flat"`` (``kernels.spqr_flat.spqr_octet_flat``, same layout) on sm_90+ from ``FLAT_MIN_ROWS`` (8) rows, in
     place of ``"split"`` there: on the H200 (``benchmarks/results/spqr_speed_flat.md``, same run) 1.08-1.11x faster
-    than it at 8 rows, 1.19-1.22x at 12, 1.31-1.36x at 16 (0.64-0.72x bf16), and not at 4 rows (0.95-1.06x)."""
+    than it at 8 rows, 1.19-1.22x at 12, 1.31-1.36x at 16 (0.64-0.72x bf16), and not at 4 rows (0.95-1.06x); since
+    session 18 another 1.08-1.10x on the MLP shapes (``benchmarks/results/spqr_flat_s18.md``: 0.76x / 0.78x / 0.65x
+    bf16 at 16 rows of 4096 -> 11008, 11008 -> 4096, 4096 -> 4096)."""
     if octet_supported(**meta) is not None:
         return "cuda"
     k = meta["in_features"]
