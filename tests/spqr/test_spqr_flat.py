@@ -98,16 +98,10 @@ FLAT_CONFIGS = [(8, 3, 2), (1, 2, 1), (4, 8, 1), (32, 1, 2), (6, 5, 3)]
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(("out", "inp", "rows", "bits", "gs", "perm"), FLAT_CASES)
-def test_flat_kernel_matches_reference(out, inp, rows, bits, gs, perm, dtype):
+def test_flat_kernel_matches_reference(out, inp, rows, bits, gs, perm, dtype, octet_case):
     if not _sm90():
         pytest.skip("needs an sm_90 GPU")
-    layer, _ = make_layer(out, inp, bits=bits, group_size=gs, permutation=perm)
-    layer = layer.cuda()
-    t, meta = layer.packed_tensors(), layer.packed_meta()
-    x = torch.randn(rows, inp, device="cuda").to(dtype) * 3
-    x[0, 0] = 40.0  # one large activation: the row's power-of-two scale
-    ref = spqr_matmul_reference(x.float(), t, bias=layer.bias, **meta)
-    lay = octet_layout(t, **meta)
+    layer, _, _, lay, x, ref = octet_case(out, inp, rows, bits, gs, perm, dtype)
     # the same decode as spqr_octet_gemv (fp16 weights, fp32 sums): compared with it and with the reference
     other = spqr_octet_gemv(x, lay, bias=layer.bias).float()
     for warps, depth, blocks in FLAT_CONFIGS:

@@ -417,19 +417,13 @@ SPLIT_CONFIGS = [(16, 4, 3, 1, None), (8, 2, 2, 2, 1), (4, 1, 3, 1, 2), (1, 8, 2
 @pytest.mark.parametrize("kernel", ["gemv", "stream", "split"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(("out", "inp", "rows", "bits", "gs", "perm"), GPU_CASES)
-def test_octet_decode_kernels_match_reference(out, inp, rows, bits, gs, perm, dtype, kernel, monkeypatch):
+def test_octet_decode_kernels_match_reference(out, inp, rows, bits, gs, perm, dtype, kernel, monkeypatch, octet_case):
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU")
     from hf_effllm.kernels import spqr_octet
 
     monkeypatch.setattr(spqr_octet, "_SPLIT_TILE", spqr_octet._SPLIT_TILE)  # restored after the test
-    layer, _ = make_layer(out, inp, bits=bits, group_size=gs, permutation=perm)
-    layer = layer.cuda()
-    t, meta = layer.packed_tensors(), layer.packed_meta()
-    x = torch.randn(rows, inp, device="cuda").to(dtype) * 3
-    x[0, 0] = 40.0  # one large activation: the row's power-of-two scale
-    ref = spqr_matmul_reference(x.float(), t, bias=layer.bias, **meta)
-    lay = octet_layout(t, **meta)
+    layer, t, meta, lay, x, ref = octet_case(out, inp, rows, bits, gs, perm, dtype)
     wref = dequantize_weight(t, **meta)
     base = emulate_weight({k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in lay.items()}, outliers=False)
     # each weight is decoded in fp16: its code's value rounded, plus the correction. In degenerate groups the base
