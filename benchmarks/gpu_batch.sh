@@ -27,6 +27,8 @@
 #   spqr_breakdown spqr_speed --breakdown: the CUDA decode kernel's time with phases compiled out
 #   spqr_decode   spqr_speed --skip-kernels: the embedded model quantized (3-bit), greedy decode bf16 vs SpQR, eager
 #                 generate and one StaticCache step replayed as a CUDA graph (needs the model: .device/a, .device/b)
+#   spqr_small    spqr_speed --small: spqr_octet_gemv's launches on the embedded model's layers and one decode step
+#                 of the model with each launch rule (needs the model: .device/a, .device/b)
 #   spqr_stream   pytest -m gpu tests/spqr/test_spqr_octet.py, then spqr_speed --stream (streaming kernel vs bf16, octet)
 #   spqr_stream_bench spqr_speed --stream alone (no tests first)
 #   spqr_stream_breakdown spqr_speed --stream-breakdown: spqr_octet_stream with phases compiled out
@@ -106,6 +108,7 @@ for step in "$@"; do
     spqr_speed) bench "spqr_speed --skip-decode" 420 ;;
     spqr_breakdown) bench "spqr_speed --breakdown" 300 ;;
     spqr_decode) bench "spqr_speed --skip-kernels" "${T_SPQR_DECODE:-480}" ;;
+    spqr_small) bench "spqr_speed --small" "${T_SPQR_SMALL:-420}" ;;
     spqr_stream) gpu_pytest spqr_stream_tests 300 tests/spqr/test_spqr_octet.py; bench "spqr_speed --stream" 400 ;;
     spqr_stream_bench) bench "spqr_speed --stream" "${T_SPQR_STREAM_BENCH:-300}" ;;
     spqr_stream_breakdown) bench "spqr_speed --stream-breakdown" 400 ;;

@@ -31,6 +31,7 @@ import importlib.util
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -622,6 +623,94 @@ def decode_rows(run: BenchmarkRun, dev: torch.device, quick: bool, new_tokens: i
         )
 
 
+SMALL_SWEEP = [(16, 4, 4), (8, 8, 2), (16, 8, 2), (16, 16, 1), (16, 16, 2), (8, 4, 2), (4, 4, 2)]  # gemv launches
+LARGE_LAUNCH = (16, 4, 4, 1)  # spqr_octet_gemv's launch for every layer before session 19 (still its large-layer one)
+
+
+def _graph_with_writer(calls: list[Callable[[torch.Tensor], Any]], x0: torch.Tensor, xs: list[torch.Tensor]) -> float:
+    """Milliseconds per call of ``calls[i](xs[i])`` in one CUDA graph where an elementwise kernel writes each
+    ``xs[i]`` just before (as the norm before a projection does in a decode step), median of 7 trials of 20
+    replays."""
+
+    def body() -> None:
+        for i, f in enumerate(calls):
+            torch.mul(x0, 1.0 + i * 1e-3, out=xs[i])
+            f(xs[i])
+
+    return graph_time_ms([body]) / len(calls)
+
+
+def small_rows(run: BenchmarkRun, dev: torch.device, threshold: float) -> None:
+    """``spqr_octet_gemv`` on the embedded model's own layers (SmolLM2-135M: 576 -> 192, 576 -> 576, 576 -> 1536,
+    1536 -> 576), where a decode step's products are latency-bound: per shape, all the model's layers of that shape
+    in one CUDA graph, each after an elementwise kernel that writes its activations, at 1 and 4 rows: bf16, the
+    large-layer launch for every layer (``LARGE_LAUNCH``, the default before session 19), the default
+    (``kernels.spqr_octet.gemv_launch``) and a sweep, 3 rounds interleaved; then one decode step of the whole model
+    (``static_step_ms``) in bf16, SpQR with ``LARGE_LAUNCH`` everywhere and SpQR with the default, 3 rounds
+    interleaved. The model is quantized 3-bit with a small calibration (8 x 256 tokens; timing only)."""
+    import copy
+
+    from hf_effllm.kernels import spqr_octet
+
+    import hf_effllm
+
+    model = hf_effllm.load_model(dtype="bfloat16", device=dev)
+    qmodel = copy.deepcopy(model)
+    cfg = SpQRConfig(bits=3, nsamples=8, seqlen=256, outlier_threshold=threshold)
+    hf_effllm.quantize_spqr(qmodel, cfg, tokenizer=hf_effllm.load_tokenizer())
+    shapes: dict[tuple[int, int], list[tuple[Any, Any]]] = {}
+    for (_, mod), (_, fmod) in zip(qmodel.named_modules(), model.named_modules()):
+        if isinstance(mod, SpQRLinear):
+            shapes.setdefault((mod.in_features, mod.out_features), []).append((mod, fmod))
+    large = dict(zip(("warps", "per_octet", "depth", "blocks_per_sm"), LARGE_LAUNCH))
+    for (inp, out), pairs in sorted(shapes.items()):
+        lays = [m.octet_layout() for m, _ in pairs]
+        for batch in (1, 4):
+            x0 = torch.randn(batch, inp, device=dev, dtype=torch.bfloat16)
+            xs = [torch.empty_like(x0) for _ in pairs]
+            ref = torch.nn.functional.linear(x0.float(), pairs[0][0].dequantize().float().to(dev))
+            errs = [rel_err(spqr_octet.spqr_octet_gemv(x0, lays[0], **k), ref) for k in ({}, large)]
+            default = spqr_octet.default_launch(batch, lays[0]["no"], lays[0]["ks"], dev)
+            calls = {
+                "bf16": [lambda x, w=f.weight: torch.nn.functional.linear(x, w) for _, f in pairs],
+                "large": [lambda x, lo=lo: spqr_octet.spqr_octet_gemv(x, lo, **large) for lo in lays],
+                "default": [lambda x, lo=lo: spqr_octet.spqr_octet_gemv(x, lo) for lo in lays],
+            }
+            rounds: dict[str, list[float]] = {k: [] for k in calls}
+            for _ in range(ROUNDS):
+                for k, fns in calls.items():
+                    rounds[k].append(_graph_with_writer(fns, x0, xs) * 1e3)
+            med = {k: sorted(v)[len(v) // 2] for k, v in rounds.items()}
+            sweep = {}
+            for w, p, d in SMALL_SWEEP:
+                fns = [lambda x, lo=lo, k=(w, p, d): spqr_octet.spqr_octet_gemv(x, lo, warps=k[0], per_octet=k[1], depth=k[2]) for lo in lays]  # fmt: skip
+                sweep[str((w, p, d))] = round(_graph_with_writer(fns, x0, xs) * 1e3, 3)
+            row = run.add(
+                shape=f"{inp}->{out}", batch=batch, layers=len(pairs), rel_err=errs[0], rel_err_large=errs[1],
+                default_launch=str(default[:3]), bf16_us=med["bf16"], large_us=med["large"],
+                default_us=med["default"], default_vs_large=med["large"] / med["default"],
+                default_x_bf16=med["bf16"] / med["default"], large_x_bf16=med["bf16"] / med["large"],
+                best_sweep=min(sweep, key=sweep.get), sweep_us=sweep,
+                rounds={k: [round(v, 3) for v in vs] for k, vs in rounds.items()},
+            )  # fmt: skip
+            print(markdown_table([row]).splitlines()[-1], flush=True)
+    prompt = torch.randint(0, model.config.vocab_size, (1, 16), device=dev)
+    steps: dict[str, list[float]] = {"bf16": [], "spqr_large": [], "spqr_default": []}
+    for _ in range(ROUNDS):
+        steps["bf16"].append(static_step_ms(model, prompt, 64)[0])
+        with module_setting(spqr_octet, default_launch=lambda *a: LARGE_LAUNCH):
+            steps["spqr_large"].append(static_step_ms(qmodel, prompt, 64)[0])
+        steps["spqr_default"].append(static_step_ms(qmodel, prompt, 64)[0])
+    med = {k: sorted(v)[len(v) // 2] for k, v in steps.items()}
+    row = run.add(
+        shape="decode step SmolLM2-135M", batch=1, bf16_us=med["bf16"] * 1e3, large_us=med["spqr_large"] * 1e3,
+        default_us=med["spqr_default"] * 1e3, default_vs_large=med["spqr_large"] / med["spqr_default"],
+        default_x_bf16=med["bf16"] / med["spqr_default"], large_x_bf16=med["bf16"] / med["spqr_large"],
+        rounds={k: [round(v, 4) for v in vs] for k, vs in steps.items()},
+    )  # fmt: skip
+    print(markdown_table([row]).splitlines()[-1], flush=True)
+
+
 # the GPU-only modes: flag -> (results name, description, rows function)
 GPU_MODES = {
     "breakdown": (
@@ -676,6 +765,18 @@ GPU_MODES = {
         "sweep_ms the launch sweep; rel_err vs the fp32 reference; deterministic: two calls give the same bits.",
         flat_rows,
     ),
+    "small": (
+        "spqr_gemv_small",
+        "spqr_octet_gemv on the embedded model's own layer shapes (SmolLM2-135M, 3-bit, bf16 activations), where "
+        "decode products are latency-bound: per shape all the model's layers of that shape in one CUDA graph, each "
+        "after an elementwise kernel writing its activations (as in a decode step), at 1 and 4 rows; us per call "
+        "(medians of 3 interleaved rounds) for bf16 F.linear, the gemv with the large-layer launch (16, 4, 4, 1) "
+        "on every layer (large: the default before session 19) and with the default launch (gemv_launch), plus a "
+        "launch sweep (warps, per_octet, depth); then one greedy decode step of the whole model (StaticCache, CUDA "
+        "graph; us) in bf16 and SpQR with either launch rule. Quantized with a small calibration (8 x 256 "
+        "tokens; timing only); rel_err vs the fp32 product of the dequantized weight.",
+        small_rows,
+    ),
     "split_timing": (
         "spqr_speed_split_timing",
         "Where spqr_octet_split's warps spend their cycles (3-bit, 16x16 groups, bf16 activations, default launch): "
@@ -711,6 +812,9 @@ def main() -> None:
     p.add_argument("--stream-breakdown", action="store_true", help="only spqr_octet_stream with phases left out")
     p.add_argument("--split", action="store_true", help="only the chunked octet kernel vs bf16 and the octet kernels")
     p.add_argument("--flat", action="store_true", help="only spqr_octet_flat vs spqr_octet_split, stream and bf16")
+    p.add_argument(
+        "--small", action="store_true", help="only spqr_octet_gemv on the embedded model's layers (needs the model)"
+    )
     p.add_argument(
         "--split-timing", action="store_true", help="only spqr_octet_split's cycles per warp (clock64 build)"
     )

@@ -1309,10 +1309,39 @@ def _rows_per_launch(steps: int, limit: int, warps: int, per_octet: int) -> int:
 
 
 def default_launch(rows: int, octets: int, steps: int, device: torch.device) -> tuple[int, int, int, int]:
-    """``(warps, per_octet, depth, blocks per SM)`` of :func:`spqr_octet_gemv`: 16 warps, 4 per octet, 4 steps in
-    flight, one block per SM, the fastest launch of the H200 sweep at 1, 4 and 16 rows on 7 of the 9 shapes of
-    ``benchmarks/results/spqr_speed_octet.md``."""
-    return 16, 4, 4, 1
+    """``(warps, per_octet, depth, blocks per SM)`` of :func:`spqr_octet_gemv` for a layer of ``octets`` octets and
+    ``steps`` 64-column steps on ``device``: :func:`gemv_launch` with its SM count."""
+    return gemv_launch(octets, steps, sm_count(device))
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+@functools.cache
+def gemv_launch(octets: int, steps: int, sms: int) -> tuple[int, int, int, int]:
+    """``(warps, per_octet, depth, blocks per SM)`` of :func:`spqr_octet_gemv` on a GPU of ``sms`` SMs.
+
+    Layers of more than ``2 sms`` octets: 16 warps, 4 per octet, 4 steps in flight, one block per SM, the
+    fastest launch of the H200 sweep at 1, 4 and 16 rows on 7 of the 9 shapes of
+    ``benchmarks/results/spqr_speed_octet.md`` (4096 and 11008 features). Smaller layers would leave SMs idle with
+    4 octets per block, so each block takes ``ceil(octets / sms)`` octets (one round; a power of two), each octet
+    split over up to 16 warps (about 2 steps each, a power of two), with as many steps in flight as a warp has. On the
+    H200 (``benchmarks/results/spqr_gemv_small.md``, SmolLM2-135M's four layer shapes, session 19) it is 1.12-1.39x
+    faster than the large layers' launch at 1 row and 1.17-1.55x at 4 rows, within 2.3% of the fastest of 7 launches
+    swept everywhere, and one decode step of that model 1.10x faster.
+
+    Example:
+        >>> gemv_launch(1376, 64, 132)  # 4096 -> 11008
+        (16, 4, 4, 1)
+        >>> gemv_launch(72, 9, 132)  # 576 -> 576
+        (8, 8, 2, 1)
+    """
+    per_block = _pow2_at_least(cdiv(octets, sms))
+    if per_block >= 4:
+        return 16, 4, 4, 1
+    per_octet = min(16 // per_block, _pow2_at_least(cdiv(steps, 2)))
+    return per_block * per_octet, per_octet, max(1, min(4, cdiv(steps, per_octet))), 1
 
 
 def _check(x: torch.Tensor, layout: dict[str, Any]) -> None:

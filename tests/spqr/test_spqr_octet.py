@@ -7,6 +7,7 @@ import pytest
 import torch
 from hf_effllm.kernels.spqr import spqr_matmul_reference
 from hf_effllm.kernels.spqr_octet import (
+    gemv_launch,
     octet_layout,
     octet_supported,
     smem_bytes,
@@ -260,6 +261,27 @@ def test_split_plan_takes_the_fewest_chunks_that_fit():
     assert split_smem_bytes(16, 32, 16, 4, 3, 11) <= limit < split_smem_bytes(16, 33, 16, 4, 3, 11)
     assert split_plan(16, 64, 1376, 16, 8, 2, 132, limit) is None  # 8-step stages' tiles leave no room for 16 rows
     assert split_plan(4, 64, 1376, 8, 8, 2, 132, limit) is not None  # with 8 warps they fit
+
+
+def test_gemv_launch_keeps_large_layers_and_gives_small_ones_one_round_per_block():
+    # large layers (4096 -> 11008, 11008 -> 4096, 4096 -> 4096 on 132 SMs): the launch measured before, unchanged
+    for octets, steps in ((1376, 64), (512, 172), (512, 64), (397, 9)):
+        assert gemv_launch(octets, steps, 132) == (16, 4, 4, 1)
+    # SmolLM2-135M's shapes: the fastest launches of benchmarks/results/spqr_gemv_small.md
+    assert gemv_launch(24, 9, 132) == (8, 8, 2, 1)  # 576 -> 192
+    assert gemv_launch(72, 9, 132) == (8, 8, 2, 1)  # 576 -> 576
+    assert gemv_launch(192, 9, 132) == (16, 8, 2, 1)  # 576 -> 1536: two octets per block
+    assert gemv_launch(72, 24, 132) == (16, 16, 2, 1)  # 1536 -> 576
+    for octets in (1, 2, 7, 131, 132, 133, 263, 264, 265, 396, 1000):
+        for steps in (1, 2, 3, 9, 16, 17, 64):
+            warps, per_octet, depth, blocks_per_sm = gemv_launch(octets, steps, 132)
+            per_block = warps // per_octet
+            assert warps % per_octet == 0 and 1 <= warps <= 16 and 1 <= depth <= 4 and blocks_per_sm == 1
+            assert per_block in (1, 2, 4) and per_octet & (per_octet - 1) == 0  # powers of two
+            if octets > 2 * 132:  # large: the launch measured on 4096- and 11008-feature layers
+                assert (warps, per_octet, depth) == (16, 4, 4)
+            else:  # one round per block, no warp without a step
+                assert -(-octets // per_block) <= 132 and per_octet <= steps
 
 
 LAYOUT_CASES = [
