@@ -1329,7 +1329,11 @@ def gemv_launch(octets: int, steps: int, sms: int) -> tuple[int, int, int, int]:
     split over up to 16 warps (about 2 steps each, a power of two), with as many steps in flight as a warp has. On the
     H200 (``benchmarks/results/spqr_gemv_small.md``, SmolLM2-135M's four layer shapes, session 19) it is 1.12-1.39x
     faster than the large layers' launch at 1 row and 1.17-1.55x at 4 rows, within 2.3% of the fastest of 7 launches
-    swept everywhere, and one decode step of that model 1.10x faster.
+    swept everywhere, and one decode step of that model 1.10x faster; on mid-sized layers
+    (``benchmarks/results/spqr_gemv_mid_s19.md``: 2048 -> 2048, 2048 -> 512, 8192 -> 2048, 3072 -> 1024) 1.21-1.56x
+    faster at 1 and 4 rows. (``kernels.spqr.cuda_path`` still sends 1-2 rows of layers with 4096+ inputs and a 2:1
+    side ratio to ``spqr_octet_stream`` and 3-7 rows of layers with a side of 8192+ to ``spqr_octet_split``, as
+    measured against the previous launch; not compared again.)
 
     Example:
         >>> gemv_launch(1376, 64, 132)  # 4096 -> 11008
