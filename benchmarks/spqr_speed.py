@@ -370,7 +370,18 @@ def split_rows(run: BenchmarkRun, dev: torch.device, threshold: float) -> None:
 
 
 FLAT_SWEEP = [(8, 3, 2), (8, 4, 2), (8, 2, 2), (4, 3, 4), (16, 3, 1)]  # (warps, depth, blocks_per_sm)
-ROUNDS = 3  # interleaved timing rounds of --flat (medians)
+ROUNDS = 3  # interleaved timing rounds of --flat and --small (medians)
+
+
+def _interleaved(
+    calls: dict[str, Any], timer: Callable[[Any], float]
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """``timer(calls[k])`` for every ``k`` in turn, ``ROUNDS`` times: ``(rounds, medians)``, each keyed as ``calls``."""
+    rounds: dict[str, list[float]] = {k: [] for k in calls}
+    for _ in range(ROUNDS):
+        for k, c in calls.items():
+            rounds[k].append(timer(c))
+    return rounds, {k: sorted(v)[len(v) // 2] for k, v in rounds.items()}
 
 
 def flat_rows(run: BenchmarkRun, dev: torch.device, threshold: float) -> None:
@@ -399,11 +410,7 @@ def flat_rows(run: BenchmarkRun, dev: torch.device, threshold: float) -> None:
             }
             if batch <= 2:
                 calls["stream"] = [lambda lo=lo, x=x: spqr_octet_stream(x, lo) for lo in ocopies]
-            rounds: dict[str, list[float]] = {k: [] for k in calls}
-            for _ in range(ROUNDS):
-                for k, fns in calls.items():
-                    rounds[k].append(graph_time_ms(fns))
-            med = {k: sorted(v)[len(v) // 2] for k, v in rounds.items()}
+            rounds, med = _interleaved(calls, graph_time_ms)
             best = min(sweep, key=sweep.get)
             row = run.add(
                 shape=f"{inp}->{out}", batch=batch, rel_err=err, rel_err_split=rel_err(spqr_octet_split(x, olay), ref),
@@ -676,11 +683,7 @@ def small_rows(run: BenchmarkRun, dev: torch.device, threshold: float) -> None:
                 "large": [lambda x, lo=lo: spqr_octet.spqr_octet_gemv(x, lo, **large) for lo in lays],
                 "default": [lambda x, lo=lo: spqr_octet.spqr_octet_gemv(x, lo) for lo in lays],
             }
-            rounds: dict[str, list[float]] = {k: [] for k in calls}
-            for _ in range(ROUNDS):
-                for k, fns in calls.items():
-                    rounds[k].append(_graph_with_writer(fns, x0, xs) * 1e3)
-            med = {k: sorted(v)[len(v) // 2] for k, v in rounds.items()}
+            rounds, med = _interleaved(calls, lambda fns, x0=x0, xs=xs: _graph_with_writer(fns, x0, xs) * 1e3)
             sweep = {}
             for w, p, d in SMALL_SWEEP:
                 fns = [lambda x, lo=lo, k=(w, p, d): spqr_octet.spqr_octet_gemv(x, lo, warps=k[0], per_octet=k[1], depth=k[2]) for lo in lays]  # fmt: skip
@@ -695,13 +698,19 @@ def small_rows(run: BenchmarkRun, dev: torch.device, threshold: float) -> None:
             )  # fmt: skip
             print(markdown_table([row]).splitlines()[-1], flush=True)
     prompt = torch.randint(0, model.config.vocab_size, (1, 16), device=dev)
-    steps: dict[str, list[float]] = {"bf16": [], "spqr_large": [], "spqr_default": []}
-    for _ in range(ROUNDS):
-        steps["bf16"].append(static_step_ms(model, prompt, 64)[0])
+
+    def large_step() -> float:
         with module_setting(spqr_octet, default_launch=lambda *a: LARGE_LAUNCH):
-            steps["spqr_large"].append(static_step_ms(qmodel, prompt, 64)[0])
-        steps["spqr_default"].append(static_step_ms(qmodel, prompt, 64)[0])
-    med = {k: sorted(v)[len(v) // 2] for k, v in steps.items()}
+            return static_step_ms(qmodel, prompt, 64)[0]
+
+    steps, med = _interleaved(
+        {
+            "bf16": lambda: static_step_ms(model, prompt, 64)[0],
+            "spqr_large": large_step,
+            "spqr_default": lambda: static_step_ms(qmodel, prompt, 64)[0],
+        },
+        lambda step: step(),
+    )
     row = run.add(
         shape="decode step SmolLM2-135M", batch=1, bf16_us=med["bf16"] * 1e3, large_us=med["spqr_large"] * 1e3,
         default_us=med["spqr_default"] * 1e3, default_vs_large=med["spqr_large"] / med["spqr_default"],
