@@ -1059,10 +1059,11 @@ def cuda_source(
     """The kernel's CUDA source for one shape (constants baked in, like Triton's ``constexpr``); ``code_stride``:
     the codes' token stride in bytes when it is known (``"lut"``; 0: read at run time); ``tile``: the ``"lut"``
     probability tile's layout (default: ``LUT_TILE``)."""
+    tile = LUT_TILE if tile is None else tile
     return render(
         _HEADER + (_SOURCE_LUT if design == "lut" else _SOURCE), D=d, M=m, DSUB=d // m, GQ=gq, LQ=lq, HKV=hkv,
         NWARPS=nwarps, IS_BF16=bf16, PER_HEAD=per_head, HAS_MASK=has_mask, CS=code_stride if design == "lut" else 0,
-        PW=lut_tile_words(tile), TILE_PAD=(LUT_TILE if tile is None else tile) == "padded",
+        PW=lut_tile_words(tile), TILE_PAD=tile == "padded",
     )  # fmt: skip
 
 
